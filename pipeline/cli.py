@@ -1,0 +1,50 @@
+"""The one CLI: ``pipeline <command>``. Each command lives in ``pipeline.commands.<name>`` and exposes
+``register(subparsers)``; errors become one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import PipelineError
+from .log import setup_logging
+
+# Module names under pipeline.commands, in the order `pipeline --help` lists them.
+COMMANDS = ["make_toy", "summary"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Boxes in, instance masks out: structured-teacher pseudo labels on Ray, Parquet shards, "
+                    "two-stage training.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"pipeline.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        result = args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not bad input: keep the traceback for the report
+        logging.getLogger("pipeline").exception("unexpected failure")
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

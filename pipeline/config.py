@@ -1,0 +1,241 @@
+"""The one config system: YAML files and ``--set section.key=value`` overrides into typed dataclasses.
+
+Unknown keys are errors that name the closest valid key; values are checked against the field types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from teacher.config import TeacherConfig
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ToyConfig:
+    """Generated Cityscapes-layout data (``pipeline make-toy`` and ``--dataset toy``)."""
+
+    train: int = 24
+    val: int = 8
+    seed: int = 0
+    size: str = "256x512"             # HxW
+    cache_dir: str = ""               # default: $BOXMASK_CACHE or ~/.cache/boxmask/toy-<params>
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "toy"                 # toy | cityscapes | coco
+    root: str = ""                    # --data-root; cityscapes falls back to $CITYSCAPES_DATASET
+    ann: str = ""                     # COCO annotation json
+    split: str = "train"
+    strict: bool = False              # stop at the first bad item instead of skipping it
+    min_box_side: float = 1.0         # boxes thinner than this (px) are rejected as degenerate
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+@dataclass
+class LabelConfig:
+    """The Ray label service."""
+
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    batch_images: int = 4             # images handed to a worker at a time
+    shard_rows: int = 2000            # rows per Parquet shard (upper bound)
+    max_restarts: int = 3
+    max_task_retries: int = 3
+
+
+@dataclass
+class EvalConfig:
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.75])
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    root: str = "runs"
+    rounds: int = 3
+    address: str = ""                 # Ray address; empty = $RAY_ADDRESS or a local cluster
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with the few int->float / str->number conversions a
+    YAML or command-line user expects)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(where, "; ".join(errors))
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(where, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(where, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(where, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(where, f"expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    return ConfigError(where, f"unknown key '{key}'{hint}")
+
+
+def _build(cls: type, data: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise _unknown_key(cls, str(key), where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where != "config" else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError("--set", f"'{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError("--set", f"'{item}' names no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "config file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, f"malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "a config file must be a mapping of sections")
+    return data
+
+
+def config_path_for(dataset: str) -> Path:
+    """The shipped config for a dataset name (``configs/<name>.yaml``)."""
+    return CONFIG_DIR / f"{dataset}.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                extra: dict | None = None) -> Config:
+    """Defaults <- YAML file <- ``extra`` (from dedicated CLI flags) <- ``--set`` overrides."""
+    data: dict = {}
+    source = "config"
+    if path:
+        data = read_yaml(path)
+        source = os.fspath(path)
+    if extra:
+        data = _merge(data, extra)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        data = _merge(data, _nest(keys, value))
+    try:
+        return _build(Config, data)
+    except ConfigError as exc:
+        if source != "config":
+            raise ConfigError(source, f"{exc.where}: {exc.problem}") from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_digest(cfg: Any) -> str:
+    """Stable short digest of a config section, for shard metadata and resume checks."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""What labeling and training see of a dataset: images, boxes, classes and depth. Never masks.
+
+Ground-truth masks are reachable only through ``pipeline.evaluation`` (which calls a dataset's
+``_gt_masks`` hook); nothing in this module's public API returns them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that could not be used: ``where`` is the file (or image id), ``problem`` a short reason."""
+
+    where: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+@dataclass
+class Sample:
+    """One image with its boxes.
+
+    Attributes:
+        image_id: dataset image id (string, unique within the dataset).
+        file_name: image path relative to the dataset root.
+        height, width: image size in pixels.
+        boxes: (N, 4) float32 x1, y1, x2, y2 in pixels, valid (x2 > x1, y2 > y1, inside the image).
+        classes: (N,) int32 dataset category ids.
+        instance_ids: (N,) int32 index of each box within the image's annotations (stable across runs).
+        ignore_boxes: (M, 4) float32 regions to ignore in training (COCO crowd, Cityscapes groups).
+        ignore_classes: (M,) int32 their category ids.
+        has_depth: whether ``load_depth`` returns a depth map.
+    """
+
+    image_id: str
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray
+    classes: np.ndarray
+    instance_ids: np.ndarray
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    ignore_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+    has_depth: bool = False
+    _image_loader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+    _depth_loader: Optional[Callable[[], Optional[np.ndarray]]] = field(default=None, repr=False)
+
+    def load_image(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB. Raises ``InputError`` naming the file when it cannot be read."""
+        assert self._image_loader is not None
+        return self._image_loader()
+
+    def load_depth(self) -> Optional[np.ndarray]:
+        """(H, W) float32 metres, 0 = invalid; None when the dataset has no depth for this image.
+        Raises ``InputError`` naming the file when depth should exist but cannot be read."""
+        if self._depth_loader is None:
+            return None
+        return self._depth_loader()
+
+
+class Dataset:
+    """Base class of the three datasets. Subclasses fill ``categories`` and ``_samples`` (lenient mode
+    skips bad items and appends a ``Reject``; strict mode raises the ``InputError``)."""
+
+    name: str = ""
+
+    def __init__(self, root: str, split: str, strict: bool = False):
+        self.root = root
+        self.split = split
+        self.strict = strict
+        self.categories: list[Category] = []
+        self.rejects: list[Reject] = []
+        self._samples: list[Sample] = []
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self._samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self._samples[index]
+
+    def image_ids(self) -> list[str]:
+        return [s.image_id for s in self._samples]
+
+    def get(self, image_id: str) -> Sample:
+        for s in self._samples:
+            if s.image_id == image_id:
+                return s
+        raise KeyError(image_id)
+
+    def category_name(self, category_id: int) -> str:
+        for c in self.categories:
+            if c.id == int(category_id):
+                return c.name
+        return str(category_id)
+
+    @property
+    def has_depth(self) -> bool:
+        return any(s.has_depth for s in self._samples)
+
+    def _gt_masks(self, sample: Sample) -> dict[int, np.ndarray]:
+        """Ground-truth masks by instance id, (H, W) bool. For ``pipeline.evaluation`` only."""
+        raise NotImplementedError
