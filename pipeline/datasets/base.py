@@ -5,10 +5,22 @@ Ground-truth masks are reachable only through ``pipeline.evaluation`` (which cal
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+
+
+def box_to_mask(box, height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of every pixel the x1, y1, x2, y2 box touches: columns floor(x1) .. ceil(x2) - 1
+    and rows floor(y1) .. ceil(y2) - 1 (pixel (r, c) is the unit square [c, c+1) x [r, r+1))."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    mask = np.zeros((height, width), bool)
+    rows = slice(max(0, math.floor(y1)), min(height, math.ceil(y2)))
+    cols = slice(max(0, math.floor(x1)), min(width, math.ceil(x2)))
+    mask[rows, cols] = True
+    return mask
 
 
 @dataclass(frozen=True)
@@ -115,3 +127,9 @@ class Dataset:
     def _gt_masks(self, sample: Sample) -> dict[int, np.ndarray]:
         """Ground-truth masks by instance id, (H, W) bool. For ``pipeline.evaluation`` only."""
         raise NotImplementedError
+
+    def _gt_ignore_masks(self, sample: Sample) -> list[np.ndarray]:
+        """Masks of the ignore regions, (H, W) bool each, in ``sample.ignore_boxes`` order. For
+        ``pipeline.evaluation`` only. Default: the filled boxes (every pixel a box touches); datasets with
+        region masks (COCO crowd RLEs, Cityscapes group polygons) override it."""
+        return [box_to_mask(box, sample.height, sample.width) for box in sample.ignore_boxes]
