@@ -1,0 +1,176 @@
+"""Entropic optimal transport (Sinkhorn), batched over pairs.
+
+`sinkhorn` is the convergent solver: log-stabilised scaling with absorption (Schmitzer 2016, "Stabilized sparse
+scaling algorithms for entropy regularized transport problems"). The iterations are plain Sinkhorn scalings
+u = a / (K~ v), v = b / (K~^T u) with batched matrix-vector products on an absorbed kernel
+K~ = exp((f_i + g_j - C_ij) / eps); whenever a scaling leaves a safe range (or stops being finite), it is absorbed
+into the dual potentials f, g and K~ is rebuilt after one exact log-domain (log-sum-exp) iteration. That log-domain
+step is also how the solver starts, so rows whose plain Gibbs kernel exp(-C/eps) would underflow to zero (small
+eps) stay well defined. Converged pairs leave the working batch, so each pair gets exactly the iterations it needs.
+
+`sinkhorn_official` is DiscoBox's `SemanticCorrSolver.perform_sinkhorn` as written: 100 plain iterations, no
+stabilisation, no stopping test.
+
+Neither function is differentiable (they run under `torch.no_grad()`); the teacher uses them without gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SinkhornResult:
+    """plan (B,n,m) transport plans; iters (B,) int64 iterations each pair ran; err (B,) the achieved marginal
+    violation ||T 1 - a||_1 + ||T^T 1 - b||_1 of each plan (<= tol for converged pairs)."""
+
+    plan: torch.Tensor
+    iters: torch.Tensor
+    err: torch.Tensor
+
+
+def _check_problem(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3:
+        raise ValueError(f"{where}: cost must be a (B,n,m) tensor, got shape {getattr(cost, 'shape', None)}")
+    B, n, m = cost.shape
+    if not isinstance(a, torch.Tensor) or tuple(a.shape) != (B, n):
+        raise ValueError(f"{where}: a must have shape ({B}, {n}), got {getattr(a, 'shape', None)}")
+    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (B, m):
+        raise ValueError(f"{where}: b must have shape ({B}, {m}), got {getattr(b, 'shape', None)}")
+    if cost.dtype not in (torch.float32, torch.float64) or a.dtype != cost.dtype or b.dtype != cost.dtype:
+        raise ValueError(
+            f"{where}: cost, a and b must share a float32/float64 dtype, got {cost.dtype}, {a.dtype}, {b.dtype}"
+        )
+    if a.device != cost.device or b.device != cost.device:
+        raise ValueError(f"{where}: cost, a and b must be on one device, got {cost.device}, {a.device}, {b.device}")
+
+
+def _column_violation(u: torch.Tensor, kt_u: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||T^T 1 - b||_1 for T = diag(u) K~ diag(v), from K~^T u (B,m); (B,)."""
+    return (v * kt_u - b).abs().sum(-1)
+
+
+def _plan_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
+
+
+@torch.no_grad()
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epsilon: float,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+) -> SinkhornResult:
+    """Entropic OT plans min <T, C> - eps H(T) s.t. T 1 = a, T^T 1 = b, for a batch of problems.
+
+    cost (B,n,m), a (B,n), b (B,m) float32/float64 on one device; a and b strictly positive with equal mass per
+    pair (any positive values, not only probability vectors). Iterates until the marginal violation
+    ||T^T 1 - b||_1 (the row marginal is exact after each u-update) is <= tol, or max_iter iterations.
+    Returns SinkhornResult(plan (B,n,m), iters (B,), err (B,)).
+    """
+    _check_problem(cost, a, b, "sinkhorn")
+    if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+        raise ValueError(f"sinkhorn: epsilon must be a positive number, got {epsilon!r}")
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"sinkhorn: tol must be a non-negative number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"sinkhorn: max_iter must be a positive int, got {max_iter!r}")
+    if not bool(torch.isfinite(cost).all()):
+        raise ValueError("sinkhorn: cost contains NaN or inf")
+    if not bool((a > 0).all() and (b > 0).all() and torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("sinkhorn: marginals a and b must be finite and strictly positive")
+    mass_a, mass_b = a.sum(-1), b.sum(-1)
+    if not bool(torch.allclose(mass_a, mass_b, rtol=1e-4, atol=0.0)):
+        worst = int(((mass_a - mass_b).abs() / mass_a).argmax())
+        raise ValueError(
+            f"sinkhorn: a and b must carry equal mass per pair; pair {worst} has "
+            f"{float(mass_a[worst]):.6g} vs {float(mass_b[worst]):.6g}"
+        )
+
+    B, n, m = cost.shape
+    eps = float(epsilon)
+    # A scaling beyond this magnitude is absorbed into the duals before u * K~ * v can overflow or underflow.
+    log_tau = 0.25 * math.log(torch.finfo(cost.dtype).max)
+
+    plan = cost.new_empty(B, n, m)
+    iters = torch.zeros(B, dtype=torch.int64, device=cost.device)
+    err = cost.new_empty(B)
+
+    active = torch.arange(B, device=cost.device)
+    C, a_, b_ = cost, a, b
+    log_a, log_b = a.log(), b.log()
+    f = cost.new_zeros(B, n)
+    g = cost.new_zeros(B, m)
+    done = 0
+
+    def finish(keep: torch.Tensor, u: torch.Tensor, kern: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the plans of the pairs not in `keep` (bool over the working batch)."""
+        out = ~keep
+        idx = active[out]
+        plan[idx] = u[out, :, None] * kern[out] * v[out, None, :]
+        iters[idx] = done
+        err[idx] = _plan_error(plan[idx], a_[out], b_[out])
+
+    while active.numel() > 0:
+        # Absorption step: one exact log-domain iteration, then the stabilised kernel K~ (entries <= 1).
+        g = eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1))
+        f = eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
+        done += 1
+        kern = torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+        u = torch.ones_like(f)
+        v = torch.ones_like(g)
+        while True:
+            kt_u = torch.bmm(u[:, None, :], kern)[:, 0, :]
+            viol = _column_violation(u, kt_u, v, b_)
+            keep = viol > tol
+            if done >= max_iter:
+                keep = torch.zeros_like(keep)
+            if not bool(keep.all()):
+                finish(keep, u, kern, v)
+                active, C, a_, b_, log_a, log_b = (t[keep] for t in (active, C, a_, b_, log_a, log_b))
+                f, g, u, v, kern, kt_u = (t[keep] for t in (f, g, u, v, kern, kt_u))
+                if active.numel() == 0:
+                    break
+            v_new = b_ / kt_u
+            u_new = a_ / torch.bmm(kern, v_new[:, :, None])[:, :, 0]
+            log_u, log_v = u_new.log(), v_new.log()
+            safe = torch.isfinite(log_u).all() & torch.isfinite(log_v).all()
+            if not bool(safe and log_u.abs().max() < log_tau and log_v.abs().max() < log_tau):
+                # Absorb the last safe scalings; the next log-domain step redoes this iteration exactly.
+                f = f + eps * u.log()
+                g = g + eps * v.log()
+                break
+            u, v = u_new, v_new
+            done += 1
+    return SinkhornResult(plan=plan, iters=iters, err=err)
+
+
+@torch.no_grad()
+def sinkhorn_official(
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float = 0.05, iters: int = 100
+) -> torch.Tensor:
+    """DiscoBox `perform_sinkhorn`: u, v start at 1/dim; `iters` times v = b / (K^T u), u = 1 / ((K / a) v);
+    T = diag(u) K diag(v) with K = exp(-cost / reg). No stabilisation and no stopping test (the reference's
+    error is never updated), so small `reg` can give NaN exactly as the reference does.
+
+    cost (B,n,m), a (B,n), b (B,m) of one float dtype -> plan (B,n,m) in that dtype.
+    """
+    _check_problem(cost, a, b, "sinkhorn_official")
+    if not (isinstance(reg, (int, float)) and reg > 0):
+        raise ValueError(f"sinkhorn_official: reg must be a positive number, got {reg!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"sinkhorn_official: iters must be a non-negative int, got {iters!r}")
+    B, n, m = cost.shape
+    u = cost.new_ones(B, n) / n
+    v = cost.new_ones(B, m) / m
+    K = torch.exp(-cost / reg)
+    Kp = (1 / a)[:, :, None] * K
+    for _ in range(iters):
+        v = b / (K * u[:, :, None]).sum(dim=1)
+        u = 1.0 / (Kp * v[:, None, :]).sum(dim=2)
+    return u[:, :, None] * K * v[:, None, :]
