@@ -54,9 +54,11 @@ class LabelConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     batch_images: int = 4             # images handed to a worker at a time
-    shard_rows: int = 2000            # rows per Parquet shard (upper bound)
-    max_restarts: int = 3
-    max_task_retries: int = 3
+    max_inflight: int = 2             # batches queued per worker (1 running + 1 ready keeps it busy)
+    shard_rows: int = 2000            # a shard is written once this many rows are buffered (and at the end)
+    max_restarts: int = 3             # Ray restarts of a dead worker actor
+    max_task_retries: int = 3         # Ray re-runs of a task lost with its actor
+    max_attempts: int = 3             # worker deaths while labeling an image before it is rejected
 
 
 @dataclass
