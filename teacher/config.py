@@ -29,56 +29,110 @@ class ObjectiveConfig:
 
 @dataclass
 class BankConfig:
-    """Per-class memory bank (DiscoBox appendix C.3)."""
+    """Per-class memory bank (DiscoBox section 3.6 and appendix C.3)."""
 
-    capacity: int = 100
-    max_partners: int = 10
-    min_partners: int = 5
-    min_box_side: float = 32.0
+    capacity: int = 100               # FIFO slots per class
+    max_partners: int = 10            # retrieved per query (official code: max_retrieval_objs = 5)
+    min_partners: int = 5             # fewer available -> no partners (no cross-image term)
+    min_box_side: float = 32.0        # only boxes with both sides >= this (px) are pushed
     mode: str = "random"              # "random" (paper) | "official" (DiscoBox code's retrieval criteria)
-    seed: int = 0
+    seed: int = 0                     # random mode: seed of the sampling generator
+    fg_iou_thresh: float = 0.7        # official mode: soft foreground IoU of the RoI masks must exceed this
+    bg_iou_thresh: float = 0.7        # official mode: soft background IoU must exceed this
+    appear_thresh: float = 0.7        # official mode: masked feature similarity must exceed this
+    ratio_min: float = 0.9            # official mode: (w/h)_query / (w/h)_partner within [ratio_min, ratio_max]
+    ratio_max: float = 1.2
 
 
 @dataclass
 class CorrespondenceConfig:
-    """Sinkhorn / message-passing correspondence between an object and its bank partners."""
+    """Dense correspondence between an object and its bank partners (DiscoBox section 3.3 and appendix B)."""
 
-    mode: str = "icm"                 # "icm" (paper) | "official" (DiscoBox code's message-passing solve)
+    mode: str = "icm"                 # "icm" (paper: ICM over Sinkhorn) | "official" (DiscoBox message-passing solve)
     grid: int = 7                     # g: RoI feature grid
-    epsilon: float = 0.05
-    sinkhorn_tol: float = 1e-6
-    sinkhorn_max_iter: int = 200
-    icm_iters: int = 3
-    geometric_weight: float = 0.5
+    epsilon: float = 0.05             # icm: Sinkhorn entropic regulariser
+    sinkhorn_tol: float = 1e-6        # icm: marginal error at which Sinkhorn stops
+    sinkhorn_max_iter: int = 500
+    icm_iters: int = 3                # icm: Assign/Update rounds
+    geometric_weight: float = 0.5     # icm: C = C_u + weight * C_g / max(C_g)
+    geometric_gamma: float = 1.0      # icm: gamma of exp(-|off_ik - off_jl|^2 / (2 gamma)), in grid cells^2
+    num_iter: int = 10                # official: solve iterations
+    num_smooth_iter: int = 1          # official: pass_message rounds per iteration
+    dist_kernel: int = 9              # official: initial C keeps |dy|,|dx| <= dist_kernel // 2
+    low_score: float = 0.3            # official appearance OT: masks clamped to [low_score, 1 - low_score]
+    corr_exp: float = 1.0             # official appearance OT: exponent on the rescaled plan
 
 
 @dataclass
 class CRFConfig:
-    """Mean-field CRF over RoIs (DiscoBox Eq. 4-6)."""
+    """Mean-field CRF over RoIs (DiscoBox section 3.2-3.3, appendix A)."""
 
     mode: str = "soft"                # "soft" (paper) | "official" (hard re-threshold, 3x3 with centre)
-    iters: int = 10
-    tol: float = 1e-4
-    w1: float = 2.0                   # colour Potts weight
-    zeta: float = 0.5                 # colour kernel bandwidth (on normalised colour)
-    dilation: int = 1
-    cross_image_weight: float = 0.5
+    iters: int = 10                   # official: fixed iteration count; soft: cap on sweeps
+    tol: float = 1e-4                 # soft: stop when no marginal moves more than this in a sweep
+    w1: float = 2.0                   # soft: colour Potts weight
+    zeta: float = 0.5                 # soft: colour kernel bandwidth (on normalised colour)
+    dilation: int = 1                 # soft: 8-neighbourhood dilation
+    cross_image_weight: float = 0.5   # soft: w2 on the cross-image [bg, fg] support
+    unary_floor: float = 1e-4         # soft: probabilities are clamped to [floor, 1] before -log
+    backend: str = "auto"             # message-passing backend (kernels.message_passing)
+    kernel_size: int = 3              # official: window of the colour kernel (centre included)
+    alpha0: float = 2.0               # official: kernel weight (config loss_ts)
+    theta0: float = 0.5               # official: colour bandwidth
+    theta1: float = 30.0              # official: spatial bandwidth
+    base: float = 0.1                 # official: states are re-thresholded to {base, 1 - base}
+    gamma: float = 0.01               # official: weight of inter_img_mask (MeanField's constructor default)
 
 
 @dataclass
 class RefineConfig:
-    """AsyInst asymmetric-affinity refinement on the RoI logits after the CRF."""
+    """AsyInst asymmetric-affinity refinement on the RoI logits after the CRF (DESIGN section 4, step 5).
+
+    Plain gradient descent on the RoI logits y of L_proj(box) + lambda_c L_color_asym + lambda_d L_depth_asym
+    + lambda_crf BCE(sigmoid(y), Q_crf); the affinity terms take delta, gamma, tau and the lambdas from
+    `ObjectiveConfig`. steps = 0 switches the refinement off.
+    """
 
     steps: int = 10
-    lr: float = 0.5
+    lr: float = 0.5                   # step size on the logits
     lambda_crf: float = 1.0           # weight of BCE(sigmoid(y), Q_crf)
+    lambda_proj: float = 1.0          # weight of the projection (box tightness) loss
+    color_weight: float = 1.0         # multiplies ObjectiveConfig.lambda_color
+    depth_weight: float = 1.0         # multiplies ObjectiveConfig.lambda_depth
+
+
+@dataclass
+class BoxPriorConfig:
+    """Box-prior mode unary (`teacher.box_prior`): superellipse shape prior plus per-RoI LAB colour models.
+
+    Defaults tuned on coco_tiny mean IoU (bench/teacher.py); each field is a scalar knob, no learned table.
+    """
+
+    pad: float = 0.4                  # RoI = box grown by pad * side on each side; the ring is the bg sample
+    exponent: float = 2.0             # superellipse exponent (2 = inscribed ellipse)
+    softness: float = 0.25            # logit = (1 - level) / softness
+    color_weight: float = 0.7         # weight of the colour log-likelihood ratio
+    color_bins: int = 8               # LAB histogram cells per axis
+    color_alpha: float = 0.5          # Laplace smoothing (pseudo-count per cell)
+    color_clip: float = 4.0           # |log-likelihood ratio| cap
+    ring_weight: float = 1.0          # weight of ring pixels in the global background model
+    local_background: float = 0.8     # share of the side-local background model (0 = global ring only)
+    local_tau: float = 0.3            # softmax temperature over distances to the four box sides
+    em_iters: int = 2                 # colour-model re-estimations
+    weak_overlap: float = 0.9         # Bhattacharyya overlap above which the colour term fades out
+    lab_scale: float = 20.0           # LAB / lab_scale is the CRF colour (so CRFConfig.zeta 0.5 = 10 LAB units)
 
 
 @dataclass
 class TeacherConfig:
-    roi_size: int = 56                # R: teacher resolution of RoI crops
+    """The structured teacher (`teacher.StructuredTeacher`): one section per stage of DESIGN section 4."""
+
+    roi_size: int = 48                # R: teacher resolution of the padded RoI crops
     device: str = "auto"              # "auto" | "cpu" | "cuda"
-    seed: int = 0
+    seed: int = 0                     # seeds the bank's sampling and the network-free parts
+    mask_thresh: float = 0.5          # probability threshold of the pasted masks
+    use_correspondence: bool = True   # cross-image term from the memory bank partners
+    box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
