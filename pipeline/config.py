@@ -140,7 +140,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    prefix = "" if where == "config" else f"{where}."
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
     return ConfigError(where, f"unknown key '{key}'{hint}")
 
 
@@ -224,6 +225,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         data = _merge(data, extra)
     for item in overrides:
         keys, value = _parse_override(item)
+        # Checked on its own first, so that a bad override is reported as the --set it came from rather
+        # than as a fault of the YAML file it is merged into.
+        try:
+            _build(Config, _nest(keys, value))
+        except ConfigError as exc:
+            at = "" if exc.where == "config" else f"{exc.where}: "
+            raise ConfigError("--set", f"'{item}': {at}{exc.problem}") from None
         data = _merge(data, _nest(keys, value))
     try:
         return _build(Config, data)
