@@ -1,0 +1,141 @@
+"""Test helpers for the label service: a small on-disk dataset and a simple labeler.
+
+``FolderDataset`` reads ``index.json`` + PNG images written by ``write_folder_dataset`` (so corrupt and
+missing files are real files); ``BoxLabeler`` labels each box with the pixels it covers and matches it
+to the previous object of its class, which exercises every shard column without the structured teacher.
+Both are picklable by value (``ray.cloudpickle.register_pickle_by_value``) so Ray workers can use them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.datasets.base import Category, Dataset, Sample, box_to_mask
+from pipeline.datasets.images import read_image_rgb
+
+CATEGORIES = [Category(24, "person"), Category(26, "car")]
+
+
+def write_folder_dataset(root: Path, n: int = 8, size: tuple[int, int] = (48, 64), corrupt: tuple = (),
+                         missing: tuple = (), seed: int = 0) -> Path:
+    """Images ``img-XXX.png`` with 0-3 random boxes each (image 0 has none); indices in ``corrupt`` get a
+    garbage file, those in ``missing`` no file. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    items = []
+    for i in range(n):
+        name = f"img-{i:03d}.png"
+        boxes = []
+        for _ in range(0 if i == 0 else int(rng.integers(1, 4))):
+            x1, y1 = float(rng.integers(0, w // 2)), float(rng.integers(0, h // 2))
+            boxes.append([x1, y1, x1 + float(rng.integers(4, w // 2)), y1 + float(rng.integers(4, h // 2))])
+        classes = [int(rng.choice([24, 26])) for _ in boxes]
+        items.append({"image_id": f"im{i:03d}", "file_name": name, "height": h, "width": w,
+                      "boxes": boxes, "classes": classes})
+        if i in missing:
+            continue
+        if i in corrupt:
+            (root / name).write_bytes(b"not a png")
+            continue
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / name), image)
+    # One annotation the dataset itself rejects, as a real loader would.
+    items.append({"image_id": "bad", "file_name": "bad.png", "height": h, "width": w,
+                  "boxes": [[5, 5, 2, 2]], "classes": [24]})
+    (root / "index.json").write_text(json.dumps(items))
+    return root
+
+
+class FolderDataset(Dataset):
+    name = "folder"
+
+    def __init__(self, root: str, split: str = "train", strict: bool = False):
+        super().__init__(root, split, strict)
+        self.categories = list(CATEGORIES)
+        for item in json.loads((Path(root) / "index.json").read_text()):
+            boxes = np.asarray(item["boxes"], np.float32).reshape(-1, 4)
+            if len(boxes) and np.any(boxes[:, 2] <= boxes[:, 0]):
+                self.rejects.append(self._reject(item))
+                continue
+            path = Path(root) / item["file_name"]
+            self._samples.append(Sample(
+                image_id=item["image_id"], file_name=item["file_name"], height=item["height"],
+                width=item["width"], boxes=boxes, classes=np.asarray(item["classes"], np.int32),
+                instance_ids=np.arange(len(boxes), dtype=np.int32),
+                _image_loader=lambda p=path: read_image_rgb(p)))
+
+    @staticmethod
+    def _reject(item):
+        from pipeline.datasets.base import Reject
+
+        return Reject(item["file_name"], "box has x2 <= x1")
+
+
+@dataclass
+class FolderFactory:
+    root: str
+
+    def __call__(self) -> FolderDataset:
+        return FolderDataset(self.root)
+
+
+@dataclass
+class Match:
+    partner_image_id: str
+    partner_instance_id: int
+    grid: int
+    src: np.ndarray
+    dst: np.ndarray
+    weight: np.ndarray
+
+
+@dataclass
+class Label:
+    mask: np.ndarray
+    score: float
+    correspondences: list
+
+
+class Bank:
+    def __init__(self):
+        self.last: dict[int, tuple[str, int]] = {}
+
+    def fill(self) -> dict[int, int]:
+        return {c: 1 for c in self.last}
+
+
+class BoxLabeler:
+    """Box-as-mask labeler; ``delay`` seconds per image make runs long enough to interrupt."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.bank = Bank()
+
+    def label(self, image, boxes, classes, depth=None, image_id=None):
+        time.sleep(self.delay)
+        h, w = image.shape[:2]
+        out = []
+        for k, (box, cls) in enumerate(zip(boxes, classes)):
+            matches = []
+            partner = self.bank.last.get(int(cls))
+            if partner is not None:
+                cells = np.arange(3, dtype=np.int32)
+                matches.append(Match(partner[0], partner[1], 7, cells, cells[::-1].copy(),
+                                     np.full(3, 0.5, np.float32)))
+            out.append(Label(box_to_mask(box, h, w), 0.75, matches))
+            self.bank.last[int(cls)] = (image_id, k)
+        return out
+
+
+@dataclass
+class BoxLabelerFactory:
+    delay: float = 0.0
+
+    def __call__(self, device: str) -> BoxLabeler:
+        return BoxLabeler(self.delay)

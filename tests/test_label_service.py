@@ -1,0 +1,170 @@
+"""The label service on a local Ray cluster: exactly once across killed workers and drivers, rejects,
+named actors in the state API, and the real box-prior teacher end to end.
+
+One local cluster is shared by the module (Ray takes 5-20 s to start on 2 cores); the driver-killed test
+points a subprocess CLI at it with ``--address``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import labelkit
+from pipeline.config import LabelConfig, RunConfig
+from pipeline.datasets.base import box_to_mask
+from pipeline.label_service import NAMESPACE, LabelService, init_ray
+from pipeline.shards import decode_rle, read_manifest, read_rejects
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(labelkit)
+    init_ray(RunConfig())
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def service(out, root, labeler=None, **label):
+    cfg = LabelConfig(**{"workers": 2, "batch_images": 2, "shard_rows": 4, **label})
+    dataset = labelkit.FolderDataset(str(root))
+    return LabelService(cfg, out, dataset, labelkit.FolderFactory(str(root)),
+                        labeler or labelkit.BoxLabelerFactory(), teacher_id="box-prior", config_digest="t1")
+
+
+def all_rows(out):
+    return [r for p in sorted(Path(out).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def assert_exactly_once(out, dataset, rejected=()):
+    """Every image of ``dataset`` except ``rejected`` is in exactly one manifest entry, and its rows are
+    exactly its boxes, each once, with the box mask the labeler drew."""
+    manifest = read_manifest(out)
+    listed = collections.Counter(i for s in manifest["shards"] for i in s["image_ids"])
+    assert all(c == 1 for c in listed.values()), listed
+    expected = {s.image_id for s in dataset} - set(rejected)
+    assert set(listed) == expected
+    rows = all_rows(out)
+    keys = collections.Counter((r["image_id"], r["instance_id"]) for r in rows)
+    assert all(c == 1 for c in keys.values())
+    want = {(s.image_id, int(k)) for s in dataset if s.image_id in expected for k in s.instance_ids}
+    assert set(keys) == want
+    by_id = {s.image_id: s for s in dataset}
+    for r in rows:
+        s = by_id[r["image_id"]]
+        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
+        np.testing.assert_array_equal(mask, box_to_mask(s.boxes[r["instance_id"]], s.height, s.width))
+    assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
+
+
+def test_rejects_and_named_actors_while_running(cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=10, corrupt=(3,), missing=(5,))
+    seen = []
+
+    def progress(event):
+        if not seen:
+            seen.extend(a.name for a in list_actors(filters=[("ray_namespace", "=", NAMESPACE),
+                                                            ("state", "=", "ALIVE")]))
+
+    svc = service(tmp_path / "out", root)
+    summary = svc.run(progress)
+    assert {"label-worker-0", "label-worker-1"} <= set(seen)
+    dataset = labelkit.FolderDataset(str(root))
+    assert_exactly_once(tmp_path / "out", dataset, rejected=("im003", "im005"))
+    rejects = {(r["image_id"], r["stage"]): r for r in read_rejects(tmp_path / "out")}
+    assert set(rejects) == {("im003", "load"), ("im005", "load"), (None, "dataset")}
+    assert "unreadable image" in rejects["im003", "load"]["reason"] and "img-003.png" in rejects["im003", "load"]["reason"]
+    assert "file not found" in rejects["im005", "load"]["reason"]
+    assert rejects[None, "dataset"]["file"] == "bad.png"
+    assert summary.images_labeled == 8 and summary.rejects == 2
+    assert summary.instances == sum(len(s.boxes) for s in dataset if s.image_id not in ("im003", "im005"))
+    # Correspondences come through as the documented struct list.
+    corr = [c for r in all_rows(tmp_path / "out") for c in r["correspondences"]]
+    assert corr and set(corr[0]) == {"partner_image_id", "partner_instance_id", "grid", "src", "dst", "weight"}
+    # Re-running finds nothing to do and writes nothing.
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    again = service(tmp_path / "out", root).run()
+    assert (again.images_labeled, again.images_skipped, again.shards) == (0, 10, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert len(read_rejects(tmp_path / "out")) == 3
+
+
+def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=16)
+    events, pids = [], []
+
+    def progress(event):
+        events.append(event)
+        if len(events) == 1:      # killed with restart allowed: Ray restarts it, its lost batches are redone
+            actor = ray.get_actor("label-worker-0", namespace=NAMESPACE)
+            pids.append(ray.get(actor.ready.remote())["pid"])
+            ray.kill(actor, no_restart=False)
+        if len(events) == 3:      # killed for good: the other worker finishes the run
+            ray.kill(ray.get_actor("label-worker-1", namespace=NAMESPACE), no_restart=True)
+
+    summary = service(tmp_path / "out", root, labelkit.BoxLabelerFactory(delay=0.1), batch_images=1).run(progress)
+    assert_exactly_once(tmp_path / "out", labelkit.FolderDataset(str(root)))
+    assert summary.images_labeled == 16 and summary.rejects == 0
+    # Worker 0 came back in a new process and worked on; worker 1 never answered again.
+    assert [s["index"] for s in summary.worker_stats] == [0]
+    assert summary.worker_stats[0]["pid"] != pids[0] and summary.worker_stats[0]["images"] > 0
+    assert read_rejects(tmp_path / "out") == [{"image_id": None, "file": "bad.png", "reason": "box has x2 <= x1",
+                                               "stage": "dataset"}]
+
+
+def test_driver_killed_mid_run_then_resumed(cluster, tmp_path):
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=24)
+    out = tmp_path / "out"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), root=str(root), out=str(out),
+                                    address=cluster))
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "_manifest.json").exists() and len(read_manifest(out)["shards"]) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
+    assert 0 < len(done_before) < 24
+    summary = service(out, root).run()
+    assert summary.images_skipped == len(done_before)
+    assert summary.images_labeled == 24 - len(done_before)
+    assert_exactly_once(out, labelkit.FolderDataset(str(root)))
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import ray, labelkit
+from pipeline.config import LabelConfig, RunConfig
+from pipeline.label_service import LabelService, init_ray
+ray.cloudpickle.register_pickle_by_value(labelkit)
+init_ray(RunConfig(), address={address!r})
+cfg = LabelConfig(workers=2, batch_images=1, shard_rows=2)
+LabelService(cfg, {out!r}, labelkit.FolderDataset({root!r}), labelkit.FolderFactory({root!r}),
+             labelkit.BoxLabelerFactory(delay=0.3), teacher_id="box-prior", config_digest="t1").run()
+"""
