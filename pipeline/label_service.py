@@ -420,10 +420,11 @@ class LabelService:
         return sorted(stats, key=lambda s: s["index"])
 
     # -- the run
-    def run(self, progress: Optional[Callable[[dict], None]] = None) -> LabelSummary:
-        """Label every unfinished image; ``progress`` is called after each batch with
-        ``{"images", "instances", "rejects", "worker", "service"}`` (the callback may inspect or even kill
-        workers: the run survives it)."""
+    def run(self, progress: Optional[Callable[[dict], None]] = None,
+            on_start: Optional[Callable[[int, int], None]] = None) -> LabelSummary:
+        """Label every unfinished image. ``on_start(todo, skipped)`` is called once the shard directory is
+        open; ``progress`` after each batch with ``{"images", "instances", "rejects", "worker", "service"}``
+        (the callback may inspect or even kill workers: the run survives it)."""
         t0 = time.monotonic()
         summary = LabelSummary()
         samples = list(self.dataset)
@@ -438,6 +439,8 @@ class LabelService:
             shards_before = len(writer.entries)
             todo = [s.image_id for s in samples if s.image_id not in writer.done]
             summary.images_skipped = len(samples) - len(todo)
+            if on_start is not None:
+                on_start(len(todo), summary.images_skipped)
             if todo:
                 self._start_workers()
                 try:

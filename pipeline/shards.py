@@ -45,6 +45,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,8 @@ REJECTS = "_rejects.jsonl"
 LOCK = ".lock"
 SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
 BOX_PRIOR = "box-prior"
+
+log = logging.getLogger(__name__)
 
 CORRESPONDENCE_TYPE = pa.struct([
     ("partner_image_id", pa.string()),
@@ -240,6 +243,17 @@ def read_rejects(out_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def read_shard(path: str | os.PathLike, columns: Optional[list[str]] = None,
+               filters: Optional[list] = None) -> pa.Table:
+    """One shard file as a table; ``PipelineError`` naming the file when it is not readable Parquet."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters)
+    except FileNotFoundError:
+        raise PipelineError(path, "shard file not found") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise PipelineError(path, f"unreadable shard ({str(exc).splitlines()[0]})") from None
+
+
 def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
     """Finished shard files, in manifest order."""
     manifest = read_manifest(out_dir)
@@ -249,7 +263,7 @@ def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
 def iter_shard_tables(out_dir: str | os.PathLike, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
     """Finished shards one at a time (memory stays at one shard)."""
     for path in shard_paths(out_dir):
-        yield pq.read_table(path, columns=columns)
+        yield read_shard(path, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -290,10 +304,17 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # On an error or Ctrl-C the buffered images are dropped (not finished): a re-run labels them.
-        if exc_type is None:
-            self.flush()
-        self.close()
+        try:
+            if exc_type is None:
+                self.flush()
+            else:
+                # Ctrl-C or an error elsewhere: the buffered images are complete, keep them.
+                try:
+                    self.flush()
+                except Exception as flush_exc:  # the original error matters more; a re-run redoes them
+                    log.warning("%s: could not write the last shard (%s)", self.out_dir, flush_exc)
+        finally:
+            self.close()
 
     def open(self) -> None:
         try:

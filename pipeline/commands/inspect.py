@@ -1,0 +1,149 @@
+"""``pipeline inspect DIR``: what a shard directory holds; ``--image ID --png OUT`` draws one image's labels."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from ..datasets.images import read_image_rgb
+from ..errors import PipelineError
+from ..render import overlay
+from ..shards import SCHEMA, decode_rle, read_manifest, read_rejects, read_shard, rle_area, sha256_file
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    q = np.quantile(np.asarray(values, np.float64), QUANTILES)
+    return {f"p{round(100 * k)}": float(v) for k, v in zip(QUANTILES, q)}
+
+
+def summarize(out_dir: str | Path) -> dict:
+    """Counts and distributions of a shard directory, reading one shard at a time."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    meta = manifest["meta"]
+    names = {c["id"]: c["name"] for c in meta.get("classes", [])}
+    per_class: dict[int, int] = collections.Counter()
+    areas, scores, corrupt = [], [], []
+    images_with_rows: set[str] = set()
+    rows = 0
+    for entry in manifest["shards"]:
+        path = out_dir / entry["file"]
+        if not path.exists():
+            corrupt.append(f"{entry['file']}: missing")
+            continue
+        if sha256_file(path) != entry["sha256"]:
+            corrupt.append(f"{entry['file']}: sha256 differs from the manifest (not counted)")
+            continue
+        table = read_shard(path, columns=["image_id", "category_id", "mask_rle", "score", "height", "width"])
+        cols = table.to_pydict()
+        rows += table.num_rows
+        images_with_rows.update(cols["image_id"])
+        per_class.update(cols["category_id"])
+        scores.extend(cols["score"])
+        areas.extend(rle_area(c, h, w) for c, h, w in zip(cols["mask_rle"], cols["height"], cols["width"]))
+    finished = [i for e in manifest["shards"] for i in e["image_ids"]]
+    rejects = read_rejects(out_dir)
+    return {
+        "dir": str(out_dir), "meta": meta, "shards": len(manifest["shards"]), "rows": rows,
+        "images": len(finished), "images_with_instances": len(images_with_rows),
+        "duplicate_images": len(finished) - len(set(finished)),
+        "per_class": [{"category_id": cid, "category": names.get(cid, str(cid)), "instances": n}
+                      for cid, n in sorted(per_class.items())],
+        "mask_area": _quantiles(areas), "score": _quantiles(scores),
+        "rejects": len(rejects), "rejects_by_stage": dict(collections.Counter(r.get("stage") for r in rejects)),
+        "reject_examples": rejects[:10], "problems": corrupt,
+    }
+
+
+def format_summary(s: dict) -> str:
+    m = s["meta"]
+    lines = [
+        f"shard directory {s['dir']}",
+        f"  dataset {m['dataset']} (split {m['split']}, root {m['data_root']}), round {m['round']}, "
+        f"teacher {m['teacher']}, config digest {m['config_digest']}, schema version {m['schema_version']}",
+        f"  {s['shards']} shards, {s['rows']} rows (instances), {s['images']} images finished "
+        f"({s['images_with_instances']} with instances), {s['rejects']} rejects",
+        "schema:",
+        *("  " + line for line in str(SCHEMA).splitlines()),
+        "per class:",
+        f"  {'id':>4}  {'category':<20} {'instances':>9}",
+        *(f"  {c['category_id']:>4}  {c['category']:<20} {c['instances']:>9}" for c in s["per_class"]),
+    ]
+    for key, title, fmt in (("mask_area", "mask area (px)", "{:.0f}"), ("score", "score", "{:.3f}")):
+        q = s[key]
+        lines.append(f"{title}: " + ("  ".join(f"{k} {fmt.format(v)}" for k, v in q.items()) if q else "no rows"))
+    if s["rejects"]:
+        stages = ", ".join(f"{k} {v}" for k, v in sorted(s["rejects_by_stage"].items(), key=str))
+        lines.append(f"rejects ({stages}):")
+        lines.extend(f"  {r.get('image_id') or '-'}  {r.get('file')}: {r.get('reason')}" for r in s["reject_examples"])
+        if s["rejects"] > len(s["reject_examples"]):
+            lines.append(f"  ... {s['rejects'] - len(s['reject_examples'])} more in _rejects.jsonl")
+    for problem in s["problems"]:
+        lines.append(f"PROBLEM: {problem}")
+    if s["duplicate_images"]:
+        lines.append(f"PROBLEM: {s['duplicate_images']} images are listed in more than one shard")
+    return "\n".join(lines)
+
+
+def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional[dict]]:
+    """The rows of one image, and its manifest entry for an image without instances."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    for entry in manifest["shards"]:
+        if image_id in entry["image_ids"]:
+            table = read_shard(out_dir / entry["file"], filters=[("image_id", "=", image_id)])
+            empty = next((e for e in entry["empty_images"] if e["image_id"] == image_id), None)
+            return table.to_pylist(), empty
+    raise PipelineError(image_id, f"image id is not in the finished shards of {out_dir}")
+
+
+def render_image(out_dir: str | Path, image_id: str, data_root: Optional[str] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the image with its pseudo masks, boxes and 'category score' captions."""
+    rows, empty = image_rows(out_dir, image_id)
+    info = rows[0] if rows else empty
+    root = Path(data_root or read_manifest(out_dir)["meta"]["data_root"])
+    image = read_image_rgb(root / info["file_name"])
+    if image.shape[:2] != (info["height"], info["width"]):
+        raise PipelineError(root / info["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
+                                                      f"say {info['width']}x{info['height']} (wrong --data-root?)")
+    masks = [decode_rle(r["mask_rle"], r["height"], r["width"]) for r in rows]
+    boxes = np.array([r["box"] for r in rows], np.float32).reshape(-1, 4)
+    texts = [f"{r['category']} {r['score']:.2f}" for r in rows]
+    return overlay(image, masks, boxes, texts)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.image is not None or args.png is not None:
+        if args.image is None or args.png is None:
+            raise PipelineError("--image/--png", "give both --image ID and --png OUT")
+        drawn = render_image(args.dir, args.image, args.data_root)
+        png = Path(args.png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(png), drawn[:, :, ::-1]):
+            raise PipelineError(png, "cannot write PNG")
+        print(f"wrote {png}")
+        return 0
+    summary = summarize(args.dir)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 1 if summary["problems"] or summary["duplicate_images"] else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a pseudo-label shard directory, or draw one image's labels",
+                       description="Schema, row and image counts, per-class counts, mask-area and score "
+                                   "quantiles, rejects and shard integrity of a shard directory.")
+    p.add_argument("dir", help="shard directory (written by 'pipeline label')")
+    p.add_argument("--image", metavar="ID", help="image id to draw (with --png)")
+    p.add_argument("--png", metavar="OUT", help="write the drawing of --image here")
+    p.add_argument("--data-root", metavar="DIR", help="dataset root (default: the one recorded in the shards)")
+    p.add_argument("--json", action="store_true", help="print the summary as json")
+    p.set_defaults(func=run)

@@ -1,0 +1,82 @@
+"""``pipeline label``: boxes -> pseudo masks now, with Ray label workers writing Parquet shards.
+
+Without --checkpoint the structured teacher runs in box-prior mode (no network). Re-running the same
+command after an interruption resumes: finished images are skipped and nothing is written twice. A
+directory written with another config (dataset, split, teacher settings, checkpoint or round) is refused
+unless --overwrite is given, which deletes its shards, manifest and rejects and starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from tqdm import tqdm
+
+from ..errors import PipelineError
+from ..label_service import (DatasetFactory, LabelService, TeacherFactory, init_ray, label_digest,
+                             load_checkpoint)
+from ..shards import BOX_PRIOR
+from .common import add_config_args, add_dataset_args, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("label", help="label boxes with pseudo masks on Ray workers -> Parquet shards",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="shard directory to write (or resume)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="teacher network checkpoint (default: box-prior mode, no network)")
+    p.add_argument("--workers", type=int, metavar="N", help="label workers (default: label.workers)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="existing Ray cluster (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--limit", type=int, metavar="N", help="label only the first N images")
+    p.add_argument("--round", type=int, default=0, metavar="R",
+                   help="round number written to the rows (default: 0, box-prior labeling)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete shards written with another config instead of refusing to mix them")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.workers is not None:
+        cfg.label.workers = args.workers
+    if args.limit is not None and args.limit < 1:
+        raise PipelineError("--limit", f"must be at least 1, got {args.limit}")
+    teacher_id = load_checkpoint(args.checkpoint)[1] if args.checkpoint else BOX_PRIOR
+    dataset = DatasetFactory(cfg.dataset)()
+    log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
+             len(dataset.categories), len(dataset.rejects))
+    # Workers read the dataset from the root the driver found (it may come from an environment variable
+    # a remote worker does not have); the toy dataset is regenerated identically from its config.
+    worker_cfg = cfg.dataset if cfg.dataset.name == "toy" else dataclasses.replace(cfg.dataset, root=str(dataset.root))
+    service = LabelService(cfg.label, args.out, dataset, DatasetFactory(worker_cfg),
+                           TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
+                           label_digest(cfg, teacher_id, args.round), round_=args.round,
+                           device=cfg.teacher.device, overwrite=args.overwrite, limit=args.limit,
+                           strict=cfg.dataset.strict)
+    url = init_ray(cfg.run, args.address)
+    print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
+    bar = None
+
+    def on_start(todo: int, skipped: int) -> None:
+        nonlocal bar
+        if skipped:
+            print(f"resuming: {skipped} images already finished in {args.out}", flush=True)
+        bar = tqdm(total=todo, unit="img", desc="label", dynamic_ncols=True)
+
+    def progress(event: dict) -> None:
+        bar.update(event["images"] + event["rejects"])
+
+    try:
+        summary = service.run(progress, on_start)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(summary.line())
+    print(f"inspect with: pipeline inspect {args.out}")
+    return 0

@@ -1,0 +1,138 @@
+"""``pipeline inspect`` and ``pipeline export-coco`` on a shard directory written by ``ShardWriter`` (no Ray)."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+import labelkit
+from pipeline.cli import main
+from pipeline.commands.export_coco import export_coco
+from pipeline.commands.inspect import render_image, summarize
+from pipeline.render import overlay, palette
+from pipeline.shards import ShardMeta, ShardWriter, encode_rle, rows_to_table
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """Shards of a ``labelkit`` dataset with random (non-box) masks; returns (dir, data root, masks by key)."""
+    tmp = tmp_path_factory.mktemp("shards")
+    root = labelkit.write_folder_dataset(tmp / "data", n=6)
+    dataset = labelkit.FolderDataset(str(root))
+    meta = ShardMeta(dataset="folder", split="train", data_root=str(root),
+                     classes=[{"id": c.id, "name": c.name} for c in dataset.categories],
+                     config_digest="x", teacher="box-prior", round=1)
+    rng = np.random.default_rng(3)
+    masks = {}
+    with ShardWriter(tmp / "out", meta, shard_rows=3) as w:
+        for s in dataset:
+            rows = []
+            for k, (box, cls) in enumerate(zip(s.boxes, s.classes)):
+                mask = rng.random((s.height, s.width)) > 0.7
+                masks[s.image_id, k] = mask
+                rows.append({"image_id": s.image_id, "file_name": s.file_name, "height": s.height,
+                             "width": s.width, "instance_id": k, "category_id": int(cls),
+                             "category": dataset.category_name(cls), "box": [float(v) for v in box],
+                             "mask_rle": encode_rle(mask), "score": float(rng.random()), "round": 1,
+                             "teacher": "box-prior", "correspondences": []})
+            empty = None if rows else {"image_id": s.image_id, "file_name": s.file_name,
+                                       "height": s.height, "width": s.width}
+            w.add(s.image_id, rows_to_table(rows), empty)
+        w.reject("im9", "img-009.png", "unreadable image", "load")
+    return tmp / "out", root, masks, dataset
+
+
+def test_export_coco_loads_in_pycocotools_and_masks_round_trip_bit_exactly(shard_dir, tmp_path, capsys):
+    out, _, masks, dataset = shard_dir
+    assert main(["export-coco", str(out), "--out", str(tmp_path / "pseudo.json")]) == 0
+    assert "6 images" in capsys.readouterr().out
+    coco = COCO(str(tmp_path / "pseudo.json"))
+    assert sorted(c["name"] for c in coco.loadCats(coco.getCatIds())) == ["car", "person"]
+    assert len(coco.getImgIds()) == 6                        # the image without boxes is listed too
+    by_dataset_id = {img["dataset_image_id"]: img for img in coco.loadImgs(coco.getImgIds())}
+    assert len(coco.getAnnIds()) == len(masks)
+    for (image_id, k), mask in masks.items():
+        img = by_dataset_id[image_id]
+        (ann,) = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])) if a["instance_id"] == k]
+        np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
+        assert ann["area"] == mask.sum()
+        x1, y1, x2, y2 = dataset.get(image_id).boxes[k]
+        assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+        assert 0 <= ann["score"] <= 1
+    # Also usable as detection results against itself (the format COCOeval wants).
+    results = coco.loadRes(coco.loadAnns(coco.getAnnIds()))
+    assert len(results.getAnnIds()) == len(masks)
+
+
+def test_export_keeps_integer_image_ids(tmp_path):
+    meta = ShardMeta(dataset="coco", split="train", data_root=str(tmp_path), classes=[{"id": 1, "name": "a"}],
+                     config_digest="x", teacher="box-prior", round=0)
+    mask = np.eye(4, dtype=bool)
+    row = {"image_id": "139", "file_name": "139.jpg", "height": 4, "width": 4, "instance_id": 0,
+           "category_id": 1, "category": "a", "box": [0.0, 0.0, 4.0, 4.0], "mask_rle": encode_rle(mask),
+           "score": 0.5, "round": 0, "teacher": "box-prior", "correspondences": []}
+    with ShardWriter(tmp_path / "out", meta) as w:
+        w.add("139", rows_to_table([row]))
+    export_coco(tmp_path / "out", tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["images"][0]["id"] == 139 and data["annotations"][0]["image_id"] == 139
+
+
+def test_inspect_summary_counts_and_distributions(shard_dir, capsys):
+    out, _, masks, _ = shard_dir
+    s = summarize(out)
+    assert s["rows"] == len(masks) and s["images"] == 6 and s["images_with_instances"] == 5
+    assert s["rejects"] == 1 and s["rejects_by_stage"] == {"load": 1} and not s["problems"]
+    per_class = {c["category"]: c["instances"] for c in s["per_class"]}
+    assert sum(per_class.values()) == len(masks)
+    areas = sorted(int(m.sum()) for m in masks.values())
+    assert s["mask_area"]["p0"] == areas[0] and s["mask_area"]["p100"] == areas[-1]
+    assert s["mask_area"]["p50"] == pytest.approx(np.median(areas))
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mask_rle: string" in text and "per class:" in text and "img-009.png: unreadable image" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == len(masks)
+
+
+def test_inspect_reports_a_changed_shard(shard_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(shard_dir[0], out)
+    shard = out / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    assert main(["inspect", str(out)]) == 1
+    assert "PROBLEM: part-00000.parquet: sha256 differs" in capsys.readouterr().out
+
+
+def test_inspect_draws_an_image(shard_dir, tmp_path, capsys):
+    out, root, masks, dataset = shard_dir
+    png = tmp_path / "im001.png"
+    assert main(["inspect", str(out), "--image", "im001", "--png", str(png)]) == 0
+    drawn = cv2.imread(str(png))[:, :, ::-1]
+    s = dataset.get("im001")
+    np.testing.assert_array_equal(drawn, render_image(out, "im001"))
+    assert drawn.shape == (s.height, s.width, 3)
+    assert not np.array_equal(drawn, cv2.imread(str(root / s.file_name))[:, :, ::-1])
+    # --data-root overrides the recorded root; a wrong one is a one-line error naming the file.
+    assert main(["inspect", str(out), "--image", "im001", "--png", str(png), "--data-root", str(tmp_path)]) == 2
+    assert "img-001.png: file not found" in capsys.readouterr().err
+    assert main(["inspect", str(out), "--image", "nope", "--png", str(png)]) == 2
+    assert "nope: image id is not in the finished shards" in capsys.readouterr().err
+
+
+def test_overlay_blends_only_inside_masks():
+    image = np.full((40, 40, 3), 100, np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True
+    out = overlay(image, [mask], np.array([[5, 5, 30, 30]], np.float32), ["x"], alpha=0.5)
+    colour = palette(1)[0].astype(np.float32)
+    np.testing.assert_array_equal(out[14, 14], np.floor(0.5 * 100 + 0.5 * colour + 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(out[35, 35], image[35, 35])     # outside mask and box: untouched
+    np.testing.assert_array_equal(out[5, 12], palette(1)[0])       # on the box edge
+    with pytest.raises(ValueError, match="differ in number"):
+        overlay(image, [mask], np.zeros((2, 4)), ["x"])
