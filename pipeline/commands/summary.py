@@ -42,19 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def summarize_split(dataset: Dataset, min_box_side: float, progress: bool = True) -> dict[str, Any]:
+def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = None, progress: bool = True
+                    ) -> dict[str, Any]:
     """The summary figures of one loaded split (``box_iou``: all instances; ``box_iou_min_side``: both box
-    sides >= ``min_box_side``)."""
+    sides >= ``min_box_side``). ``name``: the dataset kind to report (default ``dataset.name``; the toy data
+    is read by the Cityscapes loader)."""
     instances: Counter[str] = Counter()
     ignored: Counter[str] = Counter()
     evaluator = PseudoLabelEvaluator(dataset)
-    for sample in tqdm(dataset, desc=f"{dataset.name}/{dataset.split}", unit="img", disable=not progress,
+    for sample in tqdm(dataset, desc=f"{name or dataset.name}/{dataset.split}", unit="img", disable=not progress,
                        leave=False):
         instances.update(dataset.category_name(c) for c in sample.classes)
         ignored.update(dataset.category_name(c) for c in sample.ignore_classes)
         evaluator.process(sample, box_mask_predictions(sample))
     return {
-        "dataset": dataset.name,
+        "dataset": name or dataset.name,
         "split": dataset.split,
         "root": str(dataset.root),
         "images": len(dataset),
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"dataset": cfg.dataset.name, "min_box_side": args.min_box_side, "splits": {}}
     for split in splits:
         dataset = build_dataset(dataclasses.replace(cfg.dataset, split=split))
-        figures = summarize_split(dataset, args.min_box_side)
+        figures = summarize_split(dataset, args.min_box_side, name=cfg.dataset.name)
         report["splits"][split] = figures
         print(format_split(figures), flush=True)
     if args.json:
