@@ -20,7 +20,9 @@ import pytest
 
 from coco_helpers import two_image_coco
 from pipeline.datasets.base import Dataset, Sample
+from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.coco import CocoDataset
+from pipeline.datasets.toy import generate_toy
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "teacher", "student", "pipeline")
@@ -101,9 +103,6 @@ def test_coco_dataset_exposes_no_masks(tmp_path):
 
 
 def test_toy_dataset_exposes_no_masks(tmp_path):
-    from pipeline.datasets.cityscapes import CityscapesDataset
-    from pipeline.datasets.toy import generate_toy
-
     root = generate_toy(tmp_path / "toy", train=1, val=0, seed=3, size=(64, 128))
     ds = CityscapesDataset(root, "train")
     assert len(ds) == 1 and len(ds[0].boxes) > 0

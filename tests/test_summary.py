@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 from coco_helpers import two_image_coco
 from pipeline.cli import main
 from pipeline.datasets.cityscapes import CityscapesDataset
+from pipeline.datasets.toy import generate_toy
 from pipeline.evaluation import gt_masks
 
 
@@ -112,8 +113,6 @@ def test_cityscapes_needs_a_root(capsys, monkeypatch):
 
 
 def test_cityscapes_root_from_environment(tmp_path, capsys, monkeypatch):
-    from pipeline.datasets.toy import generate_toy
-
     generate_toy(tmp_path / "cs", train=1, val=0, seed=1, size=(64, 128))
     monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path / "cs"))
     code, out, _ = run_summary(capsys, "--dataset", "cityscapes")
