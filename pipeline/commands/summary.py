@@ -1,12 +1,14 @@
-"""``pipeline summary``: what a dataset holds, and the box-as-mask baseline every labeler must beat.
+"""pipeline summary: what a dataset holds, and the box-as-mask baseline every labeler must beat.
 
 Per split: images, instances per class, ignored regions (COCO crowd, Cityscapes groups), rejected inputs
 with their reasons, whether depth is available, and the mean IoU of each box taken as its mask (every pixel
 the box touches) against the ground-truth mask, overall, per class and per COCO size bucket.
 
 The IoU is reported twice: over all instances, and over instances whose box sides are both at least
-``--min-box-side`` px (default 8): boxes that thin are a few pixels of mask either way and dominate nothing
-but noise. ``--json FILE`` writes the same figures as JSON (nan as null).
+--min-box-side px (default 8). A box a few pixels wide scores mostly rasterisation noise, whichever labeler
+made the mask; the filtered figure is the one the labeling anchors quote. Instances without a ground-truth
+mask (a box-only COCO file) are counted but not scored. --json FILE writes the same figures as JSON (nan
+as null).
 """
 from __future__ import annotations
 
