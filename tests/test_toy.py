@@ -107,7 +107,7 @@ def test_objects_stand_on_the_road_at_a_depth_matching_their_size():
             expected_bottom = cam.v0 + cam.fy * cam.height / z
             assert abs(bottom + 0.5 - expected_bottom) <= 1.5, (obj["label"], bottom, expected_bottom)
             tall = (polygon[:, 1].max() - polygon[:, 1].min() + 1) / (cam.fy / z)
-            assert 0.9 < tall < 1.9, (obj["label"], tall)
+            assert 1.2 < tall < 2.1, (obj["label"], tall)   # metres: cars 1.5, people 1.72 (+-1 px)
             checked += 1
     assert checked >= 5
 
