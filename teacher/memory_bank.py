@@ -55,7 +55,9 @@ class ClassQueue:
     def capacity(self) -> int:
         return self.feature.shape[0]
 
-    def write(self, feature: torch.Tensor, mask: torch.Tensor, box: torch.Tensor, image_id: str, instance_id: int):
+    def write(
+        self, feature: torch.Tensor, mask: torch.Tensor, box: torch.Tensor, image_id: str, instance_id: int
+    ) -> None:
         slot = self.ptr
         self.feature[slot] = feature
         self.mask[slot] = mask
@@ -199,7 +201,9 @@ class MemoryBank:
             ratio=q_ratio / aspect_ratio(queue.box[idx]),
         )
 
-    def retrieve(self, class_id: int, feature: torch.Tensor, mask: torch.Tensor, box, exclude_image_id=None):
+    def retrieve(
+        self, class_id: int, feature: torch.Tensor, mask: torch.Tensor, box, exclude_image_id=None
+    ) -> list[BankEntry]:
         """Partners of a query object of `class_id` (mode from the config; module docstring) -> list[BankEntry].
 
         feature (C,g,g) and mask (R,R) of the query (used by "official"), box (4,). Empty when fewer than
@@ -207,7 +211,7 @@ class MemoryBank:
         """
         slots = self.candidates(class_id, exclude_image_id)
         if self.cfg.mode == "random":
-            if len(slots) < self.cfg.min_partners or not slots:
+            if not slots or len(slots) < self.cfg.min_partners:
                 return []
             pick = self._rng.choice(len(slots), size=min(self.cfg.max_partners, len(slots)), replace=False)
             chosen = [slots[i] for i in pick]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from kernels.message_passing import message_passing, neighbour_offsets
 from teacher.config import CRFConfig
-from teacher.crf import crf_energy, meanfield_official, meanfield_soft, loss_ts
+from teacher.crf import colour_potts_kernel, crf_energy, loss_ts, meanfield_official, meanfield_soft, soft_unary
 
 GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 MEANFIELD_CASES = ["A_seed0_32x48", "B_seed0_32x48_iiu", "C_seed1_64x96", "D_rois16_28x28"]
@@ -88,6 +89,26 @@ def test_soft_meanfield_never_increases_free_energy(seed, dilation):
     steps = energies[1:] - energies[:-1]
     assert bool((steps <= 1e-9 * energies[:-1].abs()).all()), steps
     assert bool((energies[-1] < energies[0]).all())
+
+
+def test_parallel_update_can_increase_the_energy_but_the_schedule_does_not():
+    # Column stripes with strong coupling: 6 of 8 neighbours disagree, so the fully parallel update flips every
+    # pixel at once -- same pairwise cost, worse unary, higher F. The colour-class schedule must not do that.
+    h, w = 8, 10
+    fg = torch.where(torch.arange(w) % 2 == 0, 0.8, 0.2).expand(1, 1, h, w)
+    unary = torch.cat([1 - fg, fg], 1).double()
+    image = torch.zeros(1, 3, h, w, dtype=torch.float64)
+    box = torch.ones(1, 1, h, w)
+    cfg = CRFConfig(w1=3.0, zeta=1.0, tol=0.0)
+    theta = soft_unary(unary, None, cfg)
+    q0 = torch.softmax(-theta, 1)
+    kernel = colour_potts_kernel(image, cfg.w1, cfg.zeta)
+    q_parallel = torch.softmax(message_passing(q0, kernel, neighbour_offsets(3)) - theta, 1)
+    e0, e_parallel = crf_energy(q0, unary, image, box, None, cfg), crf_energy(q_parallel, unary, image, box, None, cfg)
+    assert float(e_parallel) > float(e0) + 1.0
+    e_sweep = crf_energy(meanfield_soft(unary, image, box, None, dataclasses.replace(cfg, iters=1)),
+                         unary, image, box, None, cfg)
+    assert float(e_sweep) < float(e0)
 
 
 def _neighbour_messages_bruteforce(q, image, cfg):
