@@ -219,10 +219,11 @@ class MemoryBank:
             if not slots:
                 return []
             queue = self.queues[int(class_id)]
-            if tuple(feature.shape) != tuple(queue.feature.shape[1:]) or tuple(mask.shape) != tuple(queue.mask.shape[1:]):
+            stored = (tuple(queue.feature.shape[1:]), tuple(queue.mask.shape[1:]))
+            if (tuple(feature.shape), tuple(mask.shape)) != stored:
                 raise ValueError(
                     f"MemoryBank.retrieve: query feature {tuple(feature.shape)} / mask {tuple(mask.shape)} do not "
-                    f"match the stored {tuple(queue.feature.shape[1:])} / {tuple(queue.mask.shape[1:])}"
+                    f"match the stored {stored[0]} / {stored[1]}"
                 )
             s = self.official_scores(class_id, feature, mask, box, slots)
             ok = (
