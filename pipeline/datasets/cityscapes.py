@@ -22,7 +22,10 @@ folder simply has no depth. When those folders exist, a missing or malformed dis
 one image is a bad input: lenient mode records a ``Reject`` naming the file and keeps the image without
 depth (its boxes are still good); strict mode raises.
 
-Construction parses jsons and PNG headers only; images and disparity are decoded in ``load_image`` /
+Polygons are filled with OpenCV (``cv2.fillPoly``); Cityscapes' own scripts use PIL, so on real data a
+json-derived mask can differ from the shipped instanceIds PNG by a pixel along its outline.
+
+Construction parses jsons and PNG headers only (about 2975 jsons for the real train split); images and disparity are decoded in ``load_image`` /
 ``load_depth`` (a corrupt image body therefore surfaces there, as an ``InputError`` naming the file).
 """
 from __future__ import annotations
@@ -151,11 +154,11 @@ def load_depth(path: str, baseline: float, fx: float, height: int, width: int) -
 def tight_box(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> Optional[np.ndarray]:
     """(4,) float32 x1, y1, x2, y2 of the True pixels of an (H, W) bool mask (x2, y2 exclusive), shifted
     by ``offset`` (x0, y0); None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
         return None
     x0, y0 = offset
-    return np.array([xs.min() + x0, ys.min() + y0, xs.max() + 1 + x0, ys.max() + 1 + y0], np.float32)
+    return np.array([cols[0] + x0, rows[0] + y0, cols[-1] + 1 + x0, rows[-1] + 1 + y0], np.float32)
 
 
 def group_components(instance_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -166,6 +169,27 @@ def group_components(instance_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
         count, labels = cv2.connectedComponents((instance_ids == value).astype(np.uint8), connectivity=8)
         out.extend((value, labels == k) for k in range(1, count))
     return out
+
+
+def visible_boxes(polygons: list[np.ndarray], targets: list[int], height: int, width: int
+                  ) -> list[Optional[np.ndarray]]:
+    """Tight (4,) float32 box of the pixels of each ``polygons[t]`` (t in ``targets``) that no later
+    polygon covers, in a ``height`` x ``width`` image; None where nothing is visible.
+
+    The polygons are painted on the whole frame, exactly as ``_gt_masks`` paints them (OpenCV clips
+    polygons that leave the canvas in a way that can move a pixel, so a crop would not agree), but each
+    box is searched only within its polygon's bounds: the cost follows the objects' sizes.
+    """
+    first = min(targets)
+    owner = paint_polygons(np.full((height, width), -1, np.int32), polygons[first:],
+                           list(range(first, len(polygons))))
+    boxes = []
+    for t in targets:
+        polygon = polygons[t]
+        x0, y0 = max(int(polygon[:, 0].min()), 0), max(int(polygon[:, 1].min()), 0)
+        x1, y1 = min(int(polygon[:, 0].max()) + 1, width), min(int(polygon[:, 1].max()) + 1, height)
+        boxes.append(tight_box(owner[y0:y1, x0:x1] == t, (x0, y0)) if x1 > x0 and y1 > y0 else None)
+    return boxes
 
 
 @dataclass
@@ -301,16 +325,10 @@ class CityscapesDataset(Dataset):
         parsed = _Parsed([], [], [], [], [], _Annotation("json", where, {}, [], []))
         if not targets:
             return parsed
-        # Only polygons from the first instance/group on can cover one, and only inside their bounds.
-        first = targets[0][0]
-        parsed.annotation.painted = indices[first:]
-        stack = np.concatenate([polygons[t] for t, _, _ in targets])
-        x0, y0 = max(int(stack[:, 0].min()), 0), max(int(stack[:, 1].min()), 0)
-        x1, y1 = min(int(stack[:, 0].max()) + 1, width), min(int(stack[:, 1].max()) + 1, height)
-        owner = np.full((y1 - y0, x1 - x0), -1, np.int32)
-        paint_polygons(owner, polygons[first:], list(range(first, len(polygons))), (x0, y0))
-        for position, kind, value in targets:
-            box = tight_box(owner == position, (x0, y0))
+        # Only polygons from the first instance/group on can cover one.
+        parsed.annotation.painted = indices[targets[0][0]:]
+        boxes = visible_boxes(polygons, [position for position, _, _ in targets], height, width)
+        for (position, kind, value), box in zip(targets, boxes):
             label = data["objects"][indices[position]]["label"]
             if box is None:
                 # A valid json can hold a polygon that later ones cover entirely: nothing to label.

@@ -677,8 +677,10 @@ def ensure_toy(cfg: ToyConfig) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:
+            # Another process renamed its copy into place first: use that one.
             if not (target / "leftImg8bit").is_dir():
-                raise
+                raise InputError(target, "exists but holds no toy dataset; remove it or set "
+                                         "dataset.toy.cache_dir to another folder") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
