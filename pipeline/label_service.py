@@ -36,7 +36,7 @@ import pyarrow as pa
 from .config import Config, DatasetConfig, LabelConfig, RunConfig
 from .datasets.base import Dataset, Sample
 from .errors import InputError, PipelineError
-from .shards import (BOX_PRIOR, SCHEMA, ShardMeta, ShardWriter, correspondence_records, encode_rle,
+from .shards import (SCHEMA, ShardMeta, ShardWriter, check_resumable, correspondence_records, encode_rle,
                      rows_to_table)
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ def label_digest(cfg: Config, teacher_id: str, round_: int) -> str:
     dataset = dataclasses.asdict(cfg.dataset)
     for key in ("root", "strict"):
         dataset.pop(key)
-    if cfg.dataset.name != "toy":
+    if cfg.dataset.name == "toy":
+        dataset["toy"].pop("cache_dir")
+    else:
         dataset.pop("toy")
     teacher = dataclasses.asdict(cfg.teacher)
     teacher.pop("device")
@@ -152,9 +154,12 @@ def label_digest(cfg: Config, teacher_id: str, round_: int) -> str:
 
 # -------------------------------------------------------------------------------------- per image
 
-def label_sample(teacher, sample: Sample, category_names: dict[int, str], round_: int,
-                 teacher_id: str) -> pa.Table:
+def label_sample(teacher, sample: Sample, category_names: dict[int, str], round_: int, teacher_id: str,
+                 samples: Optional[dict[str, Sample]] = None) -> pa.Table:
     """Label one image: its instance rows as a ``SCHEMA`` table (empty when it has no boxes).
+
+    The teacher numbers a partner's instances by position among the boxes it was given; ``samples`` (image
+    id -> Sample) turns that position into the partner's dataset ``instance_id``.
 
     Raises ``InputError`` when the image or depth cannot be read or does not match the annotation size;
     any other exception is a labeling failure of this image.
@@ -182,9 +187,18 @@ def label_sample(teacher, sample: Sample, category_names: dict[int, str], round_
             "category": category_names.get(cid, str(cid)),
             "box": [float(v) for v in sample.boxes[k]], "mask_rle": encode_rle(mask),
             "score": float(np.clip(lab.score, 0.0, 1.0)), "round": round_, "teacher": teacher_id,
-            "correspondences": correspondence_records(getattr(lab, "correspondences", None) or []),
+            "correspondences": _with_instance_ids(
+                correspondence_records(getattr(lab, "correspondences", None) or []), samples or {}),
         })
     return rows_to_table(rows)
+
+
+def _with_instance_ids(records: list[dict], samples: dict[str, Sample]) -> list[dict]:
+    for rec in records:
+        partner = samples.get(rec["partner_image_id"])
+        if partner is not None:
+            rec["partner_instance_id"] = int(partner.instance_ids[rec["partner_instance_id"]])
+    return records
 
 
 def _one_line(exc: BaseException) -> str:
@@ -248,7 +262,8 @@ class LabelWorker:
                 continue
             t0 = time.monotonic()
             try:
-                table = label_sample(self.teacher, sample, self.category_names, self.round, self.teacher_id)
+                table = label_sample(self.teacher, sample, self.category_names, self.round, self.teacher_id,
+                                     self.samples)
             except InputError as exc:
                 out.append({"image_id": image_id, "file": sample.file_name, "reason": str(exc), "stage": "load"})
                 continue
@@ -338,7 +353,8 @@ class LabelService:
     def __init__(self, label_cfg: LabelConfig, out_dir: str | os.PathLike, dataset: Dataset,
                  dataset_factory: Callable[[], Dataset], teacher_factory: Callable[[str], Any],
                  teacher_id: str, config_digest: str, round_: int = 0, device: str = "auto",
-                 overwrite: bool = False, limit: Optional[int] = None, strict: bool = False):
+                 overwrite: bool = False, limit: Optional[int] = None, strict: bool = False,
+                 dataset_name: Optional[str] = None):
         self.cfg = label_cfg
         self.out_dir = Path(out_dir)
         self.dataset = dataset
@@ -351,10 +367,15 @@ class LabelService:
         self.limit = limit
         self.strict = strict
         self.meta = ShardMeta(
-            dataset=dataset.name, split=dataset.split, data_root=str(Path(dataset.root).resolve()),
+            dataset=dataset_name or dataset.name, split=dataset.split, data_root=str(Path(dataset.root).resolve()),
             classes=[{"id": int(c.id), "name": c.name} for c in dataset.categories],
             config_digest=config_digest, teacher=teacher_id, round=round_)
         self.workers: list = []
+
+    def check_out_dir(self) -> None:
+        """Fail before any Ray work when ``out_dir`` holds shards this run must not add to."""
+        if not self.overwrite:
+            check_resumable(self.out_dir, self.meta)
 
     # -- actors
     def _start_workers(self) -> list:

@@ -268,6 +268,27 @@ def iter_shard_tables(out_dir: str | os.PathLike, columns: Optional[list[str]] =
 
 # ---------------------------------------------------------------------------------------------- writer
 
+def check_resumable(out_dir: str | os.PathLike, meta: ShardMeta) -> Optional[dict]:
+    """The manifest of ``out_dir`` (None when there is none) if a run with ``meta`` may add to it;
+    ``PipelineError`` when the directory holds shards of another schema version or config."""
+    if not (Path(out_dir) / MANIFEST).exists():
+        return None
+    manifest = read_manifest(out_dir)
+    old = manifest["meta"]
+    if old.get("schema_version") != SCHEMA_VERSION:
+        raise PipelineError(out_dir, f"holds shards of schema version {old.get('schema_version')!r}, this code "
+                                     f"writes {SCHEMA_VERSION!r}: use another --out, or --overwrite")
+    if (old.get("config_digest"), old.get("dataset"), old.get("split")) != (
+            meta.config_digest, meta.dataset, meta.split):
+        raise PipelineError(
+            out_dir,
+            f"holds shards of another config (dataset {old.get('dataset')}, split {old.get('split')}, "
+            f"teacher {old.get('teacher')}, digest {old.get('config_digest')}); this run has dataset "
+            f"{meta.dataset}, split {meta.split}, teacher {meta.teacher}, digest {meta.config_digest}: "
+            f"use another --out, or --overwrite to delete them and start over")
+    return manifest
+
+
 class ShardWriter:
     """Writes one shard directory: resumes from its manifest, buffers finished images until ``shard_rows``
     rows, writes each shard atomically, records rejects.
@@ -356,19 +377,7 @@ class ShardWriter:
                 path.unlink()
 
     def _resume(self) -> None:
-        manifest = read_manifest(self.out_dir)
-        old = manifest["meta"]
-        if old.get("schema_version") != SCHEMA_VERSION:
-            raise PipelineError(self.out_dir, f"holds shards of schema version {old.get('schema_version')!r}, "
-                                              f"this code writes {SCHEMA_VERSION!r}; use another --out or --overwrite")
-        if (old.get("config_digest"), old.get("dataset"), old.get("split")) != (
-                self.meta.config_digest, self.meta.dataset, self.meta.split):
-            raise PipelineError(
-                self.out_dir,
-                f"holds shards of another config (dataset {old.get('dataset')}, split {old.get('split')}, "
-                f"teacher {old.get('teacher')}, digest {old.get('config_digest')}); this run has dataset "
-                f"{self.meta.dataset}, split {self.meta.split}, teacher {self.meta.teacher}, digest "
-                f"{self.meta.config_digest}: use another --out, or --overwrite to delete them and start over")
+        manifest = check_resumable(self.out_dir, self.meta)
         for raw in manifest["shards"]:
             entry = ShardEntry(**raw)
             path = self.out_dir / entry.file

@@ -130,41 +130,60 @@ def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
                                                "stage": "dataset"}]
 
 
-def test_driver_killed_mid_run_then_resumed(cluster, tmp_path):
-    root = labelkit.write_folder_dataset(tmp_path / "data", n=24)
+def cli(out, address, *extra):
+    """``pipeline label`` on a tiny toy dataset with the real box-prior teacher (few CRF / refine steps)."""
+    return [sys.executable, "-m", "pipeline.cli", "label", "--dataset", "toy", "--out", str(out),
+            "--address", address, "--workers", "2", "--config", str(REPO / "configs" / "toy.yaml"),
+            "--set", "dataset.toy.size=96x192", "--set", "dataset.toy.train=6", "--set", "dataset.toy.val=0",
+            "--set", "teacher.crf.iters=2", "--set", "teacher.refine.steps=2", "--set", "label.batch_images=1",
+            "--set", "label.shard_rows=1", *extra]
+
+
+def test_driver_killed_mid_run_then_resumed_with_the_box_prior_teacher(cluster, tmp_path):
     out = tmp_path / "out"
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), root=str(root), out=str(out),
-                                    address=cluster))
-    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+    env = {**os.environ, "BOXMASK_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(cli(out, cluster), start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "_manifest.json").exists() and len(read_manifest(out)["shards"]) >= 2:
                 break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)         # the driver and anything it started; Ray's own processes
+        proc.wait()                                 # belong to the test's cluster and live on
     done_before = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
-    assert 0 < len(done_before) < 24
-    summary = service(out, root).run()
-    assert summary.images_skipped == len(done_before)
-    assert summary.images_labeled == 24 - len(done_before)
-    assert_exactly_once(out, labelkit.FolderDataset(str(root)))
+    assert 2 <= len(done_before) < 6
 
+    # A different config must not be mixed into these shards.
+    bad = subprocess.run(cli(out, cluster, "--set", "teacher.crf.iters=3"), env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "holds shards of another config" in bad.stderr and "--overwrite" in bad.stderr
 
-DRIVER = """
-import sys
-sys.path.insert(0, {tests!r})
-import ray, labelkit
-from pipeline.config import LabelConfig, RunConfig
-from pipeline.label_service import LabelService, init_ray
-ray.cloudpickle.register_pickle_by_value(labelkit)
-init_ray(RunConfig(), address={address!r})
-cfg = LabelConfig(workers=2, batch_images=1, shard_rows=2)
-LabelService(cfg, {out!r}, labelkit.FolderDataset({root!r}), labelkit.FolderFactory({root!r}),
-             labelkit.BoxLabelerFactory(delay=0.3), teacher_id="box-prior", config_digest="t1").run()
-"""
+    again = subprocess.run(cli(out, cluster), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {len(done_before)} images already finished" in again.stdout
+    assert f"labeled {6 - len(done_before)} images" in again.stdout
+
+    from pipeline.datasets.cityscapes import CityscapesDataset
+
+    manifest = read_manifest(out)
+    assert Path(manifest["meta"]["data_root"]).parent == tmp_path / "cache"
+    dataset = CityscapesDataset(manifest["meta"]["data_root"], "train")
+    listed = collections.Counter(i for s in manifest["shards"] for i in s["image_ids"])
+    assert set(listed) == {s.image_id for s in dataset} and set(listed.values()) == {1}
+    rows = all_rows(out)
+    keys = collections.Counter((r["image_id"], r["instance_id"]) for r in rows)
+    assert set(keys.values()) == {1}
+    assert set(keys) == {(s.image_id, int(k)) for s in dataset for k in s.instance_ids}
+    assert {r["teacher"] for r in rows} == {"box-prior"} and {r["round"] for r in rows} == {0}
+    assert manifest["meta"]["dataset"] == "toy" and not read_rejects(out)
+    by_id = {s.image_id: s for s in dataset}
+    for r in rows:
+        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
+        x1, y1, x2, y2 = by_id[r["image_id"]].boxes[r["instance_id"]]
+        outside = np.ones_like(mask)
+        outside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = False
+        assert not (mask & outside).any()                # teacher masks stay inside their box
+        assert 0.0 <= r["score"] <= 1.0

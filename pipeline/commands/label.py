@@ -51,14 +51,19 @@ def run(args: argparse.Namespace) -> int:
     dataset = DatasetFactory(cfg.dataset)()
     log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
              len(dataset.categories), len(dataset.rejects))
-    # Workers read the dataset from the root the driver found (it may come from an environment variable
-    # a remote worker does not have); the toy dataset is regenerated identically from its config.
-    worker_cfg = cfg.dataset if cfg.dataset.name == "toy" else dataclasses.replace(cfg.dataset, root=str(dataset.root))
+    # Workers read the dataset from the folder the driver found: it may come from an environment variable
+    # (or, for toy, a cache location) that a worker process does not see.
+    if cfg.dataset.name == "toy":
+        worker_cfg = dataclasses.replace(cfg.dataset, toy=dataclasses.replace(cfg.dataset.toy,
+                                                                              cache_dir=str(dataset.root)))
+    else:
+        worker_cfg = dataclasses.replace(cfg.dataset, root=str(dataset.root))
     service = LabelService(cfg.label, args.out, dataset, DatasetFactory(worker_cfg),
                            TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
                            label_digest(cfg, teacher_id, args.round), round_=args.round,
                            device=cfg.teacher.device, overwrite=args.overwrite, limit=args.limit,
-                           strict=cfg.dataset.strict)
+                           strict=cfg.dataset.strict, dataset_name=cfg.dataset.name)
+    service.check_out_dir()
     url = init_ray(cfg.run, args.address)
     print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
     bar = None
