@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,17 +35,43 @@ def build_root() -> Path:
     return cache / "boxmask" / "torch_extensions" / tag
 
 
+def _nvcc_library_dirs(cuda_home: str | None) -> list[str]:
+    """Where nvcc itself links libcudart from, asked from `nvcc -dryrun`.
+
+    torch links with -L$CUDA_HOME/lib64, and guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper
+    script outside the toolkit (e.g. /usr/local/bin/nvcc), the guess has no libcudart and the link fails.
+    """
+    if not cuda_home:
+        return []
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        dry = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    dirs = []
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if "LIBRARIES=" in line:
+            dirs += [os.path.normpath(tok[2:]) for tok in shlex.split(line.split("LIBRARIES=", 1)[1]) if tok.startswith("-L")]
+    return [d for d in dirs if any(Path(d).glob("libcudart.so*"))]
+
+
 def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
     """Compile (or reuse the cached build of) one extension and import it; raises when the build fails."""
     from torch.utils import cpp_extension
 
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    ldflags = ["-fopenmp"]
+    if cuda:
+        ldflags += [f"-L{d}" for d in _nvcc_library_dirs(cpp_extension.CUDA_HOME)]
     return cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
         extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=ldflags,
         extra_cuda_cflags=["-O3"] if cuda else None,
         with_cuda=cuda,
         build_directory=str(build_dir),
@@ -51,15 +79,36 @@ def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
     )
 
 
-def _load_or_warn(name: str, sources: list[Path], cuda: bool) -> ModuleType | None:
+def _first_error_line(exc: BaseException) -> str:
+    """The most telling line of a build failure: the first compiler 'error' line, else the message's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    hits = [line for line in lines[1:] if "error" in line.lower()]
+    line = (hits or lines or [type(exc).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def build_cpu() -> ModuleType:
+    """Compile (or reuse) the C++/OpenMP message-passing extension; raises when it cannot be built."""
+    return _build(CPU_MODULE, [CSRC / "message_passing_cpu.cpp"], cuda=False)
+
+
+def build_cuda() -> ModuleType:
+    """Compile (or reuse) the CUDA message-passing extension; raises when it cannot be built (no nvcc...).
+
+    Without a visible GPU, torch compiles for every architecture it knows unless TORCH_CUDA_ARCH_LIST is set.
+    """
+    return _build(CUDA_MODULE, [CSRC / "message_passing_cuda.cpp", CSRC / "message_passing_cuda.cu"], cuda=True)
+
+
+def _load_or_warn(name: str, build) -> ModuleType | None:
     try:
-        return _build(name, sources, cuda)
+        return build()
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the reference"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(
-            f"kernels: cannot build the {name} extension ({reason}); using the PyTorch reference instead",
+            f"kernels: cannot build the {name} extension ({_first_error_line(exc)}); "
+            "using the PyTorch reference instead",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
 
@@ -67,12 +116,10 @@ def _load_or_warn(name: str, sources: list[Path], cuda: bool) -> ModuleType | No
 @functools.cache
 def load_cpu() -> ModuleType | None:
     """The C++/OpenMP message-passing module, or None (after one warning) when it cannot be built."""
-    return _load_or_warn(CPU_MODULE, [CSRC / "message_passing_cpu.cpp"], cuda=False)
+    return _load_or_warn(CPU_MODULE, build_cpu)
 
 
 @functools.cache
 def load_cuda() -> ModuleType | None:
     """The CUDA message-passing module, or None (after one warning) when it cannot be built."""
-    return _load_or_warn(
-        CUDA_MODULE, [CSRC / "message_passing_cuda.cpp", CSRC / "message_passing_cuda.cu"], cuda=True
-    )
+    return _load_or_warn(CUDA_MODULE, build_cuda)

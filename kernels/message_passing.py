@@ -18,6 +18,7 @@ import torch
 from kernels import extension
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
+MAX_CUDA_OFFSETS = 64  # kMaxOffsets in csrc/message_passing_cuda.cu
 
 
 def neighbour_offsets(size: int = 3, dilation: int = 1, centre: bool = False) -> tuple[tuple[int, int], ...]:
@@ -68,6 +69,10 @@ def _check_inputs(q: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple
         raise ValueError(f"message_passing: backend 'cpu' needs CPU tensors, got {q.device}")
     if backend == "cuda" and q.device.type != "cuda":
         raise ValueError(f"message_passing: backend 'cuda' needs CUDA tensors, got {q.device}")
+    if len(offsets) > MAX_CUDA_OFFSETS and q.device.type == "cuda" and backend != "reference":
+        raise ValueError(
+            f"message_passing: the CUDA backend takes at most {MAX_CUDA_OFFSETS} offsets, got {len(offsets)}"
+        )
 
 
 def _valid_range(d: int, n: int) -> tuple[int, int]:

@@ -1,0 +1,183 @@
+"""Message passing: offsets, the three backends against each other and a per-pixel loop, autograd of the reference,
+the no-compiler fallback, and the CUDA extension build."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from kernels import extension
+from kernels.message_passing import message_passing, message_passing_reference, neighbour_offsets
+
+
+def brute_force(q: torch.Tensor, kernel: torch.Tensor, offsets) -> torch.Tensor:
+    B, L, H, W = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        kb = kernel[b if kernel.shape[0] > 1 else 0]
+        for l in range(L):
+            for y in range(H):
+                for x in range(W):
+                    acc = 0.0
+                    for k, (dy, dx) in enumerate(offsets):
+                        yy, xx = y + dy, x + dx
+                        if 0 <= yy < H and 0 <= xx < W:
+                            acc += float(kb[k, y, x]) * float(q[b, l, yy, xx])
+                    out[b, l, y, x] = acc
+    return out
+
+
+def random_problem(B, L, H, W, K, broadcast, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, L, H, W, generator=g, dtype=torch.float64).to(dtype)
+    kernel = torch.rand(1 if broadcast else B, K, H, W, generator=g, dtype=torch.float64).to(dtype)
+    return q, kernel
+
+
+def test_neighbour_offsets_follow_unfold_order():
+    assert neighbour_offsets(3, 2) == ((-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0), (2, 2))
+    with_centre = neighbour_offsets(3, 1, centre=True)
+    assert len(with_centre) == 9 and with_centre[4] == (0, 0)
+    # F.unfold's patch order, read off directly from an index image.
+    H, W, d = 7, 8, 2
+    idx = torch.arange(H * W, dtype=torch.float64).reshape(1, 1, H, W)
+    cols = torch.nn.functional.unfold(idx, 3, dilation=d, padding=d).reshape(9, H, W)
+    for k, (dy, dx) in enumerate(neighbour_offsets(3, d, centre=True)):
+        assert int(cols[k, 3, 3]) == (3 + dy) * W + (3 + dx)
+    assert len(neighbour_offsets(5, 1)) == 24
+
+
+@pytest.mark.parametrize("size,dilation", [(2, 1), (0, 1), (3, 0), (3, 1.5), (True, 1)])
+def test_neighbour_offsets_rejects_bad_arguments(size, dilation):
+    with pytest.raises(ValueError, match="neighbour_offsets"):
+        neighbour_offsets(size, dilation)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_reference_and_cpu_match_per_pixel_loop(dilation, centre):
+    offsets = neighbour_offsets(3, dilation, centre)
+    q, kernel = random_problem(2, 2, 5, 6, len(offsets), broadcast=False, dtype=torch.float64, seed=dilation)
+    expected = brute_force(q, kernel, offsets)
+    torch.testing.assert_close(message_passing(q, kernel, offsets, backend="reference"), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(message_passing(q, kernel, offsets, backend="cpu"), expected, rtol=1e-12, atol=1e-12)
+
+
+CASES = [
+    # B, L, H, W, dilation, centre, broadcast
+    (1, 1, 1, 1, 1, False, False),
+    (3, 2, 1, 7, 2, False, True),  # H smaller than the dilation
+    (2, 2, 9, 1, 2, True, False),  # W smaller than the dilation
+    (2, 3, 2, 2, 2, False, False),  # every neighbour outside the image
+    (4, 2, 13, 17, 1, True, True),
+    (5, 2, 16, 31, 2, False, False),
+    (2, 1, 33, 40, 1, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,L,H,W,dilation,centre,broadcast", CASES)
+def test_cpu_backend_agrees_with_reference(B, L, H, W, dilation, centre, broadcast, dtype):
+    offsets = neighbour_offsets(3, dilation, centre)
+    q, kernel = random_problem(B, L, H, W, len(offsets), broadcast, dtype, seed=B * 100 + H)
+    ref = message_passing(q, kernel, offsets, backend="reference")
+    fast = message_passing(q, kernel, offsets, backend="cpu")
+    assert fast.dtype == dtype and fast.shape == (B, L, H, W)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(message_passing(q, kernel, offsets), fast, rtol=0, atol=0)  # auto on CPU = cpu
+
+
+def test_cpu_backend_handles_non_contiguous_inputs_and_arbitrary_offsets():
+    offsets = ((0, 3), (-1, -4), (2, 0))
+    q, kernel = random_problem(3, 2, 6, 9, len(offsets), broadcast=False, dtype=torch.float32)
+    q_t = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not q_t.is_contiguous()
+    torch.testing.assert_close(
+        message_passing(q_t, kernel, offsets, backend="cpu"), brute_force(q, kernel, offsets), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,L,H,W,dilation,centre,broadcast", CASES)
+def test_cuda_backend_agrees_with_reference(B, L, H, W, dilation, centre, broadcast, dtype):
+    offsets = neighbour_offsets(3, dilation, centre)
+    q, kernel = random_problem(B, L, H, W, len(offsets), broadcast, dtype, seed=B * 100 + H)
+    ref = message_passing(q, kernel, offsets, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent fallback to the reference would make this test vacuous
+        fast = message_passing(q.cuda(), kernel.cuda(), offsets)
+    assert fast.is_cuda and fast.dtype == dtype
+    torch.testing.assert_close(fast.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_differentiable():
+    offsets = neighbour_offsets(3, 2)
+    q, kernel = random_problem(2, 2, 5, 6, len(offsets), broadcast=True, dtype=torch.float64)
+    q.requires_grad_(True)
+    kernel.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, k: message_passing_reference(a, k, offsets), (q, kernel))
+    # "auto" routes tensors that need gradients to the reference.
+    message_passing(q, kernel, offsets).sum().backward()
+    assert q.grad is not None and kernel.grad is not None
+
+
+def test_fallback_without_compiler_warns_once_and_stays_correct(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions\nerror: g++: command not found")
+
+    monkeypatch.setattr(extension, "build_cpu", no_compiler)
+    extension.load_cpu.cache_clear()
+    try:
+        offsets = neighbour_offsets(3, 1)
+        q, kernel = random_problem(2, 2, 6, 7, len(offsets), broadcast=False, dtype=torch.float32)
+        with pytest.warns(RuntimeWarning, match="cannot build .*g\\+\\+: command not found.*reference") as record:
+            first = message_passing(q, kernel, offsets, backend="cpu")
+            second = message_passing(q, kernel, offsets)
+        assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+        expected = brute_force(q, kernel, offsets)
+        torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        extension.load_cpu.cache_clear()
+
+
+def test_bad_input_is_rejected_with_clear_messages():
+    offsets = neighbour_offsets(3, 1)
+    q, kernel = random_problem(2, 2, 4, 5, 8, broadcast=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q must be a \\(B,L,H,W\\)"):
+        message_passing(q[0], kernel, offsets)
+    with pytest.raises(ValueError, match="kernel shape"):
+        message_passing(q, kernel[:, :, :3], offsets)
+    with pytest.raises(ValueError, match="kernel shape"):
+        message_passing(q, torch.cat([kernel, kernel]), offsets)
+    with pytest.raises(ValueError, match="8 channels but 9 offsets"):
+        message_passing(q, kernel, neighbour_offsets(3, 1, centre=True))
+    with pytest.raises(ValueError, match="dtype"):
+        message_passing(q.double(), kernel, offsets)
+    with pytest.raises(ValueError, match="dtype"):
+        message_passing(q.half(), kernel.half(), offsets)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        message_passing(q, kernel, offsets, backend="gpu")
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        message_passing(q, kernel, offsets, backend="cuda")
+
+
+@pytest.mark.nvcc
+def test_cuda_extension_compiles(monkeypatch):
+    """The CUDA source builds and exposes `message_passing` (compiling is the check on machines without a GPU).
+
+    Cached in the per-user build directory, so only the first run (or a source change) pays the ~1-3 min build.
+    """
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        pytest.skip("nvcc / CUDA toolkit not found")
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # otherwise torch builds for every architecture it knows
+    module = extension.build_cuda()
+    assert callable(module.message_passing)
