@@ -337,6 +337,7 @@ class LabelSummary:
     rejects: int = 0                  # images rejected by this run
     shards: int = 0                   # shards written by this run
     seconds: float = 0.0
+    labeling_seconds: float = 0.0     # from all workers ready to the last result (no startup)
     worker_stats: list[dict] = field(default_factory=list)
     driver_peak_rss_mib: float = 0.0
 
@@ -465,7 +466,9 @@ class LabelService:
             if todo:
                 self._start_workers()
                 try:
+                    t_ready = time.monotonic()
                     self._schedule(todo, writer, summary, progress)
+                    summary.labeling_seconds = time.monotonic() - t_ready
                     writer.flush()
                 finally:
                     summary.worker_stats = self._stop_workers()

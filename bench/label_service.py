@@ -1,0 +1,102 @@
+"""Benchmark: label-service throughput with 1 and 2 Ray label workers (box-prior teacher, toy data).
+
+Generates a dozen toy images at Cityscapes resolution (1024x2048) into the toy cache, starts one local Ray
+cluster and runs ``LabelService`` over them once per worker count, each into a fresh shard directory.
+Throughput counts labeling time only (from all workers ready to the last result; actor start-up is left
+out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). Peak resident memory is
+``ru_maxrss`` of the driver (whole script) and of each worker process.
+
+Each worker has its own memory bank, so with 2 workers each bank sees half the images: the per-image work
+is not identical between the two runs (fewer bank partners early on), which the table's instances column
+lets you judge.
+
+Prints a table and ends with one JSON line:
+{"images_per_s_1", "images_per_s_2", "scaling", "idle_fraction_1", "idle_fraction_2",
+ "driver_peak_rss_mib", "worker_peak_rss_mib", ...}.
+
+Run: .venv/bin/python bench/label_service.py [--images 12] [--size 1024x2048] [--set teacher.crf.iters=5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, bench/ is first on sys.path and its scripts (e.g. bench/teacher.py) would shadow the packages.
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipeline.config import config_path_for, load_config  # noqa: E402
+from pipeline.label_service import (DatasetFactory, LabelService, TeacherFactory, init_ray,  # noqa: E402
+                                    label_digest)
+from pipeline.shards import BOX_PRIOR  # noqa: E402
+
+
+def run_once(cfg, workers: int, out: Path) -> dict:
+    cfg.label.workers = workers
+    dataset = DatasetFactory(cfg.dataset)()
+    service = LabelService(cfg.label, out, dataset, DatasetFactory(cfg.dataset),
+                           TeacherFactory(cfg.teacher, None), BOX_PRIOR, label_digest(cfg, BOX_PRIOR, 0),
+                           device=cfg.teacher.device, dataset_name=cfg.dataset.name)
+    t0 = time.monotonic()
+    summary = service.run()
+    wall = time.monotonic() - t0
+    busy = [w["busy_s"] for w in summary.worker_stats]
+    label_s = summary.labeling_seconds
+    return {
+        "workers": workers, "images": summary.images_labeled, "instances": summary.instances,
+        "rejects": summary.rejects, "wall_s": wall, "labeling_s": label_s,
+        "images_per_s": summary.images_labeled / label_s if label_s > 0 else 0.0,
+        "idle_fraction": (sum(max(0.0, 1 - b / label_s) for b in busy) / len(busy)) if busy and label_s else 0.0,
+        "worker_peak_rss_mib": max((w["peak_rss_mib"] for w in summary.worker_stats), default=0.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=12, help="toy training images (default: 12)")
+    parser.add_argument("--size", default="1024x2048", help="toy image size HxW (default: 1024x2048)")
+    parser.add_argument("--workers", default="1,2", help="worker counts to compare (default: 1,2)")
+    parser.add_argument("--batch-images", type=int, default=1, help="images per batch (default: 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, e.g. --set teacher.crf.iters=5")
+    args = parser.parse_args()
+    cfg = load_config(config_path_for("toy"), [
+        f"dataset.toy.train={args.images}", "dataset.toy.val=0", f"dataset.toy.size={args.size}",
+        f"label.batch_images={args.batch_images}", "label.shard_rows=100000", *args.overrides])
+    counts = [int(w) for w in args.workers.split(",")]
+    dataset = DatasetFactory(cfg.dataset)()       # generate the toy data before any timing
+    print(f"toy: {len(dataset)} images at {args.size} in {dataset.root}", flush=True)
+    url = init_ray(cfg.run)
+    print(f"Ray dashboard: {url}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
+        for w in counts:
+            results.append(run_once(cfg, w, Path(tmp) / f"w{w}"))
+            print(f"  {w} worker(s): {results[-1]['images_per_s']:.3f} images/s", flush=True)
+    driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"\n{'workers':>7} {'images':>6} {'inst':>5} {'label s':>8} {'wall s':>7} {'img/s':>7} {'idle':>6} "
+          f"{'worker RSS MiB':>14}")
+    for r in results:
+        print(f"{r['workers']:>7} {r['images']:>6} {r['instances']:>5} {r['labeling_s']:>8.1f} {r['wall_s']:>7.1f} "
+              f"{r['images_per_s']:>7.3f} {r['idle_fraction']:>6.1%} {r['worker_peak_rss_mib']:>14.0f}")
+    print(f"driver peak RSS: {driver_rss:.0f} MiB (whole script)")
+    by = {r["workers"]: r for r in results}
+    out = {"images": len(dataset), "size": args.size, "driver_peak_rss_mib": round(driver_rss, 1),
+           "worker_peak_rss_mib": round(max(r["worker_peak_rss_mib"] for r in results), 1)}
+    for w, r in by.items():
+        out[f"images_per_s_{w}"] = round(r["images_per_s"], 4)
+        out[f"idle_fraction_{w}"] = round(r["idle_fraction"], 4)
+        out[f"instances_{w}"] = r["instances"]
+    if 1 in by and 2 in by and by[1]["images_per_s"] > 0:
+        out["scaling"] = round(by[2]["images_per_s"] / by[1]["images_per_s"], 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
