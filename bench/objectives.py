@@ -6,20 +6,31 @@ built from a synthetic scene. Prints a table and ends with one JSON line:
 {"speedup": unfold_time / ours_time, "max_abs_diff": largest |difference| in loss or gradient, ...}.
 
 Run: .venv/bin/python bench/objectives.py [--repeats 10] [--device cpu] [--threads N]
+
+Figures seen on the shared 2-core dev machine (load ~7, so noisy): --threads 1: unfold 4484 ms, ours 53.5 ms
+(84x); default 2 threads: 6-11x (thread contention inflates both). Results agree to 7e-12 (float32), 2e-16 (float64).
+Most of the gain is from evaluating only each instance's edge region (here ~5% of the image per instance);
+the rest from one evaluation per unordered pixel pair and the closed-form gradient.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from teacher.affinity import asymmetric_affinity_loss, box_bitmasks, color_edges, depth_edges
-from teacher.color import image_color_similarity
-from teacher.config import ObjectiveConfig
+# Run as a script, bench/ is first on sys.path and its scripts (e.g. bench/teacher.py) would shadow the packages.
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from teacher.affinity import asymmetric_affinity_loss, box_bitmasks, color_edges, depth_edges  # noqa: E402
+from teacher.color import image_color_similarity  # noqa: E402
+from teacher.config import ObjectiveConfig  # noqa: E402
 
 
 def unfold_affinity_loss(mask_logits: torch.Tensor, edges: torch.Tensor, delta: float, gamma: float,
