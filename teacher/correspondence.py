@@ -164,7 +164,7 @@ def T_reweighted(T: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
 def superres_T(T: torch.Tensor, size: int) -> torch.Tensor:
     """DiscoBox ``superres_T``: bilinear (align_corners=False) upsampling of both grid axes of T to size x size.
 
-    T (K, g*g, g*g) -> (K, size^2, size^2), scaled by g^2 / size^2 so each row keeps its mass.
+    T (K, g*g, g*g) -> (K, size^2, size^2), scaled by g^2 / size^2 (rows keep roughly their mass).
     """
     k, n, _ = T.shape
     g = _grid_side(n, "superres_T")
@@ -174,14 +174,26 @@ def superres_T(T: torch.Tensor, size: int) -> torch.Tensor:
     return up.reshape(k, size * size, size * size).transpose(1, 2) * (n / (size * size))
 
 
+def _interpolation_matrix(g: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """(size^2, g^2) matrix U with U @ vec(x) == vec(bilinear(x, size, align_corners=False)) for x (g,g)."""
+    eye = torch.eye(g, dtype=like.dtype, device=like.device)[:, None, :]
+    a = F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0, :].T
+    return torch.kron(a, a)
+
+
 def cross_image_unary(plan: torch.Tensor, q_mask: torch.Tensor, k_masks: torch.Tensor) -> torch.Tensor:
     """Cross-image [bg, fg] support of each query pixel, from the partners' masks through the correspondence.
 
     plan (K, g*g, g*g) row-stochastic transfer (`Correspondence.transfer`), q_mask (R,R) and k_masks (K,R,R) soft
-    masks in [0, 1]. As released: T_sr = superres_T(plan, R);
-      fg = mean_k (T_sr * [q_i k_j > 0.5]) @ clamp(k, 0.1, 0.9),
-      bg = mean_k (T_sr * [(1-q_i)(1-k_j) > 0.5]) @ clamp(1 - k, 0.1, 0.9).
-    Returns (2,R,R) [bg, fg]. Partners are processed one at a time so memory stays at R^4 floats.
+    masks in [0, 1]. As released, with T_sr = superres_T(plan, R):
+      fg_i = mean_k sum_j T_sr(i,j) [q_i k_j > 0.5] clamp(k_j, 0.1, 0.9),
+      bg_i = the same with 1 - q, 1 - k.
+    Returns (2,R,R) [bg, fg].
+
+    Computed without the R^2 x R^2 volume: T_sr = (g^2/R^2) U T U^T with U the bilinear interpolation matrix, and
+    [q_i k_j > 0.5] = [k_j > 0.5 / q_i] keeps, for each row i, the partner pixels above a threshold. With the
+    partner pixels sorted by k, that is a suffix, so fg_i = (U_i T) . S(m_i) where S holds the suffix sums of
+    clamp(k_j) U_j^T: O(R^2 g^2) per partner instead of O(R^4).
     """
     if plan.dim() != 3 or k_masks.dim() != 3 or q_mask.dim() != 2 or plan.shape[0] != k_masks.shape[0]:
         raise ValueError(
@@ -190,17 +202,22 @@ def cross_image_unary(plan: torch.Tensor, q_mask: torch.Tensor, k_masks: torch.T
         )
     r = q_mask.shape[0]
     if q_mask.shape != (r, r) or k_masks.shape[1:] != (r, r):
-        raise ValueError(f"cross_image_unary: masks must be square and equal, got {tuple(q_mask.shape)}, "
-                         f"{tuple(k_masks.shape)}")
-    q = q_mask.reshape(-1, 1).to(plan.dtype)
-    fg = plan.new_zeros(r * r)
-    bg = plan.new_zeros(r * r)
-    for t, k in zip(plan, k_masks.to(plan.dtype)):
-        t_sr = superres_T(t[None], r)[0]
-        k = k.reshape(1, -1)
-        fg += (t_sr * ((q * k) > 0.5)) @ k.clamp(0.1, 0.9)[0]
-        bg += (t_sr * (((1 - q) * (1 - k)) > 0.5)) @ (1 - k).clamp(0.1, 0.9)[0]
-    return torch.stack([bg, fg]).reshape(2, r, r) / plan.shape[0]
+        raise ValueError(
+            f"cross_image_unary: masks must be square and equal, got {tuple(q_mask.shape)}, {tuple(k_masks.shape)}"
+        )
+    n = plan.shape[1]
+    up = _interpolation_matrix(_grid_side(n, "cross_image_unary"), r, plan)
+    q = q_mask.reshape(-1).to(plan.dtype)
+    out = plan.new_zeros(2, r * r)
+    for t, k in zip(plan, k_masks.to(plan.dtype).reshape(plan.shape[0], -1)):
+        rows_t = up @ t * (n / (r * r))                                   # (R^2, g^2): rows of U T, scaled
+        for label, (qq, kk) in enumerate(((1 - q, 1 - k), (q, k))):
+            k_sorted, order = torch.sort(kk)
+            weighted = up[order] * kk[order].clamp(0.1, 0.9)[:, None]     # (R^2, g^2)
+            suffix = torch.cat([weighted.flip(0).cumsum(0).flip(0), weighted.new_zeros(1, n)])
+            first = torch.searchsorted(k_sorted, 0.5 / qq.clamp_min(1e-12), right=True)
+            out[label] += (rows_t * suffix[first]).sum(1)
+    return out.reshape(2, r, r) / plan.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from teacher.correspondence import (
     official_solve,
     pass_message,
     relu_and_l2_norm_feat,
+    superres_T,
 )
 
 GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
@@ -100,6 +101,25 @@ def test_appearance_ot_retries_with_doubled_epsilon(monkeypatch):
     monkeypatch.setattr(corr, "sinkhorn_official", lambda c, a, b, reg=0.05, iters=100: c.new_full(c.shape, np.nan))
     with pytest.raises(ValueError, match="NaN"):
         appearance_similarityOT(m, m, sim)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_cross_image_unary_equals_the_superres_formula(hard):
+    gen = torch.Generator().manual_seed(7)
+    k, g, r = 3, 5, 12
+    T = torch.rand(k, g * g, g * g, generator=gen, dtype=torch.float64)
+    T = T / T.sum(2, keepdim=True)
+    q = torch.rand(r, r, generator=gen, dtype=torch.float64)
+    km = torch.rand(k, r, r, generator=gen, dtype=torch.float64)
+    if hard:   # binary masks and values on the thresholds' edges
+        q, km = (q > 0.5).double(), torch.where(km > 0.6, 1.0, torch.where(km > 0.3, 0.5, 0.0)).double()
+    t_sr = superres_T(T, r)
+    qf, kf = q.reshape(1, -1, 1), km.reshape(k, 1, -1)
+    fg = ((t_sr * ((qf * kf) > 0.5)) @ km.reshape(k, -1, 1).clamp(0.1, 0.9)).mean(0).reshape(r, r)
+    bg = ((t_sr * (((1 - qf) * (1 - kf)) > 0.5)) @ (1 - km).reshape(k, -1, 1).clamp(0.1, 0.9)).mean(0).reshape(r, r)
+    out = cross_image_unary(T, q, km)
+    torch.testing.assert_close(out[1], fg, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[0], bg, rtol=1e-10, atol=1e-12)
 
 
 def test_geometric_term_equals_the_literal_sum():

@@ -145,3 +145,7 @@ def test_bad_input_is_rejected():
         bank.push(0, feat, mask, [0, 0, 40], "a", 1)
     with pytest.raises(ValueError, match="feature"):
         bank.push(0, feat[0], mask, box, "a", 1)
+    official = MemoryBank(BankConfig(mode="official", min_partners=1))
+    official.push(0, feat, mask, box, "a", 0)
+    with pytest.raises(ValueError, match="do not match the stored"):
+        official.retrieve(0, feat, mask[:4, :4], box)
