@@ -1,0 +1,172 @@
+"""Sinkhorn: DiscoBox / POT goldens, marginals, small epsilon, POT on random problems, per-pair bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.sinkhorn import sinkhorn, sinkhorn_official
+
+GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
+
+
+def golden(name: str):
+    path = GOLDENS / f"{name}.npz"
+    if not path.exists():
+        pytest.skip(f"golden {path.name} not found beside the checkout")
+    return np.load(path)
+
+
+def random_problem(B, n, m, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    a = a / a.sum(-1, keepdim=True) * 2.0  # arbitrary (non-unit) total mass
+    b = b / b.sum(-1, keepdim=True) * 2.0
+    return cost.to(dtype), a.to(dtype), b.to(dtype)
+
+
+def plan_violation(plan, a, b):
+    return (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
+
+
+@pytest.mark.parametrize("name", ["discobox_sinkhorn_n49_b5", "discobox_sinkhorn_n196_b2"])
+def test_official_matches_discobox_and_pot_goldens(name):
+    z = golden(name)
+    sim, mu, nu = (torch.from_numpy(z[k]) for k in ("sim", "mu", "nu"))
+    # appearance_similarityOT's cost and marginals, in float32 as the reference computes them
+    cost = 1 - sim.clamp(0.3, 0.7)
+    m0, m1 = (torch.from_numpy(z[k]).clamp(0.3, 0.7) for k in ("m0", "m1"))
+    torch.testing.assert_close(m0 / m0.sum(-1, keepdim=True), mu, rtol=0, atol=0)
+    torch.testing.assert_close(m1 / m1.sum(-1, keepdim=True), nu, rtol=0, atol=0)
+
+    t32 = sinkhorn_official(cost, mu, nu, reg=0.05)
+    torch.testing.assert_close(t32, torch.from_numpy(z["T_ref_f32"]), rtol=1e-5, atol=1e-9)
+    t64 = sinkhorn_official(cost.double(), mu.double(), nu.double(), reg=0.05)
+    torch.testing.assert_close(t64, torch.from_numpy(z["T_ref_f64"]), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(t64, torch.from_numpy(z["T_pot_f64"]), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(t32.double(), torch.from_numpy(z["T_ref_f64"]), rtol=1e-4, atol=1e-6)
+
+    # The convergent solver runs the same iteration: capped at 100 iterations it lands on the same plan.
+    capped = sinkhorn(cost.double(), mu.double(), nu.double(), epsilon=0.05, tol=0.0, max_iter=100)
+    assert capped.iters.tolist() == [100] * cost.shape[0]
+    torch.testing.assert_close(capped.plan, torch.from_numpy(z["T_ref_f64"]), rtol=1e-9, atol=1e-15)
+    converged = sinkhorn(cost, mu, nu, epsilon=0.05, tol=1e-6)
+    assert bool((converged.err <= 1e-6).all()) and bool((converged.iters < 1000).all())
+    torch.testing.assert_close(converged.plan.double(), torch.from_numpy(z["T_ref_f64"]), rtol=1e-3, atol=1e-6)
+
+
+def test_rectangular_golden_including_converged_pot_plan():
+    z = golden("discobox_sinkhorn_rect30x45")
+    cost, a, b = (torch.from_numpy(z[k]) for k in ("cost", "a", "b"))
+    reg = 0.1
+    torch.testing.assert_close(sinkhorn_official(cost, a, b, reg), torch.from_numpy(z["T_ref_f64"]), rtol=1e-9, atol=0)
+    torch.testing.assert_close(sinkhorn_official(cost, a, b, reg), torch.from_numpy(z["T_pot_f64"]), rtol=1e-9, atol=0)
+    t32 = sinkhorn_official(cost.float(), a.float(), b.float(), reg)
+    torch.testing.assert_close(t32, torch.from_numpy(z["T_ref_f32"]), rtol=1e-5, atol=1e-9)
+
+    res = sinkhorn(cost, a, b, epsilon=reg, tol=1e-12, max_iter=10000)
+    assert float(res.err[0]) <= 1e-12 and int(res.iters[0]) < 100
+    torch.testing.assert_close(res.plan, torch.from_numpy(z["T_pot_converged_f64"]), rtol=1e-9, atol=1e-15)
+    res32 = sinkhorn(cost.float(), a.float(), b.float(), epsilon=reg, tol=1e-6)
+    torch.testing.assert_close(res32.plan.double(), torch.from_numpy(z["T_pot_converged_f64"]), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("epsilon", [0.5, 0.05, 0.01])
+def test_plan_meets_its_marginals(dtype, tol, epsilon):
+    cost, a, b = random_problem(4, 17, 23, dtype, seed=int(epsilon * 1000))
+    res = sinkhorn(cost, a, b, epsilon, tol=tol, max_iter=5000)
+    assert res.plan.shape == (4, 17, 23) and res.plan.dtype == dtype and res.iters.dtype == torch.int64
+    assert bool(torch.isfinite(res.plan).all()) and bool((res.plan >= 0).all())
+    assert bool((res.err <= tol).all()) and bool((res.iters < 5000).all())
+    rounding = 1e-6 if dtype == torch.float32 else 1e-12
+    assert bool((plan_violation(res.plan, a, b) <= tol + rounding).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_epsilon_is_finite_and_converges(dtype):
+    ot = pytest.importorskip("ot")
+    cost, a, b = random_problem(2, 12, 9, dtype, seed=3)
+    a, b = a / 2, b / 2
+    if dtype == torch.float32:
+        # exp(-C/eps) underflows to 0 for C > 0.09, so the unstabilised Sinkhorn gives NaN
+        assert bool(torch.isnan(sinkhorn_official(cost, a, b, reg=1e-3)).any())
+    res = sinkhorn(cost, a, b, epsilon=1e-3, tol=1e-4, max_iter=20000)
+    assert bool(torch.isfinite(res.plan).all())
+    assert bool((res.err <= 1e-4).all()) and bool((res.iters < 20000).all())
+    # near-zero entropy: the transport cost approaches the exact OT cost
+    for k in range(2):
+        exact = ot.emd2(a[k].double().numpy(), b[k].double().numpy(), cost[k].double().numpy())
+        assert abs(float((res.plan[k].double() * cost[k].double()).sum()) - exact) < 5e-3
+
+
+def test_agrees_with_pot_on_random_problems():
+    ot = pytest.importorskip("ot")
+    cost, a, b = random_problem(3, 25, 31, torch.float64, seed=7)
+    a, b = a / 2, b / 2
+    res = sinkhorn(cost, a, b, epsilon=0.02, tol=1e-11, max_iter=20000)
+    for k in range(3):
+        pot = ot.sinkhorn(a[k].numpy(), b[k].numpy(), cost[k].numpy(), 0.02, numItermax=20000, stopThr=1e-13)
+        np.testing.assert_allclose(res.plan[k].numpy(), pot, rtol=1e-6, atol=1e-12)
+
+
+def test_pairs_are_independent_and_stop_at_their_own_iteration():
+    cost, a, b = random_problem(3, 10, 14, torch.float64, seed=11)
+    cost[1] *= 0.05  # nearly uniform cost converges much faster than the others
+    # without the (batch-wide) epsilon ladder, each pair runs exactly as it would alone
+    batch = sinkhorn(cost, a, b, epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=False)
+    assert len(set(batch.iters.tolist())) > 1
+    for k in range(3):
+        alone = sinkhorn(
+            cost[k : k + 1], a[k : k + 1], b[k : k + 1], epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=False
+        )
+        assert int(alone.iters[0]) == int(batch.iters[k])
+        torch.testing.assert_close(alone.plan[0], batch.plan[k], rtol=1e-12, atol=1e-15)
+
+
+def test_iteration_cap_is_reported():
+    cost, a, b = random_problem(2, 10, 10, torch.float64, seed=5)
+    for max_iter in (1, 3, 7, 40):
+        res = sinkhorn(cost, a, b, epsilon=0.002, tol=1e-12, max_iter=max_iter)
+        assert res.iters.tolist() == [max_iter, max_iter]
+        assert bool((res.err > 1e-12).all()) and bool(torch.isfinite(res.plan).all())
+        torch.testing.assert_close(res.err, plan_violation(res.plan, a, b), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    cost, a, b = random_problem(3, 40, 30, torch.float32, seed=2)
+    cpu = sinkhorn(cost, a, b, epsilon=0.02, tol=1e-5)
+    gpu = sinkhorn(cost.cuda(), a.cuda(), b.cuda(), epsilon=0.02, tol=1e-5)
+    assert gpu.plan.is_cuda
+    torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, rtol=1e-3, atol=1e-6)
+
+
+def test_bad_input_is_rejected_with_clear_messages():
+    cost, a, b = random_problem(2, 5, 6)
+    with pytest.raises(ValueError, match="cost must be a \\(B,n,m\\)"):
+        sinkhorn(cost[0], a, b, 0.1)
+    with pytest.raises(ValueError, match="a must have shape \\(2, 5\\)"):
+        sinkhorn(cost, a[:, :4], b, 0.1)
+    with pytest.raises(ValueError, match="b must have shape"):
+        sinkhorn_official(cost, a, b[:1])
+    with pytest.raises(ValueError, match="dtype"):
+        sinkhorn(cost.float(), a, b, 0.1)
+    with pytest.raises(ValueError, match="epsilon"):
+        sinkhorn(cost, a, b, 0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        sinkhorn(cost, a, b, 0.1, max_iter=0)
+    with pytest.raises(ValueError, match="strictly positive"):
+        sinkhorn(cost, a.clone().index_fill_(1, torch.tensor([0]), 0.0), b, 0.1)
+    with pytest.raises(ValueError, match="equal mass.*pair 1"):
+        sinkhorn(cost, a, b * torch.tensor([[1.0], [1.5]], dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        sinkhorn(cost.clone().fill_(float("nan")), a, b, 0.1)
+    with pytest.raises(ValueError, match="reg"):
+        sinkhorn_official(cost, a, b, reg=-1.0)
