@@ -3,8 +3,10 @@
 Generates a dozen toy images at Cityscapes resolution (1024x2048) into the toy cache, starts one local Ray
 cluster and runs ``LabelService`` over them once per worker count, each into a fresh shard directory.
 Throughput counts labeling time only (from all workers ready to the last result; actor start-up is left
-out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). Peak resident memory is
-``ru_maxrss`` of the driver (whole script) and of each worker process.
+out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). cpu/busy = worker CPU
+seconds per labeling second: near 1 when each single-threaded worker has a core, well below 1 when the
+machine is shared (then 2 workers cannot scale). Peak resident memory is ``ru_maxrss`` of the driver
+(whole script) and of each worker process.
 
 Each worker has its own memory bank, so with 2 workers each bank sees half the images: the per-image work
 is not identical between the two runs (fewer bank partners early on), which the table's instances column
@@ -46,12 +48,16 @@ def run_once(cfg, workers: int, out: Path) -> dict:
     summary = service.run()
     wall = time.monotonic() - t0
     busy = [w["busy_s"] for w in summary.worker_stats]
+    cpu = sum(w["cpu_s"] for w in summary.worker_stats)
     label_s = summary.labeling_seconds
     return {
         "workers": workers, "images": summary.images_labeled, "instances": summary.instances,
         "rejects": summary.rejects, "wall_s": wall, "labeling_s": label_s,
         "images_per_s": summary.images_labeled / label_s if label_s > 0 else 0.0,
         "idle_fraction": (sum(max(0.0, 1 - b / label_s) for b in busy) / len(busy)) if busy and label_s else 0.0,
+        # CPU seconds per busy second: ~1 for a single-threaded worker with a core to itself; less means the
+        # worker waited for a CPU (a shared or oversubscribed machine), more means it ran several threads.
+        "cpu_per_busy": cpu / sum(busy) if busy and sum(busy) > 0 else 0.0,
         "worker_peak_rss_mib": max((w["peak_rss_mib"] for w in summary.worker_stats), default=0.0),
     }
 
@@ -81,10 +87,11 @@ def main() -> None:
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print(f"\n{'workers':>7} {'images':>6} {'inst':>5} {'label s':>8} {'wall s':>7} {'img/s':>7} {'idle':>6} "
-          f"{'worker RSS MiB':>14}")
+          f"{'cpu/busy':>8} {'worker RSS MiB':>14}")
     for r in results:
         print(f"{r['workers']:>7} {r['images']:>6} {r['instances']:>5} {r['labeling_s']:>8.1f} {r['wall_s']:>7.1f} "
-              f"{r['images_per_s']:>7.3f} {r['idle_fraction']:>6.1%} {r['worker_peak_rss_mib']:>14.0f}")
+              f"{r['images_per_s']:>7.3f} {r['idle_fraction']:>6.1%} {r['cpu_per_busy']:>8.2f} "
+              f"{r['worker_peak_rss_mib']:>14.0f}")
     print(f"driver peak RSS: {driver_rss:.0f} MiB (whole script)")
     by = {r["workers"]: r for r in results}
     out = {"images": len(dataset), "size": args.size, "driver_peak_rss_mib": round(driver_rss, 1),
@@ -93,6 +100,7 @@ def main() -> None:
         out[f"images_per_s_{w}"] = round(r["images_per_s"], 4)
         out[f"idle_fraction_{w}"] = round(r["idle_fraction"], 4)
         out[f"instances_{w}"] = r["instances"]
+        out[f"cpu_per_busy_{w}"] = round(r["cpu_per_busy"], 3)
     if 1 in by and 2 in by and by[1]["images_per_s"] > 0:
         out["scaling"] = round(by[2]["images_per_s"] / by[1]["images_per_s"], 3)
     print(json.dumps(out))

@@ -225,6 +225,7 @@ class LabelWorker:
         self.index = index
         self.started = time.monotonic()
         self.busy_s = 0.0
+        self.cpu_s = 0.0
         self.images = 0
         self.device = resolve_device(device)
         dataset = dataset_factory()
@@ -252,7 +253,7 @@ class LabelWorker:
         ``"empty"`` describing an image without instances) or ``{"image_id", "file", "reason", "stage"}``
         for rejects."""
         self.m_batch.set(batch_id)
-        t_batch = time.monotonic()
+        t_batch, c_batch = time.monotonic(), time.process_time()
         out = []
         for image_id in image_ids:
             sample = self.samples.get(image_id)
@@ -286,11 +287,14 @@ class LabelWorker:
         if bank is not None:
             self.m_bank.set(float(sum(bank.fill().values())))
         self.busy_s += time.monotonic() - t_batch
+        self.cpu_s += time.process_time() - c_batch
         return out
 
     def stats(self) -> dict:
-        """Busy and alive seconds, images, and peak resident memory (MiB) of this worker process."""
+        """Seconds spent labeling (wall and CPU, all threads), seconds alive, images, and peak resident
+        memory (MiB) of this worker process."""
         return {"index": self.index, "pid": os.getpid(), "images": self.images, "busy_s": self.busy_s,
+                "cpu_s": self.cpu_s,
                 "alive_s": time.monotonic() - self.started,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -111,14 +111,18 @@ class Bank:
 
 
 class BoxLabeler:
-    """Box-as-mask labeler; ``delay`` seconds per image make runs long enough to interrupt."""
+    """Box-as-mask labeler; ``delay`` seconds per image make runs long enough to interrupt; images in
+    ``fail_on`` raise, as a teacher bug would."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, fail_on: tuple = ()):
         self.delay = delay
+        self.fail_on = fail_on
         self.bank = Bank()
 
     def label(self, image, boxes, classes, depth=None, image_id=None):
         time.sleep(self.delay)
+        if image_id in self.fail_on:
+            raise FloatingPointError(f"teacher diverged on {image_id}\nsecond line")
         h, w = image.shape[:2]
         out = []
         for k, (box, cls) in enumerate(zip(boxes, classes)):
@@ -136,6 +140,7 @@ class BoxLabeler:
 @dataclass
 class BoxLabelerFactory:
     delay: float = 0.0
+    fail_on: tuple = ()
 
     def __call__(self, device: str) -> BoxLabeler:
-        return BoxLabeler(self.delay)
+        return BoxLabeler(self.delay, self.fail_on)

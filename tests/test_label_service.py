@@ -22,6 +22,7 @@ import pytest
 import labelkit
 from pipeline.config import LabelConfig, RunConfig
 from pipeline.datasets.base import box_to_mask
+from pipeline.errors import PipelineError
 from pipeline.label_service import NAMESPACE, LabelService, init_ray
 from pipeline.shards import decode_rle, read_manifest, read_rejects
 
@@ -84,18 +85,21 @@ def test_rejects_and_named_actors_while_running(cluster, tmp_path):
             seen.extend(a.name for a in list_actors(filters=[("ray_namespace", "=", NAMESPACE),
                                                             ("state", "=", "ALIVE")]))
 
-    svc = service(tmp_path / "out", root)
+    svc = service(tmp_path / "out", root, labelkit.BoxLabelerFactory(fail_on=("im007",)))
     summary = svc.run(progress)
     assert {"label-worker-0", "label-worker-1"} <= set(seen)
     dataset = labelkit.FolderDataset(str(root))
-    assert_exactly_once(tmp_path / "out", dataset, rejected=("im003", "im005"))
+    bad = ("im003", "im005", "im007")
+    assert_exactly_once(tmp_path / "out", dataset, rejected=bad)
     rejects = {(r["image_id"], r["stage"]): r for r in read_rejects(tmp_path / "out")}
-    assert set(rejects) == {("im003", "load"), ("im005", "load"), (None, "dataset")}
+    assert set(rejects) == {("im003", "load"), ("im005", "load"), ("im007", "label"), (None, "dataset")}
     assert "unreadable image" in rejects["im003", "load"]["reason"] and "img-003.png" in rejects["im003", "load"]["reason"]
     assert "file not found" in rejects["im005", "load"]["reason"]
+    assert rejects["im007", "label"] == {"image_id": "im007", "file": "img-007.png", "stage": "label",
+                                         "reason": "FloatingPointError: teacher diverged on im007"}
     assert rejects[None, "dataset"]["file"] == "bad.png"
-    assert summary.images_labeled == 8 and summary.rejects == 2
-    assert summary.instances == sum(len(s.boxes) for s in dataset if s.image_id not in ("im003", "im005"))
+    assert summary.images_labeled == 7 and summary.rejects == 3
+    assert summary.instances == sum(len(s.boxes) for s in dataset if s.image_id not in bad)
     # Correspondences come through as the documented struct list.
     corr = [c for r in all_rows(tmp_path / "out") for c in r["correspondences"]]
     assert corr and set(corr[0]) == {"partner_image_id", "partner_instance_id", "grid", "src", "dst", "weight"}
@@ -104,7 +108,33 @@ def test_rejects_and_named_actors_while_running(cluster, tmp_path):
     again = service(tmp_path / "out", root).run()
     assert (again.images_labeled, again.images_skipped, again.shards) == (0, 10, 0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
-    assert len(read_rejects(tmp_path / "out")) == 3
+    assert len(read_rejects(tmp_path / "out")) == 4
+
+
+def test_checkpoints_load_safely_or_fail_in_one_line(tmp_path, capsys):
+    import torch
+
+    from pipeline.cli import main
+    from pipeline.label_service import load_checkpoint
+
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"network": "mystery-net", "state_dict": {"w": torch.zeros(2)}}, unknown)
+    with pytest.raises(PipelineError, match=r"unknown.pt: checkpoint names network 'mystery-net'"):
+        load_checkpoint(unknown)
+    torch.save({"state_dict": {}}, tmp_path / "anon.pt")
+    with pytest.raises(PipelineError, match="anon.pt: checkpoint does not name its network"):
+        load_checkpoint(tmp_path / "anon.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(PipelineError, match="junk.pt: cannot load checkpoint with weights_only=True"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"network": collections.OrderedDict, "x": object()}, tmp_path / "pickle.pt")  # not weights-only
+    with pytest.raises(PipelineError, match="pickle.pt: cannot load checkpoint with weights_only=True"):
+        load_checkpoint(tmp_path / "pickle.pt")
+    # The CLI refuses before generating data or starting Ray.
+    assert main(["label", "--out", str(tmp_path / "out"), "--checkpoint", str(unknown)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown.pt: checkpoint names network 'mystery-net'" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):

@@ -9,6 +9,7 @@ from typing import Optional
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from ..datasets.images import read_image_rgb
 from ..errors import PipelineError
@@ -35,6 +36,7 @@ def summarize(out_dir: str | Path) -> dict:
     areas, scores, corrupt = [], [], []
     images_with_rows: set[str] = set()
     rows = 0
+    schema = None
     for entry in manifest["shards"]:
         path = out_dir / entry["file"]
         if not path.exists():
@@ -44,6 +46,8 @@ def summarize(out_dir: str | Path) -> dict:
             corrupt.append(f"{entry['file']}: sha256 differs from the manifest (not counted)")
             continue
         table = read_shard(path, columns=["image_id", "category_id", "mask_rle", "score", "height", "width"])
+        if schema is None:  # as written on disk, from the first intact shard
+            schema = pq.read_schema(path).remove_metadata()
         cols = table.to_pydict()
         rows += table.num_rows
         images_with_rows.update(cols["image_id"])
@@ -53,7 +57,7 @@ def summarize(out_dir: str | Path) -> dict:
     finished = [i for e in manifest["shards"] for i in e["image_ids"]]
     rejects = read_rejects(out_dir)
     return {
-        "dir": str(out_dir), "meta": meta, "shards": len(manifest["shards"]), "rows": rows,
+        "dir": str(out_dir), "meta": meta, "schema": str(schema or SCHEMA), "shards": len(manifest["shards"]), "rows": rows,
         "images": len(finished), "images_with_instances": len(images_with_rows),
         "duplicate_images": len(finished) - len(set(finished)),
         "per_class": [{"category_id": cid, "category": names.get(cid, str(cid)), "instances": n}
@@ -73,7 +77,7 @@ def format_summary(s: dict) -> str:
         f"  {s['shards']} shards, {s['rows']} rows (instances), {s['images']} images finished "
         f"({s['images_with_instances']} with instances), {s['rejects']} rejects",
         "schema:",
-        *("  " + line for line in str(SCHEMA).splitlines()),
+        *("  " + line for line in s["schema"].splitlines()),
         "per class:",
         f"  {'id':>4}  {'category':<20} {'instances':>9}",
         *(f"  {c['category_id']:>4}  {c['category']:<20} {c['instances']:>9}" for c in s["per_class"]),
