@@ -131,7 +131,10 @@ class TeacherConfig:
     device: str = "auto"              # "auto" | "cpu" | "cuda"
     seed: int = 0                     # seeds the bank's sampling and the network-free parts
     mask_thresh: float = 0.5          # probability threshold of the pasted masks
-    use_correspondence: bool = True   # cross-image term from the memory bank partners
+    # Cross-image term from memory-bank partners: None = network mode only. In box-prior mode the low-level
+    # features do not carry semantic correspondence: on coco_tiny it cost ~75 ms/instance for -0.0005 mean IoU.
+    use_correspondence: bool | None = None
+    cross_image_size: int = 16        # side of the masks the cross-image unary is transferred at (then upsampled)
     box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     bank: BankConfig = field(default_factory=BankConfig)

@@ -1,0 +1,246 @@
+"""Box-to-mask quality and speed of the structured teacher (box-prior mode) against classical anchors.
+
+On coco_tiny (real COCO photographs; mean mask IoU over non-crowd instances with both box sides >= 8 px) prints
+mean IoU and ms per instance for box-as-mask, the inscribed ellipse, OpenCV GrabCut and the teacher, the teacher's
+per-stage time split, its score calibration (Spearman correlation of score and IoU, mean IoU per score quintile),
+optionally a stage ablation (--ablation) and a toy-data table with and without depth (--depth-ablation). Timing
+runs on ONE CPU thread. The last line is one JSON object.
+
+    .venv/bin/python bench/teacher.py [--data ../shared/devdata/coco_tiny] [--limit N] [--ablation]
+                                      [--depth-ablation] [--no-grabcut]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from teacher import StructuredTeacher  # noqa: E402
+from teacher.config import TeacherConfig  # noqa: E402
+from teacher.structured_teacher import STAGES  # noqa: E402
+
+MIN_SIDE = 8.0
+GRABCUT_ITERS = 5
+GRABCUT_PAD = 0.25
+GRABCUT_MIN_KEEP = 0.10
+
+
+def load_coco(root: Path, limit: int | None) -> list[dict]:
+    """coco_tiny records: image (H,W,3) uint8 RGB, boxes (N,4) x1y1x2y2, classes (N,), gts list of (H,W) bool."""
+    ann = root / "annotations.json"
+    if not ann.is_file():
+        raise SystemExit(f"bench/teacher.py: --data {root}: no annotations.json there")
+    coco = COCO(str(ann))
+    records = []
+    for img_id in sorted(coco.getImgIds())[:limit]:
+        info = coco.loadImgs(img_id)[0]
+        bgr = cv2.imread(str(root / info["file_name"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise SystemExit(f"bench/teacher.py: cannot read {root / info['file_name']}")
+        boxes, classes, gts = [], [], []
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)):
+            x, y, w, h = a["bbox"]
+            if w < MIN_SIDE or h < MIN_SIDE:
+                continue
+            boxes.append([x, y, x + w, y + h])
+            classes.append(a["category_id"])
+            gts.append(coco.annToMask(a).astype(bool))
+        records.append(dict(image_id=str(img_id), image=np.ascontiguousarray(bgr[:, :, ::-1]),
+                            boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int64),
+                            gts=gts))
+    return records
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.count_nonzero(a & b)
+    union = np.count_nonzero(a | b)
+    return inter / union if union else 1.0
+
+
+def pixel_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(height)[:, None] + 0.5, np.arange(width)[None, :] + 0.5
+
+
+def box_as_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The pixels a box touches (floor / ceil of its corners), as the anchor table counts it."""
+    m = np.zeros((height, width), bool)
+    x1, y1, x2, y2 = box
+    m[int(math.floor(y1)) : int(math.ceil(y2)), int(math.floor(x1)) : int(math.ceil(x2))] = True
+    return m
+
+
+def ellipse(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    ys, xs = pixel_centres(height, width)
+    x1, y1, x2, y2 = box
+    return ((xs - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 + ((ys - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2 <= 1
+
+
+def grabcut(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """cv2.grabCut, 5 iterations on a padded crop; box-as-mask when it keeps < 10% of the box."""
+    height, width = image.shape[:2]
+    fallback = box_as_mask(box, height, width)
+    x1, y1, x2, y2 = box
+    pw, ph = GRABCUT_PAD * (x2 - x1), GRABCUT_PAD * (y2 - y1)
+    cx0, cy0 = max(int(x1 - pw), 0), max(int(y1 - ph), 0)
+    cx1, cy1 = min(int(math.ceil(x2 + pw)), width), min(int(math.ceil(y2 + ph)), height)
+    crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])
+    rect = (int(x1) - cx0, int(y1) - cy0, max(int(math.ceil(x2 - x1)), 1), max(int(math.ceil(y2 - y1)), 1))
+    mask = np.zeros(crop.shape[:2], np.uint8)
+    try:
+        cv2.grabCut(crop, mask, rect, np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERS, cv2.GC_INIT_WITH_RECT)
+    except cv2.error:
+        return fallback
+    out = np.zeros((height, width), bool)
+    out[cy0:cy1, cx0:cx1] = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+    out &= fallback
+    if out.sum() < GRABCUT_MIN_KEEP * fallback.sum():
+        return fallback
+    return out
+
+
+def run_anchor(records: list[dict], fn, desc: str) -> tuple[float, float]:
+    ious, elapsed, n = [], 0.0, 0
+    for r in tqdm(records, desc=desc, leave=False):
+        h, w = r["image"].shape[:2]
+        for box, gt in zip(r["boxes"], r["gts"]):
+            t0 = time.perf_counter()
+            m = fn(r["image"], box, h, w)
+            elapsed += time.perf_counter() - t0
+            n += 1
+            ious.append(iou(m, gt))
+    return float(np.mean(ious)), 1000 * elapsed / max(n, 1)
+
+
+def run_teacher(records: list[dict], cfg: TeacherConfig, desc: str = "teacher", with_depth: bool = False) -> dict:
+    """Label every record in order (the bank fills as it goes) -> mean IoU, ms/instance, stage split, scores."""
+    teacher = StructuredTeacher.box_prior(cfg)
+    ious, scores, elapsed = [], [], 0.0
+    for r in tqdm(records, desc=desc, leave=False):
+        t0 = time.perf_counter()
+        labels = teacher.label(r["image"], r["boxes"], r["classes"], depth=r.get("depth") if with_depth else None,
+                               image_id=r["image_id"])
+        elapsed += time.perf_counter() - t0
+        for lab, gt in zip(labels, r["gts"]):
+            ious.append(iou(lab.mask, gt))
+            scores.append(lab.score)
+    n = max(len(ious), 1)
+    return dict(miou=float(np.mean(ious)) if ious else float("nan"), ms=1000 * elapsed / n,
+                stages={s: 1000 * teacher.timings[s] / n for s in STAGES}, ious=np.asarray(ious),
+                scores=np.asarray(scores), bank=teacher.bank.fill())
+
+
+def ablation_configs(base: TeacherConfig) -> list[tuple[str, TeacherConfig]]:
+    """Cumulative stages: prior only, + colour model, + CRF, + refinement, + correspondence."""
+    steps = []
+    cfg = copy.deepcopy(base)
+    cfg.box_prior.color_weight, cfg.crf.iters, cfg.refine.steps, cfg.use_correspondence = 0.0, 0, 0, False
+    steps.append(("prior only (superellipse)", copy.deepcopy(cfg)))
+    cfg.box_prior.color_weight = base.box_prior.color_weight
+    steps.append(("+ colour model", copy.deepcopy(cfg)))
+    cfg.crf.iters = base.crf.iters
+    steps.append(("+ CRF", copy.deepcopy(cfg)))
+    cfg.refine.steps = base.refine.steps
+    steps.append(("+ refinement", copy.deepcopy(cfg)))
+    cfg.use_correspondence = True
+    steps.append(("+ correspondence", copy.deepcopy(cfg)))
+    return steps
+
+
+def toy_records(train: int, seed: int) -> list[dict]:
+    """Toy street scenes with depth (pipeline's generator), GT masks through the dataset's evaluation hook."""
+    from pipeline.datasets.cityscapes import CityscapesDataset
+    from pipeline.datasets.toy import generate_toy
+    from pipeline.evaluation import gt_masks
+
+    root = generate_toy(Path(tempfile.mkdtemp(prefix="toy_bench_")), train=train, val=0, seed=seed)
+    ds = CityscapesDataset(root, "train")
+    records = []
+    for sample in ds:
+        gts = gt_masks(ds, sample)
+        keep = [i for i, b in enumerate(sample.boxes) if min(b[2] - b[0], b[3] - b[1]) >= MIN_SIDE
+                and int(sample.instance_ids[i]) in gts]
+        records.append(dict(image_id=str(sample.image_id), image=sample.load_image(), depth=sample.load_depth(),
+                            boxes=sample.boxes[keep].astype(np.float32), classes=sample.classes[keep].astype(np.int64),
+                            gts=[gts[int(sample.instance_ids[i])] for i in keep]))
+    return records
+
+
+def calibration(ious: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
+    rho = float(spearmanr(scores, ious).statistic) if len(ious) > 2 else float("nan")
+    order = np.argsort(scores, kind="stable")
+    return rho, [float(ious[q].mean()) for q in np.array_split(order, 5)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "devdata" / "coco_tiny",
+                    help="coco_tiny folder (annotations.json + images/)")
+    ap.add_argument("--limit", type=int, default=None, help="first N images only")
+    ap.add_argument("--ablation", action="store_true", help="cumulative stage ablation table")
+    ap.add_argument("--depth-ablation", action="store_true", help="toy data with and without depth")
+    ap.add_argument("--toy-images", type=int, default=24, help="toy images for --depth-ablation")
+    ap.add_argument("--no-grabcut", action="store_true", help="skip GrabCut (slow: ~0.2 s per instance)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+    records = load_coco(args.data, args.limit)
+    n = sum(len(r["boxes"]) for r in records)
+    print(f"coco_tiny: {len(records)} images, {n} instances (non-crowd, box sides >= {MIN_SIDE:g} px), 1 thread")
+    rows = [("box as mask",) + run_anchor(records, lambda im, b, h, w: box_as_mask(b, h, w), "box"),
+            ("inscribed ellipse",) + run_anchor(records, lambda im, b, h, w: ellipse(b, h, w), "ellipse")]
+    if not args.no_grabcut:
+        rows.append(("GrabCut (5 it, padded crop)",) + run_anchor(records, lambda im, b, h, w: grabcut(im, b), "grabcut"))
+    cfg = TeacherConfig(device="cpu")
+    res = run_teacher(records, cfg)
+    rows.append(("teacher (box prior)", res["miou"], res["ms"]))
+    print(f"\n{'method':32s} {'mean IoU':>9s} {'ms/inst':>9s}")
+    for name, m, ms in rows:
+        print(f"{name:32s} {m:9.4f} {ms:9.2f}")
+    print("\nteacher stage split (ms per instance): " + ", ".join(f"{s} {v:.2f}" for s, v in res["stages"].items()))
+    print(f"bank fill per class: {sum(res['bank'].values())} objects in {len(res['bank'])} classes")
+    rho, quint = calibration(res["ious"], res["scores"])
+    print(f"score calibration: Spearman(score, IoU) = {rho:.3f}; mean IoU per score quintile (low -> high): "
+          + " ".join(f"{q:.3f}" for q in quint))
+
+    if args.ablation:
+        print(f"\n{'ablation (cumulative)':32s} {'mean IoU':>9s} {'ms/inst':>9s}")
+        for name, c in ablation_configs(cfg):
+            r = run_teacher(records, c, desc=name)
+            print(f"{name:32s} {r['miou']:9.4f} {r['ms']:9.2f}")
+
+    if args.depth_ablation:
+        toy = toy_records(args.toy_images, seed=0)
+        print(f"\ntoy data: {len(toy)} images, {sum(len(r['boxes']) for r in toy)} instances")
+        print(f"{'toy':32s} {'mean IoU':>9s} {'ms/inst':>9s}")
+        for name, with_depth in (("teacher without depth", False), ("teacher with depth", True)):
+            r = run_teacher(toy, cfg, desc=name, with_depth=with_depth)
+            print(f"{name:32s} {r['miou']:9.4f} {r['ms']:9.2f}")
+
+    anchors = {name: m for name, m, _ in rows if name != "teacher (box prior)"}
+    grab = [ms for name, _, ms in rows if name.startswith("GrabCut")]
+    print(json.dumps({"teacher_miou": round(res["miou"], 4), "best_anchor_miou": round(max(anchors.values()), 4),
+                      "teacher_ms_per_instance": round(res["ms"], 2),
+                      "grabcut_ms_per_instance": round(grab[0], 2) if grab else None}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The structured teacher end to end (DESIGN section 4): boxes in, instance masks with scores out.
+
+Per image, all boxes batched as RoIs:
+
+1. RoI crops of the image (and depth) at R x R over the box grown by ``box_prior.pad`` (`teacher.roi`).
+2. Unary m and features f: box-prior mode -> `teacher.box_prior` (superellipse prior + LAB colour models;
+   low-level features: colour, gradient, position, depth); network mode -> the network.
+3. Memory bank partners of the same class (`teacher.memory_bank`) and dense correspondence with them
+   (`teacher.correspondence`), giving the cross-image unary through T.
+4. Mean-field CRF with colour Potts and the cross-image unary (`teacher.crf.meanfield_soft`).
+5. AsyInst asymmetric-affinity refinement (`teacher.refine`).
+6. Paste back at full resolution inside the box, score (`teacher.score`), push into the bank.
+
+Network mode contract: ``network(image, boxes) -> (mask_probs, features)`` with image (1,3,H,W) float32 RGB in
+[0, 1] and boxes (N,4) float32 x1,y1,x2,y2 pixels on the teacher's device; mask_probs (N,G,G) probabilities over
+each box (the G x G grid spans exactly the box) and features (N,C,g,g) RoI features (any C, g). It is called
+under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .box_prior import box_prior_logits, colour_bins, colour_log_ratio, lowlevel_features
+from .color import rgb_to_lab
+from .config import TeacherConfig
+from .correspondence import correspond, cross_image_unary
+from .crf import meanfield_soft
+from .memory_bank import MemoryBank
+from .refine import refine, roi_color_edges, roi_depth_edges
+from .roi import RoIGrid, box_pixel_span, crop, crop_masked, paste, roi_grid
+from .score import mask_score
+
+MIN_BOX_SIDE = 2.0  # px: smaller (clipped) boxes get the box-as-mask label with score 0
+STAGES = ("roi", "unary", "correspondence", "crf", "refine", "paste")
+
+
+@dataclass
+class Match:
+    """Sparse correspondence of one labelled object with one memory-bank partner.
+
+    grid: g, the side of the RoI feature grid; src (M,) int64 query cells and dst (M,) int64 partner cells
+    (row-major indices in [0, g*g)); weight (M,) float32 share of the query cell's transport mass on dst.
+    Only the query's foreground cells are kept.
+    """
+
+    partner_image_id: str
+    partner_instance_id: int
+    grid: int
+    src: np.ndarray
+    dst: np.ndarray
+    weight: np.ndarray
+
+
+@dataclass
+class InstanceLabel:
+    """Teacher label of one box: mask (H,W) bool, True only inside the box; score in [0, 1]; partner matches."""
+
+    mask: np.ndarray
+    score: float
+    correspondences: list[Match] = field(default_factory=list)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"TeacherConfig.device: expected 'auto', 'cpu' or 'cuda', got {name!r}")
+    return torch.device(name)
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        try:
+            return np.asarray(x)
+        except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad argument
+            raise ValueError(f"label: {name} is not array-like ({exc})") from None
+    return x
+
+
+def validate_inputs(image: Any, boxes: Any, classes: Any, depth: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                np.ndarray | None]:
+    """Check and normalise the arguments of `StructuredTeacher.label`; one-line ValueErrors name the argument.
+
+    Returns image (H,W,3) uint8, boxes (N,4) float32, classes (N,) int64, depth (H,W) float32 or None.
+    """
+    image = _as_array(image, "image")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"label: image must be (H,W,3) RGB, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"label: image must be uint8, got {image.dtype}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"label: image is empty, shape {image.shape}")
+    boxes = _as_array(boxes, "boxes")
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"label: boxes must be (N,4) x1,y1,x2,y2, got shape {boxes.shape}")
+    if not np.issubdtype(boxes.dtype, np.number) or np.issubdtype(boxes.dtype, np.complexfloating):
+        raise ValueError(f"label: boxes must be real numbers, got {boxes.dtype}")
+    boxes = boxes.astype(np.float32)
+    if not np.isfinite(boxes).all():
+        raise ValueError("label: boxes contain NaN or inf")
+    bad = np.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0]
+    if len(bad):
+        raise ValueError(f"label: box {int(bad[0])} {boxes[bad[0]].tolist()} is not x1,y1,x2,y2 with x2 >= x1, y2 >= y1")
+    classes = _as_array(classes, "classes")
+    if classes.size == 0:
+        classes = classes.reshape(0)
+    if classes.ndim != 1 or len(classes) != len(boxes):
+        raise ValueError(f"label: classes must be (N,) with N = {len(boxes)} boxes, got shape {classes.shape}")
+    if len(classes) and not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError(f"label: classes must be integers, got {classes.dtype}")
+    classes = classes.astype(np.int64)
+    if depth is not None:
+        depth = _as_array(depth, "depth")
+        if depth.shape != image.shape[:2]:
+            raise ValueError(f"label: depth must be (H,W) = {image.shape[:2]}, got shape {depth.shape}")
+        if not np.issubdtype(depth.dtype, np.floating):
+            raise ValueError(f"label: depth must be float metres, got {depth.dtype}")
+        if np.isnan(depth).any():
+            raise ValueError("label: depth contains NaN (use 0 for invalid pixels)")
+        depth = depth.astype(np.float32)
+    return image, boxes, classes, depth
+
+
+class StructuredTeacher:
+    """Box-supervised mask teacher with a memory bank that persists across `label` calls (module docstring).
+
+    ``StructuredTeacher.box_prior(config)`` builds the network-free teacher; ``StructuredTeacher(network, config)``
+    the network mode. ``timings`` accumulates seconds per stage (`STAGES`) and ``labelled`` the instances run
+    through the pipeline, for benchmarks.
+    """
+
+    def __init__(self, network: Callable | None, config: TeacherConfig | None = None):
+        self.network = network
+        self.config = config or TeacherConfig()
+        if self.config.roi_size < 8:
+            raise ValueError(f"TeacherConfig.roi_size must be >= 8, got {self.config.roi_size}")
+        self.device = _resolve_device(self.config.device)
+        self.bank = MemoryBank(self.config.bank)
+        self.timings = dict.fromkeys(STAGES, 0.0)
+        self.labelled = 0
+        self._auto_image = 0
+
+    @property
+    def uses_correspondence(self) -> bool:
+        """Whether the cross-image term runs (``TeacherConfig.use_correspondence``; None = network mode only)."""
+        flag = self.config.use_correspondence
+        return self.network is not None if flag is None else bool(flag)
+
+    @classmethod
+    def box_prior(cls, config: TeacherConfig | None = None) -> "StructuredTeacher":
+        """The network-free teacher: unary from the box and the image colours, low-level correspondence features."""
+        return cls(None, config)
+
+    def label_batch(self, images, boxes, classes, depths=None, image_ids=None) -> list[list[InstanceLabel]]:
+        """`label` over several images in order (the bank sees them one after the other)."""
+        n = len(images)
+        depths = [None] * n if depths is None else depths
+        image_ids = [None] * n if image_ids is None else image_ids
+        if not (len(boxes) == len(classes) == len(depths) == len(image_ids) == n):
+            raise ValueError("label_batch: images, boxes, classes, depths and image_ids must have the same length")
+        return [self.label(*args) for args in zip(images, boxes, classes, depths, image_ids)]
+
+    def label(self, image, boxes, classes, depth=None, image_id=None) -> list[InstanceLabel]:
+        """Masks for the boxes of one image.
+
+        image (H,W,3) uint8 RGB; boxes (N,4) float x1,y1,x2,y2 pixels (clipped to the image); classes (N,) int;
+        depth (H,W) float32 metres with 0 = invalid, or None; image_id names the image in the bank (partners never
+        come from the same image; default: a fresh id per call). Returns N `InstanceLabel`s in box order.
+        """
+        image, boxes_np, classes_np, depth_np = validate_inputs(image, boxes, classes, depth)
+        height, width = image.shape[:2]
+        if image_id is None:
+            image_id = f"__image{self._auto_image}"
+            self._auto_image += 1
+        clipped = boxes_np.copy()
+        clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+        clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+        sides = np.minimum(clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1])
+        run = np.nonzero(sides >= MIN_BOX_SIDE)[0]
+        labels: list[InstanceLabel | None] = [None] * len(boxes_np)
+        for i in np.nonzero(sides < MIN_BOX_SIDE)[0]:
+            labels[i] = InstanceLabel(self._box_mask(clipped[i], height, width), 0.0, [])
+        if len(run):
+            for i, lab in zip(run, self._label_rois(image, clipped[run], classes_np[run], depth_np, str(image_id), run)):
+                labels[i] = lab
+        return labels
+
+    @staticmethod
+    def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
+        mask = np.zeros((height, width), dtype=bool)
+        r0, r1, c0, c1 = box_pixel_span(torch.from_numpy(box), height, width)
+        if r1 >= r0 and c1 >= c0:
+            mask[r0 : r1 + 1, c0 : c1 + 1] = True
+        return mask
+
+    def _tick(self, stage: str, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] += now - start
+        return now
+
+    @torch.no_grad()
+    def _label_rois(self, image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, depth: np.ndarray | None,
+                    image_id: str, instance_ids: np.ndarray) -> list[InstanceLabel]:
+        cfg = self.config
+        dev = self.device
+        height, width = image.shape[:2]
+        t = time.perf_counter()
+        # 1. RoI crops
+        boxes_t = torch.from_numpy(boxes).to(dev)
+        grid = roi_grid(boxes_t, cfg.roi_size, cfg.box_prior.pad)
+        image_t = torch.from_numpy(image).to(dev).permute(2, 0, 1).float()
+        rgb, valid = crop(image_t, grid)
+        lab = rgb_to_lab(rgb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        depth_c = depth_ok = None
+        if depth is not None:
+            d = torch.from_numpy(depth).to(dev)
+            depth_c, depth_ok = crop_masked(d, (d > 0) & torch.isfinite(d), grid)
+        t = self._tick("roi", t)
+        # 2. unary and features
+        if self.network is None:
+            logits, overlap = box_prior_logits(lab, valid, grid, cfg.box_prior)
+            unary = torch.sigmoid(logits)
+            features = lowlevel_features(lab, grid, depth_c, depth_ok, cfg.correspondence.grid)
+        else:
+            unary, features = self._network_unary(image_t, boxes_t, grid)
+            _, overlap = colour_log_ratio(colour_bins(lab, cfg.box_prior.color_bins), valid, grid, unary, cfg.box_prior)
+        unary = unary * grid.inside
+        t = self._tick("unary", t)
+        # 3. bank partners and correspondence
+        cross, matches = self._cross_image(features, unary, boxes, classes, image_id)
+        t = self._tick("correspondence", t)
+        # 4. CRF
+        q = meanfield_soft(torch.cat([1 - unary, unary], 1), lab / cfg.box_prior.lab_scale,
+                           grid.inside.to(unary.dtype), cross, cfg.crf)[:, 1:]
+        t = self._tick("crf", t)
+        # 5. refinement
+        if cfg.refine.steps > 0:
+            colour = roi_color_edges(rgb, valid, grid.inside, cfg.objectives)
+            dedges = roi_depth_edges(depth_c, grid.inside, cfg.objectives) if depth_c is not None else None
+            prob = refine(q, grid.inside, colour, dedges, cfg.refine, cfg.objectives)
+        else:
+            prob = q * grid.inside
+        t = self._tick("refine", t)
+        # 6. paste, score, push
+        masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
+        scores = mask_score(prob, grid.inside, overlap)
+        labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
+        for k in range(len(boxes)):
+            self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
+        self._tick("paste", t)
+        self.labelled += len(boxes)
+        return labels
+
+    def _network_unary(self, image_t: torch.Tensor, boxes_t: torch.Tensor,
+                       grid: RoIGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network mask probabilities resampled onto the padded crops (N,1,R,R), and its features (N,C,g,g)."""
+        out = self.network(image_t[None] / 255.0, boxes_t)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError("network must return (mask_probs (N,G,G), features (N,C,g,g))")
+        probs, features = (torch.as_tensor(o, device=self.device, dtype=torch.float32) for o in out)
+        n = len(boxes_t)
+        if probs.dim() != 3 or probs.shape[0] != n or features.dim() != 4 or features.shape[0] != n:
+            raise ValueError(f"network returned mask_probs {tuple(probs.shape)} and features {tuple(features.shape)}; "
+                             f"expected ({n},G,G) and ({n},C,g,g)")
+        if not bool(torch.isfinite(probs).all()) or probs.min() < 0 or probs.max() > 1:
+            raise ValueError("network mask_probs must be finite probabilities in [0, 1]")
+        r = grid.size
+        gx = grid.u[:, None, :].expand(n, r, r)
+        gy = grid.v[:, :, None].expand(n, r, r)
+        unary = F.grid_sample(probs[:, None], torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros",
+                              align_corners=False)
+        if features.shape[-1] != self.config.correspondence.grid or features.shape[-2] != features.shape[-1]:
+            features = F.adaptive_avg_pool2d(features, self.config.correspondence.grid)
+        return unary, features
+
+    def _cross_image(self, features: torch.Tensor, unary: torch.Tensor, boxes: np.ndarray, classes: np.ndarray,
+                     image_id: str) -> tuple[torch.Tensor | None, list[list[Match]]]:
+        """Cross-image unary (N,2,R,R) (None when no RoI has partners) and the sparse matches of every RoI."""
+        cfg = self.config
+        n = len(boxes)
+        matches: list[list[Match]] = [[] for _ in range(n)]
+        if not self.uses_correspondence:
+            return None, matches
+        cross = torch.zeros((n, 2) + tuple(unary.shape[2:]), dtype=unary.dtype, device=unary.device)
+        found = False
+        for k in range(n):
+            partners = self.bank.retrieve(int(classes[k]), features[k].cpu(), unary[k, 0].cpu(), boxes[k],
+                                          exclude_image_id=image_id)
+            if not partners:
+                continue
+            found = True
+            f_p = torch.stack([p.feature for p in partners]).to(features.device)
+            m_p = torch.stack([p.mask for p in partners]).to(unary.device)
+            corr = correspond(features[k], f_p, unary[k, 0], m_p, cfg.correspondence)
+            # The transfer is O(S^4) in the mask side S: run it at cross_image_size and upsample the result.
+            s = cfg.cross_image_size
+            small = cross_image_unary(corr.transfer, F.adaptive_avg_pool2d(unary[k], s)[0],
+                                      F.adaptive_avg_pool2d(m_p, s))
+            cross[k] = F.interpolate(small[None], size=unary.shape[2:], mode="bilinear", align_corners=False)[0]
+            matches[k] = self._matches(corr.match, corr.weight, unary[k, 0], partners)
+        return (cross if found else None), matches
+
+    def _matches(self, match: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, partners) -> list[Match]:
+        """Sparse matches of the query's foreground cells with each partner."""
+        g = self.config.correspondence.grid
+        fg = F.adaptive_avg_pool2d(mask[None, None], g).flatten() > 0.5
+        src = torch.nonzero(fg)[:, 0]
+        out = []
+        for p, m, w in zip(partners, match, weight):
+            out.append(Match(p.image_id, p.instance_id, g, src.cpu().numpy(), m[src].cpu().numpy(),
+                             w[src].float().cpu().numpy()))
+        return out
