@@ -197,32 +197,56 @@ def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
                                                "stage": "dataset"}]
 
 
+N_TOY = 8
+
+
 def cli(out, address, *extra):
     """``pipeline label`` on a tiny toy dataset with the real box-prior teacher (few CRF / refine steps)."""
     return [sys.executable, "-m", "pipeline.cli", "label", "--dataset", "toy", "--out", str(out),
             "--address", address, "--workers", "2", "--config", str(REPO / "configs" / "toy.yaml"),
-            "--set", "dataset.toy.size=96x192", "--set", "dataset.toy.train=6", "--set", "dataset.toy.val=0",
+            "--set", "dataset.toy.size=96x192", "--set", f"dataset.toy.train={N_TOY}", "--set", "dataset.toy.val=0",
             "--set", "teacher.crf.iters=2", "--set", "teacher.refine.steps=2", "--set", "label.batch_images=1",
             "--set", "label.shard_rows=1", *extra]
 
 
-def test_driver_killed_mid_run_then_resumed_with_the_box_prior_teacher(cluster, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "BOXMASK_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen(cli(out, cluster), start_new_session=True, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def finished_images(out) -> set[str]:
+    if not (out / "_manifest.json").exists():
+        return set()
+    return {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
+
+
+def interrupt(cmd, env, out, at_least: int, sig: int) -> subprocess.CompletedProcess:
+    """Run ``cmd`` until ``out`` holds ``at_least`` finished images, then send ``sig`` to its process group."""
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "_manifest.json").exists() and len(read_manifest(out)["shards"]) >= 2:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        while time.monotonic() < deadline and proc.poll() is None and len(finished_images(out)) < at_least:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished before the interrupt: {proc.communicate()[1][-3000:]}"
+        os.killpg(proc.pid, sig)      # the CLI's own group; Ray's processes belong to the test's cluster
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)         # the driver and anything it started; Ray's own processes
-        proc.wait()                                 # belong to the test's cluster and live on
-    done_before = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
-    assert 2 <= len(done_before) < 6
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_driver_killed_then_interrupted_then_resumed_with_the_box_prior_teacher(cluster, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "BOXMASK_CACHE": str(tmp_path / "cache")}
+    killed = interrupt(cli(out, cluster), env, out, 2, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    done_killed = finished_images(out)
+    assert 2 <= len(done_killed) < N_TOY
+
+    # Ctrl-C: the driver stops its workers, keeps the images it had finished and says how to resume.
+    ctrl_c = interrupt(cli(out, cluster), env, out, len(done_killed) + 1, signal.SIGINT)
+    assert ctrl_c.returncode == 130, ctrl_c.stderr[-3000:]
+    assert "interrupted: finished work is kept; re-run the same command to resume" in ctrl_c.stderr
+    done_before = finished_images(out)
+    assert done_killed < done_before and len(done_before) < N_TOY
 
     # A different config must not be mixed into these shards.
     bad = subprocess.run(cli(out, cluster, "--set", "teacher.crf.iters=3"), env=env, capture_output=True, text=True)
@@ -231,7 +255,7 @@ def test_driver_killed_mid_run_then_resumed_with_the_box_prior_teacher(cluster, 
     again = subprocess.run(cli(out, cluster), env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming: {len(done_before)} images already finished" in again.stdout
-    assert f"labeled {6 - len(done_before)} images" in again.stdout
+    assert f"labeled {N_TOY - len(done_before)} images" in again.stdout
 
     from pipeline.datasets.cityscapes import CityscapesDataset
 
