@@ -389,12 +389,14 @@ class LabelService:
         n = self.cfg.workers
         if n < 1:
             raise PipelineError("label.workers", f"must be at least 1, got {n}")
-        need = n * self.cfg.cpus_per_worker
-        have = ray.cluster_resources().get("CPU", 0.0)
-        if need > have:
-            raise PipelineError("label.workers", f"{n} workers x {self.cfg.cpus_per_worker:g} CPUs need {need:g} "
-                                                 f"CPUs, the Ray cluster has {have:g}: lower --workers or "
-                                                 f"label.cpus_per_worker")
+        # Actors that do not fit would wait for resources forever: say so instead of hanging.
+        resources = ray.cluster_resources()
+        for kind, per_worker, key in (("CPU", self.cfg.cpus_per_worker, "cpus_per_worker"),
+                                      ("GPU", self.cfg.gpus_per_worker, "gpus_per_worker")):
+            need, have = n * per_worker, resources.get(kind, 0.0)
+            if need > have:
+                raise PipelineError("label.workers", f"{n} workers x {per_worker:g} {kind}s need {need:g} {kind}s, "
+                                                     f"the Ray cluster has {have:g}: lower --workers or label.{key}")
         remote = ray.remote(LabelWorker)
         actors = []
         for i in range(n):
