@@ -7,7 +7,6 @@ points a subprocess CLI at it with ``--address``.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import subprocess
@@ -172,6 +171,24 @@ def test_checkpoints_load_safely_or_fail_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown.pt: checkpoint names network 'mystery-net'" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_limit_labels_a_prefix_and_strict_stops_at_the_first_bad_input(cluster, tmp_path):
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=8, corrupt=(5,))
+    dataset = labelkit.FolderDataset(str(root))
+    out = tmp_path / "out"
+    first = LabelService(LabelConfig(workers=2, batch_images=2), out, dataset, labelkit.FolderFactory(str(root)),
+                         labelkit.BoxLabelerFactory(), "box-prior", "t1", limit=3).run()
+    assert first.images_total == 3 and first.images_labeled == 3
+    assert {i for s in read_manifest(out)["shards"] for i in s["image_ids"]} == {"im000", "im001", "im002"}
+    with pytest.raises(PipelineError, match=r"img-005.png: .*unreadable image.*--strict"):
+        LabelService(LabelConfig(workers=1, batch_images=1, max_inflight=1), out, dataset,
+                     labelkit.FolderFactory(str(root)), labelkit.BoxLabelerFactory(), "box-prior", "t1",
+                     strict=True).run()
+    # Images finished before the bad one are kept; the bad one is recorded.
+    done = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
+    assert done == {"im000", "im001", "im002", "im003", "im004"}
+    assert [r["image_id"] for r in read_rejects(out) if r["stage"] == "load"] == ["im005"]
 
 
 def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
