@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.workers is not None:
+        if args.workers < 1:
+            raise PipelineError("--workers", f"must be at least 1, got {args.workers}")
         cfg.label.workers = args.workers
     if args.limit is not None and args.limit < 1:
         raise PipelineError("--limit", f"must be at least 1, got {args.limit}")
