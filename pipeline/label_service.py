@@ -533,7 +533,7 @@ class LabelService:
     def _requeue(self, ids: list[str], attempts: dict[str, int], queue: deque, writer: ShardWriter,
                  summary: LabelSummary) -> None:
         for image_id in ids:
-            if image_id in writer.done:
+            if writer.has(image_id):
                 continue
             attempts[image_id] = attempts.get(image_id, 0) + 1
             if attempts[image_id] >= self.cfg.max_attempts:
@@ -554,7 +554,7 @@ class LabelService:
                 if writer.add(image_id, res["table"], res.get("empty")):
                     images += 1
                     instances += res["table"].num_rows
-            elif image_id not in writer.done:
+            elif not writer.has(image_id):
                 writer.reject(image_id, res["file"], res["reason"], res["stage"])
                 rejects += 1
                 if self.strict:

@@ -478,6 +478,6 @@ class ShardWriter:
         data = {"meta": asdict(self.meta), "shards": [asdict(e) for e in self.entries]}
         _atomic_write_bytes(self.out_dir / MANIFEST, json.dumps(data, indent=1).encode())
 
-    @property
-    def pending_images(self) -> int:
-        return len(self._pending_ids)
+    def has(self, image_id: str) -> bool:
+        """Whether the image is finished or buffered for the next shard."""
+        return image_id in self.done or image_id in self._pending_set

@@ -119,7 +119,9 @@ def test_resume_skips_finished_drops_unfinished_and_never_duplicates(tmp_path):
         assert w2.done == {"a", "x"}
         assert sorted(w2.removed) == [".part-00002.parquet.tmp", "part-00001.parquet"]
         assert w2.add("a", image_table("a", 2)) is False      # finished: never written twice
+        assert not w2.has("b")
         assert w2.add("b", image_table("b", 1)) is True
+        assert w2.has("b") and w2.has("a") and "b" not in w2.done     # buffered, not yet finished
         assert w2.add("b", image_table("b", 1)) is False      # a retried batch's duplicate
         w2.reject("x", "x.png", "unreadable image", "load")   # same record: not appended again
     ids = [i for s in read_manifest(tmp_path)["shards"] for i in s["image_ids"]]
