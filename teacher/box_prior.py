@@ -107,23 +107,21 @@ def evidence_gate(overlap: torch.Tensor, cfg: BoxPriorConfig) -> torch.Tensor:
     return gate.view(-1, 1, 1, 1)
 
 
-def box_prior_logits(lab: torch.Tensor, valid: torch.Tensor, grid: RoIGrid,
-                     cfg: BoxPriorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The box-prior unary as logits over the padded crops (module docstring) and the colour-model overlap.
+def box_prior_logits(lab: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, cfg: BoxPriorConfig) -> torch.Tensor:
+    """The box-prior unary as logits (N,1,R,R) float32 over the padded crops (module docstring).
 
     lab (N,3,R,R) LAB crops (`teacher.color.rgb_to_lab` units), valid (N,1,R,R) bool inside-the-image mask.
-    Returns logits (N,1,R,R) float32 and overlap (N,) (Bhattacharyya coefficient of the last fg / bg colour
-    models; 1 when the colour term is off). Outside the box the logits are the shape prior's (negative).
+    Outside the box the logits are the shape prior's (negative); callers clip masks to the box anyway.
     """
     prior = superellipse_logits(grid, cfg.exponent, cfg.softness)
     if cfg.color_weight <= 0 or cfg.em_iters <= 0:
-        return prior, prior.new_ones(prior.shape[0])
+        return prior
     cells = colour_bins(lab, cfg.color_bins)
-    logits, overlap = prior, prior.new_ones(prior.shape[0])
+    logits = prior
     for _ in range(cfg.em_iters):
         llr, overlap = colour_log_ratio(cells, valid, grid, torch.sigmoid(logits), cfg)
         logits = prior + cfg.color_weight * evidence_gate(overlap, cfg) * llr
-    return logits, overlap
+    return logits
 
 
 def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:

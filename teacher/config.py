@@ -93,12 +93,14 @@ class RefineConfig:
     `ObjectiveConfig`. steps = 0 switches the refinement off.
     """
 
-    steps: int = 10
+    steps: int = 5
     lr: float = 0.5                   # step size on the logits
     lambda_crf: float = 1.0           # weight of BCE(sigmoid(y), Q_crf)
     lambda_proj: float = 1.0          # weight of the projection (box tightness) loss
-    color_weight: float = 1.0         # multiplies ObjectiveConfig.lambda_color
-    depth_weight: float = 1.0         # multiplies ObjectiveConfig.lambda_depth
+    # Multipliers of ObjectiveConfig.lambda_color / lambda_depth (tuned: coco_tiny for colour, the toy data for
+    # depth; a teacher refining one image can afford stronger affinities than a network in training).
+    color_weight: float = 4.0
+    depth_weight: float = 100.0
 
 
 @dataclass
@@ -116,8 +118,8 @@ class BoxPriorConfig:
     color_alpha: float = 0.5          # Laplace smoothing (pseudo-count per cell)
     color_clip: float = 4.0           # |log-likelihood ratio| cap
     ring_weight: float = 1.0          # weight of ring pixels in the global background model
-    local_background: float = 0.8     # share of the side-local background model (0 = global ring only)
-    local_tau: float = 0.3            # softmax temperature over distances to the four box sides
+    local_background: float = 0.9     # share of the side-local background model (0 = global ring only)
+    local_tau: float = 0.2            # softmax temperature over distances to the four box sides
     em_iters: int = 2                 # colour-model re-estimations
     weak_overlap: float = 0.9         # Bhattacharyya overlap above which the colour term fades out
     lab_scale: float = 20.0           # LAB / lab_scale is the CRF colour (so CRFConfig.zeta 0.5 = 10 LAB units)

@@ -5,8 +5,9 @@
 
 with y_0 = logit(Q_crf). The objectives are `teacher.affinity`'s (BoxInst projection, AsyInst Eq. 9-11); the
 colour edge set comes from BoxInst's LAB similarity of each RoI crop and the depth edge set from AsyInst's
-depth-gradient criterion (only when depth exists). Every term is scaled to "per RoI pixel" units (times N R^2),
-so ``lr`` is a step in logit units that does not depend on the number of RoIs or on R.
+depth-gradient criterion (only when depth exists). The pixel terms (BCE, affinities) are scaled to "per RoI
+pixel" units (times N R^2) and the projection term per row / column (times N R), so ``lr`` is a step in logit
+units that does not depend on the number of RoIs or on R.
 """
 from __future__ import annotations
 
@@ -66,8 +67,7 @@ def refine(q_crf: torch.Tensor, inside: torch.Tensor, colour: torch.Tensor | Non
            cfg: RefineConfig, obj: ObjectiveConfig) -> torch.Tensor:
     """Refined fg probabilities (N,1,R,R) from the CRF marginals q_crf (N,1,R,R) (module docstring).
 
-    The projection term is scaled per row / column (times N R) rather than per pixel, since it only reaches the
-    maximum of every row and column. Outside the box the result is 0.
+    inside (N,1,R,R) bool box mask; colour / depth (N,8,R,R) edge sets or None. Outside the box the result is 0.
     """
     if cfg.steps <= 0 or q_crf.shape[0] == 0:
         return q_crf * inside

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box_prior import box_prior_logits, colour_bins, colour_log_ratio, lowlevel_features
+from .box_prior import box_prior_logits, lowlevel_features
 from .color import rgb_to_lab
 from .config import TeacherConfig
 from .correspondence import correspond, cross_image_unary
@@ -230,12 +230,11 @@ class StructuredTeacher:
         t = self._tick("roi", t)
         # 2. unary and features
         if self.network is None:
-            logits, overlap = box_prior_logits(lab, valid, grid, cfg.box_prior)
+            logits = box_prior_logits(lab, valid, grid, cfg.box_prior)
             unary = torch.sigmoid(logits)
             features = lowlevel_features(lab, grid, depth_c, depth_ok, cfg.correspondence.grid)
         else:
             unary, features = self._network_unary(image_t, boxes_t, grid)
-            _, overlap = colour_log_ratio(colour_bins(lab, cfg.box_prior.color_bins), valid, grid, unary, cfg.box_prior)
         unary = unary * grid.inside
         t = self._tick("unary", t)
         # 3. bank partners and correspondence
@@ -255,7 +254,7 @@ class StructuredTeacher:
         t = self._tick("refine", t)
         # 6. paste, score, push
         masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
-        scores = mask_score(prob, grid.inside, overlap)
+        scores = mask_score(prob, grid.inside)
         labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
         for k in range(len(boxes)):
             self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))

@@ -12,7 +12,7 @@ from teacher import InstanceLabel, Match, StructuredTeacher
 from teacher.box_prior import bhattacharyya, superellipse_logits
 from teacher.config import TeacherConfig
 from teacher.roi import crop, paste, roi_grid
-from teacher.score import certainty, mask_score
+from teacher.score import mask_score
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -236,8 +236,7 @@ def test_superellipse_prior_is_the_inscribed_ellipse_at_p2():
 def test_score_pieces():
     p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
     inside = torch.tensor([[[[True, True], [True, False]]]])
-    assert torch.allclose(certainty(p, inside), torch.tensor([2 / 3]))
+    assert torch.allclose(mask_score(p, inside), torch.tensor([2 / 3]))
     h = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     assert torch.allclose(bhattacharyya(h, h), torch.ones(2))
     assert torch.allclose(bhattacharyya(h[:1], h[1:]), torch.zeros(1))
-    assert mask_score(p, inside, torch.tensor([1.0])).item() == 0.0
