@@ -6,7 +6,8 @@ Throughput counts labeling time only (from all workers ready to the last result;
 out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). cpu/busy = worker CPU
 seconds per labeling second: near 1 when each single-threaded worker has a core, well below 1 when the
 machine is shared (then 2 workers cannot scale). Peak resident memory is ``ru_maxrss`` of the driver
-(whole script) and of each worker process.
+(whole script) and of each worker process; "driver +RSS" is the driver's resident memory after a run minus
+before it (flat: the driver streams rows to shards).
 
 Each worker has its own memory bank, so with 2 workers each bank sees half the images: the per-image work
 is not identical between the two runs (fewer bank partners early on), which the table's instances column
@@ -15,6 +16,9 @@ lets you judge.
 Prints a table and ends with one JSON line:
 {"images_per_s_1", "images_per_s_2", "scaling", "idle_fraction_1", "idle_fraction_2",
  "driver_peak_rss_mib", "worker_peak_rss_mib", ...}.
+
+The box-prior teacher labels a toy image in a few tenths of a second, so a dozen images make a window of a
+few seconds; ``--images 48`` gives steadier figures.
 
 Run: .venv/bin/python bench/label_service.py [--images 12] [--size 1024x2048] [--set teacher.crf.iters=5]
 """
@@ -38,21 +42,31 @@ from pipeline.label_service import (DatasetFactory, LabelService, TeacherFactory
 from pipeline.shards import BOX_PRIOR  # noqa: E402
 
 
+def current_rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc), to show the driver stays flat during labeling."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def run_once(cfg, workers: int, out: Path) -> dict:
     cfg.label.workers = workers
     dataset = DatasetFactory(cfg.dataset)()
     service = LabelService(cfg.label, out, dataset, DatasetFactory(cfg.dataset),
                            TeacherFactory(cfg.teacher, None), BOX_PRIOR, label_digest(cfg, BOX_PRIOR, 0),
                            device=cfg.teacher.device, dataset_name=cfg.dataset.name)
-    t0 = time.monotonic()
+    rss_before = current_rss_mib()
+    t0, c0 = time.monotonic(), time.process_time()
     summary = service.run()
-    wall = time.monotonic() - t0
+    wall, driver_cpu = time.monotonic() - t0, time.process_time() - c0
     busy = [w["busy_s"] for w in summary.worker_stats]
     cpu = sum(w["cpu_s"] for w in summary.worker_stats)
     label_s = summary.labeling_seconds
     return {
         "workers": workers, "images": summary.images_labeled, "instances": summary.instances,
-        "rejects": summary.rejects, "wall_s": wall, "labeling_s": label_s,
+        "rejects": summary.rejects, "wall_s": wall, "labeling_s": label_s, "driver_cpu_s": driver_cpu,
+        "driver_rss_growth_mib": current_rss_mib() - rss_before,
         "images_per_s": summary.images_labeled / label_s if label_s > 0 else 0.0,
         "idle_fraction": (sum(max(0.0, 1 - b / label_s) for b in busy) / len(busy)) if busy and label_s else 0.0,
         # CPU seconds per busy second: ~1 for a single-threaded worker with a core to itself; less means the
@@ -87,12 +101,12 @@ def main() -> None:
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print(f"\n{'workers':>7} {'images':>6} {'inst':>5} {'label s':>8} {'wall s':>7} {'img/s':>7} {'idle':>6} "
-          f"{'cpu/busy':>8} {'worker RSS MiB':>14}")
+          f"{'cpu/busy':>8} {'driver cpu s':>12} {'driver +RSS MiB':>15} {'worker RSS MiB':>14}")
     for r in results:
         print(f"{r['workers']:>7} {r['images']:>6} {r['instances']:>5} {r['labeling_s']:>8.1f} {r['wall_s']:>7.1f} "
-              f"{r['images_per_s']:>7.3f} {r['idle_fraction']:>6.1%} {r['cpu_per_busy']:>8.2f} "
+              f"{r['images_per_s']:>7.3f} {r['idle_fraction']:>6.1%} {r['cpu_per_busy']:>8.2f} {r['driver_cpu_s']:>12.1f} {r['driver_rss_growth_mib']:>15.1f} "
               f"{r['worker_peak_rss_mib']:>14.0f}")
-    print(f"driver peak RSS: {driver_rss:.0f} MiB (whole script)")
+    print(f"driver peak RSS: {driver_rss:.0f} MiB (whole script, toy generation included)")
     by = {r["workers"]: r for r in results}
     out = {"images": len(dataset), "size": args.size, "driver_peak_rss_mib": round(driver_rss, 1),
            "worker_peak_rss_mib": round(max(r["worker_peak_rss_mib"] for r in results), 1)}
@@ -101,6 +115,7 @@ def main() -> None:
         out[f"idle_fraction_{w}"] = round(r["idle_fraction"], 4)
         out[f"instances_{w}"] = r["instances"]
         out[f"cpu_per_busy_{w}"] = round(r["cpu_per_busy"], 3)
+        out[f"driver_rss_growth_mib_{w}"] = round(r["driver_rss_growth_mib"], 1)
     if 1 in by and 2 in by and by[1]["images_per_s"] > 0:
         out["scaling"] = round(by[2]["images_per_s"] / by[1]["images_per_s"], 3)
     print(json.dumps(out))
