@@ -112,8 +112,8 @@ class BoxPriorConfig:
 
     pad: float = 0.4                  # RoI = box grown by pad * side on each side; the ring is the bg sample
     exponent: float = 2.0             # superellipse exponent (2 = inscribed ellipse)
-    softness: float = 0.25            # logit = (1 - level) / softness
-    color_weight: float = 0.7         # weight of the colour log-likelihood ratio
+    softness: float = 0.35            # logit = (1 - level) / softness
+    color_weight: float = 0.9         # weight of the colour log-likelihood ratio
     color_bins: int = 8               # LAB histogram cells per axis
     color_alpha: float = 0.5          # Laplace smoothing (pseudo-count per cell)
     color_clip: float = 4.0           # |log-likelihood ratio| cap

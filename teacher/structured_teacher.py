@@ -127,8 +127,9 @@ def validate_inputs(image: Any, boxes: Any, classes: Any, depth: Any) -> tuple[n
             raise ValueError(f"label: depth must be float metres, got {depth.dtype}")
         if np.isnan(depth).any():
             raise ValueError("label: depth contains NaN (use 0 for invalid pixels)")
-        depth = depth.astype(np.float32)
-    return image, boxes, classes, depth
+        depth = np.ascontiguousarray(depth, dtype=np.float32)
+    # Views such as image[:, :, ::-1] have negative strides, which torch.from_numpy refuses.
+    return np.ascontiguousarray(image), boxes, classes, depth
 
 
 class StructuredTeacher:

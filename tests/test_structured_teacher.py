@@ -56,6 +56,8 @@ def test_api_exactly_as_issue_writes_it():
         assert isinstance(lab.correspondences, list)
     depth = np.full(img.shape[:2], 5.0, np.float32)
     assert len(teacher.label(img, boxes, classes, depth=depth)) == len(boxes)
+    bgr_view = np.ascontiguousarray(img[:, :, ::-1])[:, :, ::-1]  # negative strides
+    assert np.array_equal(teacher.label(bgr_view, boxes, classes)[0].mask, teacher.label(img, boxes, classes)[0].mask)
     batch = teacher.label_batch([img, img], [boxes, boxes[:1]], [classes, classes[:1]])
     assert [len(b) for b in batch] == [2, 1]
 
@@ -70,15 +72,17 @@ def test_separable_object_recovered_and_masks_inside_boxes():
         assert ys.min() + 0.5 >= box[1] and ys.max() + 0.5 <= box[3]
 
 
-def test_colour_evidence_beats_the_shape_prior_on_a_rectangle():
-    """The ellipse alone misses the corners of a box-filling object; the colour model must recover them."""
+def test_image_evidence_beats_the_shape_prior_on_a_rectangle():
+    """The ellipse alone misses the corners of a box-filling object; colour model, CRF and refinement recover them."""
     img, boxes, classes, gt = rectangle_scene()
     cfg = TeacherConfig()
-    prior_only = dataclasses.replace(cfg, box_prior=dataclasses.replace(cfg.box_prior, color_weight=0.0))
+    prior_only = dataclasses.replace(cfg, box_prior=dataclasses.replace(cfg.box_prior, color_weight=0.0),
+                                     crf=dataclasses.replace(cfg.crf, iters=0),
+                                     refine=dataclasses.replace(cfg.refine, steps=0))
     full = StructuredTeacher.box_prior(cfg).label(img, boxes, classes)[0]
     prior = StructuredTeacher.box_prior(prior_only).label(img, boxes, classes)[0]
     assert iou(full.mask, gt) >= 0.9
-    assert iou(full.mask, gt) > iou(prior.mask, gt) + 0.05
+    assert iou(full.mask, gt) > iou(prior.mask, gt) + 0.1
     assert full.score > prior.score
 
 
@@ -240,3 +244,19 @@ def test_score_pieces():
     h = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     assert torch.allclose(bhattacharyya(h, h), torch.ones(2))
     assert torch.allclose(bhattacharyya(h[:1], h[1:]), torch.zeros(1))
+
+
+def test_depth_gradient_term_helps_where_colour_cannot():
+    """Object and ground share one texture; only depth (a plane vs a ground ramp) tells them apart."""
+    h, w = 100, 140
+    img = np.random.default_rng(0).integers(100, 140, size=(h, w, 3)).astype(np.uint8)
+    ys, xs = np.mgrid[:h, :w] + 0.5
+    depth = (20.0 - 0.1 * ys).astype(np.float32)
+    gt = (np.abs(xs - 70) / 40 + np.abs(ys - 50) / 30) <= 1
+    depth[gt] = 6.0
+    depth[:5] = 0.0  # invalid pixels are allowed
+    boxes, classes = np.array([[30, 20, 110, 80]], np.float32), np.array([0])
+    teacher = StructuredTeacher.box_prior()
+    without = teacher.label(img, boxes, classes)[0].mask
+    with_depth = teacher.label(img, boxes, classes, depth=depth)[0].mask
+    assert iou(with_depth, gt) > iou(without, gt) + 0.04
