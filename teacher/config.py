@@ -131,7 +131,7 @@ class TeacherConfig:
 
     roi_size: int = 48                # R: teacher resolution of the padded RoI crops
     device: str = "auto"              # "auto" | "cpu" | "cuda"
-    seed: int = 0                     # seeds the bank's sampling and the network-free parts
+    seed: int = 0                     # seeds the memory bank's partner sampling (replaces bank.seed)
     mask_thresh: float = 0.5          # probability threshold of the pasted masks
     # Cross-image term from memory-bank partners: None = network mode only. In box-prior mode the low-level
     # features do not carry semantic correspondence: on coco_tiny it cost ~75 ms/instance for -0.0005 mean IoU.

@@ -18,6 +18,7 @@ under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -146,7 +147,8 @@ class StructuredTeacher:
         if self.config.roi_size < 8:
             raise ValueError(f"TeacherConfig.roi_size must be >= 8, got {self.config.roi_size}")
         self.device = _resolve_device(self.config.device)
-        self.bank = MemoryBank(self.config.bank)
+        # The teacher's one seed drives the bank's partner sampling (the only random choice of the pipeline).
+        self.bank = MemoryBank(dataclasses.replace(self.config.bank, seed=self.config.seed))
         self.timings = dict.fromkeys(STAGES, 0.0)
         self.labelled = 0
         self._auto_image = 0
