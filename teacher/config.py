@@ -123,6 +123,7 @@ class BoxPriorConfig:
     em_iters: int = 2                 # colour-model re-estimations
     weak_overlap: float = 0.9         # Bhattacharyya overlap above which the colour term fades out
     lab_scale: float = 20.0           # LAB / lab_scale is the CRF colour (so CRFConfig.zeta 0.5 = 10 LAB units)
+    depth_scale: float = 0.1          # relative depth / depth_scale joins the CRF colour (0 = colour only)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class TeacherConfig:
     seed: int = 0                     # seeds the memory bank's partner sampling (replaces bank.seed)
     mask_thresh: float = 0.5          # probability threshold of the pasted masks
     # Cross-image term from memory-bank partners: None = network mode only. In box-prior mode the low-level
-    # features do not carry semantic correspondence: on coco_tiny it cost ~75 ms/instance for -0.0005 mean IoU.
+    # features do not carry semantic correspondence: on coco_tiny it cost ~50 ms/instance for no gain (-0.0001).
     use_correspondence: bool | None = None
     cross_image_size: int = 16        # side of the masks the cross-image unary is transferred at (then upsampled)
     box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)

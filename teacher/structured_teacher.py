@@ -7,7 +7,7 @@ Per image, all boxes batched as RoIs:
    low-level features: colour, gradient, position, depth); network mode -> the network.
 3. Memory bank partners of the same class (`teacher.memory_bank`) and dense correspondence with them
    (`teacher.correspondence`), giving the cross-image unary through T.
-4. Mean-field CRF with colour Potts and the cross-image unary (`teacher.crf.meanfield_soft`).
+4. Mean-field CRF with colour (and relative depth) Potts and the cross-image unary (`teacher.crf.meanfield_soft`).
 5. AsyInst asymmetric-affinity refinement (`teacher.refine`).
 6. Paste back at full resolution inside the box, score (`teacher.score`), push into the bank.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box_prior import box_prior_logits, lowlevel_features
+from .box_prior import box_prior_logits, crf_features, lowlevel_features
 from .color import rgb_to_lab
 from .config import TeacherConfig
 from .correspondence import correspond, cross_image_unary
@@ -244,7 +244,7 @@ class StructuredTeacher:
         cross, matches = self._cross_image(features, unary, boxes, classes, image_id)
         t = self._tick("correspondence", t)
         # 4. CRF
-        q = meanfield_soft(torch.cat([1 - unary, unary], 1), lab / cfg.box_prior.lab_scale,
+        q = meanfield_soft(torch.cat([1 - unary, unary], 1), crf_features(lab, depth_c, depth_ok, cfg.box_prior),
                            grid.inside.to(unary.dtype), cross, cfg.crf)[:, 1:]
         t = self._tick("crf", t)
         # 5. refinement
