@@ -129,11 +129,12 @@ def sinkhorn(
     log_a, log_b = a.log(), b.log()
     f = cost.new_zeros(B, n)
     g = cost.new_zeros(B, m)
+    # Plain start (f = g = 0, POT's iterates) while exp(-C/eps) is safely representable; else the log domain.
+    need_lse = float(cost.abs().amax()) / stages[0] >= 2 * log_tau
     done = 0
 
-    def finish(keep: torch.Tensor, u: torch.Tensor, kern: torch.Tensor, v: torch.Tensor, viol: torch.Tensor) -> None:
-        """Write out the pairs not in `keep` (bool over the working batch)."""
-        out = ~keep
+    def finish(out: torch.Tensor, u: torch.Tensor, kern: torch.Tensor, v: torch.Tensor, viol: torch.Tensor) -> None:
+        """Write out the pairs selected by `out` (bool over the working batch)."""
         idx = active[out]
         plan[idx] = u[out, :, None] * kern[out] * v[out, None, :]
         iters[idx] = done
@@ -141,17 +142,20 @@ def sinkhorn(
 
     while active.numel() > 0:
         if done + 1 >= max_iter:
-            stage = len(stages) - 1  # out of iterations: the last log-domain step goes to the final epsilon
+            stage = len(stages) - 1  # out of iterations: the last step goes to the final epsilon
         eps = stages[stage]
         last_stage = stage == len(stages) - 1
-        # Absorption step: one exact log-domain iteration, then the stabilised kernel K~ (entries <= 1).
-        g = eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1))
-        f = eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
-        done += 1
+        if need_lse:
+            # One exact log-domain iteration: afterwards K~ has entries <= 1 and rows summing to a.
+            g = eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1))
+            f = eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
+            done += 1
+            need_lse = False
         kern = torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
         u = torch.ones_like(f)
         v = torch.ones_like(g)
         k_v = kern.sum(-1)
+        live = torch.ones_like(active, dtype=torch.bool)  # pairs of the working batch still iterating
         while True:
             kt_u = torch.bmm(u[:, None, :], kern)[:, 0, :]
             viol = _marginal_violation(u, k_v, a_, v, kt_u, b_)
@@ -160,26 +164,37 @@ def sinkhorn(
                 g = g + eps * v.log()
                 stage += 1
                 break
-            keep = viol > tol
-            if done >= max_iter:
-                keep = torch.zeros_like(keep)
-            if not bool(keep.all()):
-                finish(keep, u, kern, v, viol)
-                active, C, a_, b_, log_a, log_b, warm_tol = (
-                    t[keep] for t in (active, C, a_, b_, log_a, log_b, warm_tol)
-                )
-                f, g, u, v, kern, kt_u, k_v = (t[keep] for t in (f, g, u, v, kern, kt_u, k_v))
-                if active.numel() == 0:
-                    break
+            keep = live & (viol > tol) if done < max_iter else torch.zeros_like(live)
+            newly = live & ~keep
+            if bool(newly.any()):
+                finish(newly, u, kern, v, viol)
+                live = keep
+                if int(live.sum()) * 2 <= live.numel():
+                    # Shrink the working batch once at least half of it is done (copying K~ costs an iteration).
+                    active, C, a_, b_, log_a, log_b, warm_tol = (
+                        t[live] for t in (active, C, a_, b_, log_a, log_b, warm_tol)
+                    )
+                    f, g, u, v, kern, kt_u, k_v = (t[live] for t in (f, g, u, v, kern, kt_u, k_v))
+                    live = live[live]
+                    if active.numel() == 0:
+                        break
             v_new = b_ / kt_u
             k_v = torch.bmm(kern, v_new[:, :, None])[:, :, 0]
             u_new = a_ / k_v
+            # Finished pairs keep their scalings (their products are ignored from now on).
+            u_new = torch.where(live[:, None], u_new, u)
+            v_new = torch.where(live[:, None], v_new, v)
             log_u, log_v = u_new.log(), v_new.log()
-            safe = torch.isfinite(log_u).all() & torch.isfinite(log_v).all()
-            if not bool(safe and log_u.abs().max() < log_tau and log_v.abs().max() < log_tau):
-                # Absorb the last safe scalings; the next log-domain step redoes this iteration exactly.
+            finite = bool(torch.isfinite(log_u).all() & torch.isfinite(log_v).all())
+            if not (finite and float(log_u.abs().max()) < log_tau and float(log_v.abs().max()) < log_tau):
+                # Absorb the last safe scalings; after an underflow, redo this iteration in the log domain.
                 f = f + eps * u.log()
                 g = g + eps * v.log()
+                need_lse = not finite
+                if not bool(live.all()):  # finished pairs are written out already
+                    active, C, a_, b_, log_a, log_b, warm_tol, f, g = (
+                        t[live] for t in (active, C, a_, b_, log_a, log_b, warm_tol, f, g)
+                    )
                 break
             u, v = u_new, v_new
             done += 1
