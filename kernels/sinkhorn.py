@@ -2,11 +2,13 @@
 
 `sinkhorn` is the convergent solver: log-stabilised scaling with absorption (Schmitzer 2016, "Stabilized sparse
 scaling algorithms for entropy regularized transport problems"). The iterations are plain Sinkhorn scalings
-u = a / (K~ v), v = b / (K~^T u) with batched matrix-vector products on an absorbed kernel
-K~ = exp((f_i + g_j - C_ij) / eps); whenever a scaling leaves a safe range (or stops being finite), it is absorbed
-into the dual potentials f, g and K~ is rebuilt after one exact log-domain (log-sum-exp) iteration. That log-domain
-step is also how the solver starts, so rows whose plain Gibbs kernel exp(-C/eps) would underflow to zero (small
-eps) stay well defined. Converged pairs leave the working batch, so each pair gets exactly the iterations it needs.
+v = b / (K~^T u), u = a / (K~ v) with batched matrix-vector products on an absorbed kernel
+K~ = exp((f_i + g_j - C_ij) / eps); whenever a scaling leaves a safe range it is absorbed into the dual potentials
+f, g and K~ is rebuilt. When exp(-C/eps) would underflow (small eps) the solver starts, and after any underflow
+continues, with one exact log-domain (log-sum-exp) iteration, after which every row of K~ is well defined.
+Otherwise it starts from f = g = 0, so its iterates are exactly POT's `sinkhorn_knopp` ones. For small eps an
+epsilon ladder warms up the duals (see `sinkhorn`). Converged pairs stop iterating, so each pair gets exactly the
+iterations it needs.
 
 `sinkhorn_official` is DiscoBox's `SemanticCorrSolver.perform_sinkhorn` as written: 100 plain iterations, no
 stabilisation, no stopping test.
@@ -94,6 +96,9 @@ def sinkhorn(
     Returns SinkhornResult(plan (B,n,m), iters (B,) iterations run, err (B,) the violation at the stop).
     """
     _check_problem(cost, a, b, "sinkhorn")
+    B, n, m = cost.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"sinkhorn: both sides need at least one point, got cost shape {tuple(cost.shape)}")
     if not (isinstance(epsilon, (int, float)) and epsilon > 0):
         raise ValueError(f"sinkhorn: epsilon must be a positive number, got {epsilon!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
@@ -112,7 +117,9 @@ def sinkhorn(
             f"{float(mass_a[worst]):.6g} vs {float(mass_b[worst]):.6g}"
         )
 
-    B, n, m = cost.shape
+    if B == 0:
+        no_iters = torch.zeros(0, dtype=torch.int64, device=cost.device)
+        return SinkhornResult(plan=cost.new_empty(0, n, m), iters=no_iters, err=cost.new_empty(0))
     stages = epsilon_schedule(cost, float(epsilon)) if eps_scaling else [float(epsilon)]
     stage = 0
     # Warm-up stages only need to bring the duals near the next stage's solution.

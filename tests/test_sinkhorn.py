@@ -170,3 +170,7 @@ def test_bad_input_is_rejected_with_clear_messages():
         sinkhorn(cost.clone().fill_(float("nan")), a, b, 0.1)
     with pytest.raises(ValueError, match="reg"):
         sinkhorn_official(cost, a, b, reg=-1.0)
+    with pytest.raises(ValueError, match="at least one point"):
+        sinkhorn(cost[:, :0], a[:, :0], b, 0.1)
+    empty = sinkhorn(cost[:0], a[:0], b[:0], 0.1)
+    assert empty.plan.shape == (0, 5, 6) and empty.iters.shape == (0,) and empty.err.shape == (0,)
