@@ -123,11 +123,16 @@ def message_passing(
             backend = "cuda" if q.device.type == "cuda" else "cpu" if q.device.type == "cpu" else "reference"
     if backend == "reference":
         return message_passing_reference(q, kernel, offsets)
+    if torch.is_grad_enabled() and (q.requires_grad or kernel.requires_grad):
+        raise ValueError(
+            f"message_passing: backend {backend!r} is not differentiable; use 'reference' or 'auto' for tensors "
+            "that need gradients, or run under torch.no_grad()"
+        )
     module = extension.load_cuda() if backend == "cuda" else extension.load_cpu()
     if module is None:
         return message_passing_reference(q, kernel, offsets)
-    q_c = q.detach().contiguous()
-    k_c = kernel.detach().contiguous()
+    q_c = q.contiguous()
+    k_c = kernel.contiguous()
     offs = _offsets_tensor(offsets, torch.device("cpu"))
     if backend == "cuda":
         return module.message_passing(q_c, k_c, offs)

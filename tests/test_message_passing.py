@@ -124,6 +124,12 @@ def test_reference_is_differentiable():
     # "auto" routes tensors that need gradients to the reference.
     message_passing(q, kernel, offsets).sum().backward()
     assert q.grad is not None and kernel.grad is not None
+    with pytest.raises(ValueError, match="not differentiable"):
+        message_passing(q, kernel, offsets, backend="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            message_passing(q, kernel, offsets, backend="cpu"), message_passing_reference(q, kernel, offsets)
+        )
 
 
 def test_fallback_without_compiler_warns_once_and_stays_correct(monkeypatch):
