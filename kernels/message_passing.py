@@ -98,8 +98,9 @@ def message_passing_reference(
     return out
 
 
-def _offsets_tensor(offsets: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    return torch.tensor([[int(dy), int(dx)] for dy, dx in offsets], dtype=torch.int64).reshape(-1, 2).to(device)
+def _offsets_tensor(offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(K,2) int64 CPU tensor; the extensions read it on the host."""
+    return torch.tensor([[int(dy), int(dx)] for dy, dx in offsets], dtype=torch.int64).reshape(-1, 2)
 
 
 def message_passing(
@@ -133,7 +134,7 @@ def message_passing(
         return message_passing_reference(q, kernel, offsets)
     q_c = q.contiguous()
     k_c = kernel.contiguous()
-    offs = _offsets_tensor(offsets, torch.device("cpu"))
+    offs = _offsets_tensor(offsets)
     if backend == "cuda":
         return module.message_passing(q_c, k_c, offs)
     return module.message_passing(q_c, k_c, offs, torch.get_num_threads())
