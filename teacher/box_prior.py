@@ -10,8 +10,6 @@ Unary (all maps on the padded R x R RoI crops of `teacher.roi`, u/v = box-normal
    split into its four sides and every pixel takes the side histograms weighted by softmax(-distance / tau) to
    those sides, because the background next to the left edge of a box is what the left edge must be told apart
    from. logit = logit_s + w_c * clip(log p_fg(c) - log p_bg(c)), re-estimated ``em_iters`` times.
-3. Weak evidence: when the foreground and background histograms barely differ (Bhattacharyya coefficient near 1)
-   the colour term is faded out so the unary falls back to the shape prior.
 
 Also here: the low-level correspondence features of the box-prior mode (colour, gradient, position, depth) and
 the CRF's Potts features (colour, plus relative depth when depth exists).
@@ -21,7 +19,9 @@ the toy data); no ground-truth mask is used to build any part of the prior. Find
 instances; bench/teacher.py --ablation): superellipse exponents 1.7-3 are within 0.01 of the ellipse (p = 2
 kept); the colour model adds ~3 points, and most of that is the side-local background (a global ring histogram
 alone gives ~1 point less); finer histograms (10-12 bins), more EM rounds, hole filling or keeping the largest
-component change < 0.001; in-box pixels in the local background models hurt (-0.2 to -0.4 points).
+component change < 0.001; in-box pixels in the local background models hurt (-0.2 to -0.4 points); fading the
+colour term out when the fg / bg histograms overlap (Bhattacharyya coefficient above 0.8 / 0.9) hurt too (-0.18 /
+-0.04 points), so the CRF and the refinement, not a gate, handle weak colour evidence.
 """
 from __future__ import annotations
 
@@ -69,18 +69,12 @@ def side_weights(grid: RoIGrid, tau: float) -> tuple[torch.Tensor, torch.Tensor]
     return side, torch.softmax(-dist / tau, 1)
 
 
-def bhattacharyya(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Bhattacharyya coefficient sum sqrt(p q) of normalised histograms (N,M) -> (N,), 1 = identical."""
-    return (p * q).sqrt().sum(1)
-
-
 def colour_log_ratio(cells: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, fg_prob: torch.Tensor,
-                     cfg: BoxPriorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped colour log-likelihood ratio log p_fg - log p_bg and the fg/bg histogram overlap.
+                     cfg: BoxPriorConfig) -> torch.Tensor:
+    """Clipped colour log-likelihood ratio log p_fg - log p_bg (module docstring).
 
     cells (N,R*R) from `colour_bins`; valid (N,1,R,R) bool (inside the image); fg_prob (N,1,R,R) current
-    posterior. Returns llr (N,1,R,R) float32 in [-clip, clip] and overlap (N,) (Bhattacharyya coefficient of the
-    foreground and global background models).
+    posterior. Returns llr (N,1,R,R) float32 in [-clip, clip].
     """
     n, _, r, _ = valid.shape
     ncells = cfg.color_bins**3
@@ -100,18 +94,7 @@ def colour_log_ratio(cells: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, fg
             local = local + weights[:, s] * hist.gather(1, cells)
         p_bg = cfg.local_background * local + (1.0 - cfg.local_background) * p_bg
     llr = (p_fg.log() - p_bg.log()).clamp(-cfg.color_clip, cfg.color_clip)
-    return llr.view(n, 1, r, r), bhattacharyya(fg, bg)
-
-
-def evidence_gate(overlap: torch.Tensor, cfg: BoxPriorConfig) -> torch.Tensor:
-    """Weight in [0, 1] of the colour term from the fg/bg histogram overlap (N,) -> (N,1,1,1).
-
-    1 while the overlap is below ``weak_overlap``, falling linearly to 0 at overlap 1 (identical histograms:
-    the colours say nothing about the object).
-    """
-    lo = cfg.weak_overlap
-    gate = ((1.0 - overlap) / max(1.0 - lo, 1e-6)).clamp(0.0, 1.0)
-    return gate.view(-1, 1, 1, 1)
+    return llr.view(n, 1, r, r)
 
 
 def box_prior_logits(lab: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, cfg: BoxPriorConfig) -> torch.Tensor:
@@ -126,8 +109,7 @@ def box_prior_logits(lab: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, cfg:
     cells = colour_bins(lab, cfg.color_bins)
     logits = prior
     for _ in range(cfg.em_iters):
-        llr, overlap = colour_log_ratio(cells, valid, grid, torch.sigmoid(logits), cfg)
-        logits = prior + cfg.color_weight * evidence_gate(overlap, cfg) * llr
+        logits = prior + cfg.color_weight * colour_log_ratio(cells, valid, grid, torch.sigmoid(logits), cfg)
     return logits
 
 

@@ -121,7 +121,6 @@ class BoxPriorConfig:
     local_background: float = 0.9     # share of the side-local background model (0 = global ring only)
     local_tau: float = 0.2            # softmax temperature over distances to the four box sides
     em_iters: int = 2                 # colour-model re-estimations
-    weak_overlap: float = 0.9         # Bhattacharyya overlap above which the colour term fades out
     lab_scale: float = 20.0           # LAB / lab_scale is the CRF colour (so CRFConfig.zeta 0.5 = 10 LAB units)
     depth_scale: float = 0.1          # relative depth / depth_scale joins the CRF colour (0 = colour only)
 

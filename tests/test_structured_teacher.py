@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from teacher import InstanceLabel, Match, StructuredTeacher
-from teacher.box_prior import bhattacharyya, superellipse_logits
+from teacher.box_prior import colour_log_ratio, colour_bins, superellipse_logits
 from teacher.config import TeacherConfig
 from teacher.roi import crop, paste, roi_grid
 from teacher.score import mask_score
@@ -94,8 +94,13 @@ def test_score_ranks_clear_objects_above_camouflaged_ones():
     assert clear.score > camouflaged.score
 
 
+# The partner tests use the official (message-passing) correspondence: it needs no Sinkhorn and is ~10x faster;
+# the ICM mode's maths is tested with the correspondence module.
+OFFICIAL = dataclasses.replace(TeacherConfig().correspondence, mode="official")
+
+
 def test_memory_bank_fills_and_partners_are_used():
-    cfg = TeacherConfig(use_correspondence=True)
+    cfg = TeacherConfig(use_correspondence=True, correspondence=OFFICIAL)
     teacher = StructuredTeacher.box_prior(cfg)
     for seed in range(6):
         img, boxes, classes, _ = blob_scene(seed)
@@ -113,7 +118,7 @@ def test_memory_bank_fills_and_partners_are_used():
 
 
 def test_no_partners_below_min_partners():
-    teacher = StructuredTeacher.box_prior(TeacherConfig(use_correspondence=True))
+    teacher = StructuredTeacher.box_prior(TeacherConfig(use_correspondence=True, correspondence=OFFICIAL))
     for seed in range(2):
         img, boxes, _, _ = blob_scene(seed)
         labels = teacher.label(img, boxes, np.zeros(2, np.int64), image_id=seed)
@@ -141,7 +146,7 @@ def test_empty_tiny_and_border_boxes():
 
 def test_deterministic_for_a_seed():
     def run():
-        teacher = StructuredTeacher.box_prior(TeacherConfig(seed=3, use_correspondence=True))
+        teacher = StructuredTeacher.box_prior(TeacherConfig(seed=3, use_correspondence=True, correspondence=OFFICIAL))
         out = []
         for seed in range(6):
             img, boxes, _, _ = blob_scene(seed)
@@ -202,7 +207,7 @@ class PriorNetwork:
 
 def test_network_mode_uses_the_network_and_correspondence():
     net = PriorNetwork()
-    teacher = StructuredTeacher(net, TeacherConfig())
+    teacher = StructuredTeacher(net, TeacherConfig(correspondence=OFFICIAL))
     assert teacher.uses_correspondence
     for seed in range(6):
         img, boxes, classes, gts = blob_scene(seed)
@@ -241,9 +246,28 @@ def test_score_pieces():
     p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
     inside = torch.tensor([[[[True, True], [True, False]]]])
     assert torch.allclose(mask_score(p, inside), torch.tensor([2 / 3]))
-    h = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
-    assert torch.allclose(bhattacharyya(h, h), torch.ones(2))
-    assert torch.allclose(bhattacharyya(h[:1], h[1:]), torch.zeros(1))
+
+
+def test_colour_log_ratio_against_brute_force_histograms():
+    """Global background only: llr = log of the ratio of smoothed weighted histograms, computed by hand."""
+    cfg = TeacherConfig().box_prior
+    cfg = dataclasses.replace(cfg, local_background=0.0, color_bins=4, color_alpha=0.5, color_clip=50.0)
+    grid = roi_grid(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), 12, 0.25)
+    gen = torch.Generator().manual_seed(0)
+    lab = torch.stack([torch.rand(12, 12, generator=gen) * 100, torch.rand(12, 12, generator=gen) * 200 - 100,
+                       torch.rand(12, 12, generator=gen) * 200 - 100])[None]
+    valid = torch.ones(1, 1, 12, 12, dtype=torch.bool)
+    q = torch.rand(1, 1, 12, 12, generator=gen)
+    cells = colour_bins(lab, 4)
+    llr = colour_log_ratio(cells, valid, grid, q, cfg)[0, 0].flatten()
+    inside = grid.inside.flatten().numpy()
+    qf, c = q.flatten().numpy(), cells[0].numpy()
+    fg, bg = np.full(64, 0.5), np.full(64, 0.5)
+    for k in range(144):
+        fg[c[k]] += qf[k] * inside[k]
+        bg[c[k]] += (1.0 - qf[k]) if inside[k] else cfg.ring_weight
+    ref = np.log(fg[c] / fg.sum()) - np.log(bg[c] / bg.sum())
+    assert np.allclose(llr.numpy(), ref, atol=1e-4)
 
 
 def test_depth_gradient_term_helps_where_colour_cannot():
