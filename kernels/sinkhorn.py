@@ -194,9 +194,16 @@ def sinkhorn(
             log_u, log_v = u_new.log(), v_new.log()
             finite = bool(torch.isfinite(log_u).all() & torch.isfinite(log_v).all())
             if not (finite and float(log_u.abs().max()) < log_tau and float(log_v.abs().max()) < log_tau):
-                # Absorb the last safe scalings; after an underflow, redo this iteration in the log domain.
-                f = f + eps * u.log()
-                g = g + eps * v.log()
+                if finite:
+                    # Absorb the new scalings: this iteration counts. (Absorbing the previous ones instead would
+                    # loop for ever when they are still the all-ones of a freshly rebuilt K~.)
+                    f = f + eps * log_u
+                    g = g + eps * log_v
+                    done += 1
+                else:
+                    # Underflow: absorb the last safe scalings and redo this iteration in the log domain.
+                    f = f + eps * u.log()
+                    g = g + eps * v.log()
                 need_lse = not finite
                 if not bool(live.all()):  # finished pairs are written out already
                     active, C, a_, b_, log_a, log_b, warm_tol, f, g = (

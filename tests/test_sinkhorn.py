@@ -129,6 +129,20 @@ def test_pairs_are_independent_and_stop_at_their_own_iteration():
         torch.testing.assert_close(alone.plan[0], batch.plan[k], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_scaling_beyond_the_safe_range_still_progresses(dtype):
+    # One column far more costly than the rest: the very first v = b / (K^T u) after building K~ leaves the safe
+    # range while finite. Absorbing the previous (all-ones) scalings there made no progress and looped for ever.
+    n = 6
+    cost = torch.rand(1, n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    cost[:, :, 0] = 30.0 if dtype == torch.float32 else 200.0
+    a = torch.full((1, n), 1.0 / n, dtype=dtype)
+    res = sinkhorn(cost, a, a.clone(), 1.0, tol=1e-5, max_iter=500, eps_scaling=False)
+    assert int(res.iters[0]) < 500 and float(res.err[0]) <= 1e-5
+    torch.testing.assert_close(res.plan.sum(1), a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.plan.sum(2), a, rtol=0, atol=1e-5)
+
+
 def test_iteration_cap_is_reported():
     cost, a, b = random_problem(2, 10, 10, torch.float64, seed=5)
     for max_iter in (1, 3, 7, 40):
