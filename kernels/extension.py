@@ -23,6 +23,7 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_MODULE = "boxmask_message_passing_cpu"
 CUDA_MODULE = "boxmask_message_passing_cuda"
+MEANFIELD_CPU_MODULE = "boxmask_meanfield_cpu"
 
 
 def build_root() -> Path:
@@ -58,8 +59,10 @@ def _nvcc_library_dirs(cuda_home: str | None) -> list[str]:
     return [d for d in dirs if any(Path(d).glob("libcudart.so*"))]
 
 
-def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
-    """Compile (or reuse the cached build of) one extension and import it; raises when the build fails."""
+def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or reuse the cached build of) one extension and import it; raises when the build fails.
+
+    cflags: extra host-compiler flags for this extension only."""
     from torch.utils import cpp_extension
 
     build_dir = build_root() / name
@@ -70,7 +73,7 @@ def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
     return cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp", *cflags],
         extra_ldflags=ldflags,
         extra_cuda_cflags=["-O3"] if cuda else None,
         with_cuda=cuda,
@@ -90,6 +93,14 @@ def _first_error_line(exc: BaseException) -> str:
 def build_cpu() -> ModuleType:
     """Compile (or reuse) the C++/OpenMP message-passing extension; raises when it cannot be built."""
     return _build(CPU_MODULE, [CSRC / "message_passing_cpu.cpp"], cuda=False)
+
+
+def build_meanfield_cpu() -> ModuleType:
+    """Compile (or reuse) the fused C++/OpenMP soft mean-field extension; raises when it cannot be built.
+
+    -fno-trapping-math lets its exp and selects vectorise (nothing reads the floating-point exception flags).
+    """
+    return _build(MEANFIELD_CPU_MODULE, [CSRC / "meanfield_cpu.cpp"], cuda=False, cflags=("-fno-trapping-math",))
 
 
 def build_cuda() -> ModuleType:
@@ -117,6 +128,12 @@ def _load_or_warn(name: str, build) -> ModuleType | None:
 def load_cpu() -> ModuleType | None:
     """The C++/OpenMP message-passing module, or None (after one warning) when it cannot be built."""
     return _load_or_warn(CPU_MODULE, build_cpu)
+
+
+@functools.cache
+def load_meanfield_cpu() -> ModuleType | None:
+    """The fused C++/OpenMP soft mean-field module, or None (after one warning) when it cannot be built."""
+    return _load_or_warn(MEANFIELD_CPU_MODULE, build_meanfield_cpu)
 
 
 @functools.cache

@@ -75,7 +75,7 @@ class CRFConfig:
     dilation: int = 1                 # soft: 8-neighbourhood dilation
     cross_image_weight: float = 0.5   # soft: w2 on the cross-image [bg, fg] support
     unary_floor: float = 1e-4         # soft: probabilities are clamped to [floor, 1] before -log
-    backend: str = "auto"             # message-passing backend (kernels.message_passing)
+    backend: str = "auto"             # kernel backend: auto (by device), reference, cpu, cuda (kernels.meanfield)
     kernel_size: int = 3              # official: window of the colour kernel (centre included)
     alpha0: float = 2.0               # official: kernel weight (config loss_ts)
     theta0: float = 0.5               # official: colour bandwidth

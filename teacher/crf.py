@@ -1,6 +1,6 @@
 """Mean-field CRF over RoIs: DiscoBox's structured teacher (paper section 3.2-3.3, appendix A).
 
-Two modes share the kernels' message passing (`kernels.message_passing`, so they get its CPU/CUDA backends):
+Two modes, both on the kernels' backends (`kernels.meanfield`, `kernels.message_passing`):
 
 - ``meanfield_soft``: the paper's CRF solved with soft mean-field. Energy of a labelling x (labels bg=0, fg=1):
 
@@ -15,9 +15,9 @@ Two modes share the kernels' message passing (`kernels.message_passing`, so they
   Update schedule: the fully parallel mean-field update can oscillate (two neighbours flip each other back and
   forth) and then increases F. We instead update the pixels in four colour classes ((y // d) % 2, (x // d) % 2):
   no two pixels of a class are neighbours, so updating a whole class at once is exact block-coordinate descent on
-  F and never increases it. One "sweep" = the four classes in turn (four message passes, each over the whole
-  map: simpler and, with the fast backends, cheaper than gathering a class's pixels); we stop when no marginal
-  moves more than ``tol`` in a sweep, or after ``iters`` sweeps.
+  F and never increases it. One "sweep" = the four classes in turn; a RoI stops when none of its marginals moves
+  more than ``tol`` in a sweep, or after ``iters`` sweeps. The sweeps are `kernels.meanfield.meanfield_sweeps`:
+  on CPU tensors one fused C++ pass per RoI, elsewhere four message passes per sweep with ``cfg.backend``.
 
 - ``meanfield_official``: DiscoBox's ``MeanField`` as the released code computes it (3x3 kernel including the
   centre, states re-thresholded to {base, 1 - base} after every iteration; see goldens README).
@@ -27,12 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.meanfield import meanfield_sweeps
 from kernels.message_passing import message_passing, neighbour_offsets
 
 from .affinity import dice_loss
 from .config import CRFConfig
-
-_NEG_INF = float("-inf")
 
 
 def _check_map(name: str, t: object, channels: int | None, batch: int | None = None) -> torch.Tensor:
@@ -88,20 +87,6 @@ def soft_unary(unary: torch.Tensor, cross_unary: torch.Tensor | None, cfg: CRFCo
     return theta
 
 
-def _colour_classes(h: int, w: int, dilation: int, device: torch.device) -> list[torch.Tensor]:
-    """Four (h,w) bool masks partitioning the pixels so that no two dilated 8-neighbours share a class."""
-    ys = (torch.arange(h, device=device) // dilation) % 2
-    xs = (torch.arange(w, device=device) // dilation) % 2
-    cls = ys[:, None] * 2 + xs[None, :]
-    return [cls == c for c in range(4)]
-
-
-def _masked_softmax(logits: torch.Tensor, fg_allowed: torch.Tensor) -> torch.Tensor:
-    """softmax over the label axis of (N,2,h,w) logits with the fg logit set to -inf where fg is not allowed."""
-    fg = torch.where(fg_allowed, logits[:, 1:], torch.full_like(logits[:, 1:], _NEG_INF))
-    return torch.softmax(torch.cat([logits[:, :1], fg], 1), dim=1)
-
-
 def _check_soft_inputs(unary, image, box_mask, cross_unary) -> None:
     _check_map("meanfield_soft: unary", unary, 2)
     n, _, h, w = unary.shape
@@ -135,21 +120,10 @@ def meanfield_soft(
     """
     _check_soft_inputs(unary, image, box_mask, cross_unary)
     image = image.to(unary.dtype)
-    theta = soft_unary(unary, cross_unary, cfg)
-    kernel = colour_potts_kernel(image, cfg.w1, cfg.zeta, cfg.dilation)
-    offsets = neighbour_offsets(3, cfg.dilation)
-    fg_allowed = box_mask > 0.5
-    classes = _colour_classes(unary.shape[2], unary.shape[3], cfg.dilation, unary.device)
     with torch.no_grad():
-        q = _masked_softmax(-theta, fg_allowed)
-        for _ in range(cfg.iters):
-            prev = q
-            for cls in classes:
-                msg = message_passing(q, kernel, offsets, backend=cfg.backend)
-                q = torch.where(cls, _masked_softmax(msg - theta, fg_allowed), q)
-            if (q - prev).abs().max() <= cfg.tol:
-                break
-    return q
+        theta = soft_unary(unary, cross_unary, cfg).to(unary.dtype)
+        kernel = colour_potts_kernel(image, cfg.w1, cfg.zeta, cfg.dilation)
+        return meanfield_sweeps(theta, kernel, box_mask > 0.5, cfg.dilation, cfg.iters, cfg.tol, cfg.backend)
 
 
 def crf_energy(
