@@ -1,7 +1,7 @@
 """Build-on-first-use loader for the C++/OpenMP and CUDA extensions in `kernels/csrc`.
 
 Each extension is compiled by `torch.utils.cpp_extension.load` the first time it is needed and cached in a per-user
-build directory (`$BOXMASK_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>`, else
+build directory (`$BOXMASK_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>-<cpu>`, else
 `~/.cache/...`); torch rebuilds only when the sources or flags change, and its file lock makes concurrent first uses
 safe. When a build fails (no compiler, no CUDA toolkit), the loader warns once and returns None, and callers fall
 back to the PyTorch reference.
@@ -10,7 +10,9 @@ back to the PyTorch reference.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -24,6 +26,19 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_MODULE = "boxmask_message_passing_cpu"
 CUDA_MODULE = "boxmask_message_passing_cuda"
 MEANFIELD_CPU_MODULE = "boxmask_meanfield_cpu"
+SINKHORN_CPU_MODULE = "boxmask_sinkhorn_cpu"
+
+
+def _cpu_tag() -> str:
+    """A short digest of this CPU's instruction-set flags: the CPU extensions are built with -march=native, so a
+    build must not be reused on another kind of CPU (e.g. a home directory shared across machines)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    flags = flags or platform.machine() + platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
 def build_root() -> Path:
@@ -32,7 +47,8 @@ def build_root() -> Path:
     if override:
         return Path(override)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+           f"-cpu{_cpu_tag()}")
     return cache / "boxmask" / "torch_extensions" / tag
 
 
@@ -67,13 +83,18 @@ def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] =
 
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    # torch decides whether to rebuild from the sources and flags alone: a digest of the shared headers in the
+    # flags makes a header change rebuild every extension that may include it.
+    headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
+    cflags = (*cflags, f"-DBOXMASK_HEADERS_{headers}")
     ldflags = ["-fopenmp"]
     if cuda:
         ldflags += [f"-L{d}" for d in _nvcc_library_dirs(cpp_extension.CUDA_HOME)]
     return cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
-        extra_cflags=["-O3", "-fopenmp", *cflags],
+        # Built on first use on the machine that runs it: -march=native lets the loops use its widest vectors.
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
         extra_ldflags=ldflags,
         extra_cuda_cflags=["-O3"] if cuda else None,
         with_cuda=cuda,
@@ -101,6 +122,12 @@ def build_meanfield_cpu() -> ModuleType:
     -fno-trapping-math lets its exp and selects vectorise (nothing reads the floating-point exception flags).
     """
     return _build(MEANFIELD_CPU_MODULE, [CSRC / "meanfield_cpu.cpp"], cuda=False, cflags=("-fno-trapping-math",))
+
+
+def build_sinkhorn_cpu() -> ModuleType:
+    """Compile (or reuse) the C++/OpenMP Sinkhorn extension (absorbed kernel, scaling iterations); raises when it
+    cannot be built. -fno-trapping-math: see `build_meanfield_cpu`."""
+    return _build(SINKHORN_CPU_MODULE, [CSRC / "sinkhorn_cpu.cpp"], cuda=False, cflags=("-fno-trapping-math",))
 
 
 def build_cuda() -> ModuleType:
@@ -134,6 +161,12 @@ def load_cpu() -> ModuleType | None:
 def load_meanfield_cpu() -> ModuleType | None:
     """The fused C++/OpenMP soft mean-field module, or None (after one warning) when it cannot be built."""
     return _load_or_warn(MEANFIELD_CPU_MODULE, build_meanfield_cpu)
+
+
+@functools.cache
+def load_sinkhorn_cpu() -> ModuleType | None:
+    """The C++/OpenMP Sinkhorn scaling module, or None (after one warning) when it cannot be built."""
+    return _load_or_warn(SINKHORN_CPU_MODULE, build_sinkhorn_cpu)
 
 
 @functools.cache

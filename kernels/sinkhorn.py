@@ -2,13 +2,16 @@
 
 `sinkhorn` is the convergent solver: log-stabilised scaling with absorption (Schmitzer 2016, "Stabilized sparse
 scaling algorithms for entropy regularized transport problems"). The iterations are plain Sinkhorn scalings
-v = b / (K~^T u), u = a / (K~ v) with batched matrix-vector products on an absorbed kernel
-K~ = exp((f_i + g_j - C_ij) / eps); whenever a scaling leaves a safe range it is absorbed into the dual potentials
-f, g and K~ is rebuilt. When exp(-C/eps) would underflow (small eps) the solver starts, and after any underflow
-continues, with one exact log-domain (log-sum-exp) iteration, after which every row of K~ is well defined.
-Otherwise it starts from f = g = 0, so its iterates are exactly POT's `sinkhorn_knopp` ones. For small eps an
-epsilon ladder warms up the duals (see `sinkhorn`). Converged pairs stop iterating, so each pair gets exactly the
-iterations it needs.
+v = b / (K~^T u), u = a / (K~ v) on an absorbed kernel K~ = exp((f_i + g_j - C_ij) / eps); whenever a scaling
+leaves a safe range it is absorbed into the dual potentials f, g and K~ is rebuilt. When exp(-C/eps) would
+underflow (small eps) the solver starts, and after any underflow continues, with one exact log-domain
+(log-sum-exp) iteration, after which every row of K~ is well defined. Otherwise it starts from f = g = 0, so its
+iterates are exactly POT's `sinkhorn_knopp` ones. For small eps an epsilon ladder warms up the duals (see
+`sinkhorn`). Every pair runs on its own (its own ladder, its own stop), so its result does not depend on the batch.
+
+The scaling iterations between two absorptions have two implementations: `scale_reference` (batched PyTorch,
+any device) and the C++/OpenMP extension `kernels/csrc/sinkhorn_cpu.cpp` (CPU: one pass over K~ per iteration
+instead of two matrix-vector products, pairs in parallel), used for CPU tensors when it builds.
 
 `sinkhorn_official` is DiscoBox's `SemanticCorrSolver.perform_sinkhorn` as written: 100 plain iterations, no
 stabilisation, no stopping test.
@@ -22,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from kernels import extension
 
 
 @dataclass(frozen=True)
@@ -58,18 +63,100 @@ def _marginal_violation(
     return (u * k_v - a).abs().sum(-1) + (v * kt_u - b).abs().sum(-1)
 
 
-STAGE_TOL = 1e-3  # warm-up stages stop at this marginal violation relative to the mass
+STAGE_TOL = 1e-3  # warm-up levels stop at this marginal violation relative to the mass
 STAGE_START = 0.1  # the epsilon ladder starts at or below this fraction of the cost range
+BACKENDS = ("auto", "reference", "cpu")
+
+# Outcomes of a run of scaling iterations on one pair (`scale_reference` and the C++ `sinkhorn_scale`).
+CONVERGED = 0  # violation <= tol
+CAPPED = 1  # out of iterations
+ABSORB = 2  # the new scalings left the safe range but are finite and positive: returned (iteration counted)
+UNDERFLOW = 3  # a new scaling is 0, inf or NaN: the last safe ones are returned (iteration not counted)
 
 
-def epsilon_schedule(cost: torch.Tensor, epsilon: float) -> list[float]:
-    """Decreasing epsilons ending at `epsilon`, halving from at most STAGE_START * (cost range); [epsilon] when
-    epsilon is already that large. cost (B,n,m) -> list of floats."""
-    start = STAGE_START * float(cost.amax() - cost.amin())
-    ladder = [epsilon]
-    while 2 * ladder[-1] < start:
-        ladder.append(2 * ladder[-1])
-    return ladder[::-1]
+def ladder_levels(cost_range: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Per pair, how many times epsilon can double and stay below STAGE_START * its cost range: the epsilon
+    ladder is epsilon * 2^L, ..., 2 epsilon, epsilon. cost_range (B,) -> (B,) int64 (0 = no warm-up)."""
+    levels = torch.zeros(cost_range.shape, dtype=torch.int64, device=cost_range.device)
+    start = STAGE_START * cost_range.double()
+    while True:
+        more = 2 * epsilon * 2.0 ** levels.double() < start
+        if not bool(more.any()):
+            return levels
+        levels += more
+
+
+def scale_reference(
+    kern: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor, max_iters: torch.Tensor, log_tau: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain Sinkhorn scalings from u = v = 1 on each pair's kernel until it converges, runs out of iterations or
+    leaves the safe range |log u|, |log v| < log_tau (outcomes: CONVERGED, CAPPED, ABSORB, UNDERFLOW).
+
+    kern (B,n,m) > 0, a (B,n), b (B,m), tol (B,) of one dtype; max_iters (B,) int64.
+    Returns u (B,n), v (B,m), iters (B,) int64, viol (B,) (the violation at CONVERGED / CAPPED), status (B,) int64.
+    Batched PyTorch on any device; the C++ extension computes the same per pair in one pass over K per iteration.
+    """
+    B = kern.shape[0]
+    u = kern.new_ones(a.shape)
+    v = kern.new_ones(b.shape)
+    k_v = kern.sum(-1)
+    kt_u = kern.sum(1)
+    iters = torch.zeros(B, dtype=torch.int64, device=kern.device)
+    viol = kern.new_zeros(B)
+    status = torch.full((B,), -1, dtype=torch.int64, device=kern.device)
+    live = torch.ones(B, dtype=torch.bool, device=kern.device)
+    while True:
+        current = _marginal_violation(u, k_v, a, v, kt_u, b)
+        viol = torch.where(live, current, viol)
+        converged = live & (current <= tol)
+        capped = live & ~converged & (iters >= max_iters)
+        status[converged] = CONVERGED
+        status[capped] = CAPPED
+        live = live & ~converged & ~capped
+        if not bool(live.any()):
+            break
+        v_new = b / kt_u
+        k_v_new = torch.bmm(kern, v_new[:, :, None])[:, :, 0]
+        u_new = a / k_v_new
+        log_u, log_v = u_new.log(), v_new.log()
+        finite = torch.isfinite(log_u).all(1) & torch.isfinite(log_v).all(1)
+        ok = finite & (log_u.abs().amax(1) < log_tau) & (log_v.abs().amax(1) < log_tau)
+        step = live & finite
+        u = torch.where(step[:, None], u_new, u)
+        v = torch.where(step[:, None], v_new, v)
+        k_v = torch.where(step[:, None], k_v_new, k_v)
+        iters = iters + step
+        status[live & finite & ~ok] = ABSORB
+        status[live & ~finite] = UNDERFLOW
+        live = live & ok
+        if not bool(live.any()):
+            break
+        kt_u = torch.bmm(u[:, None, :], kern)[:, 0, :]
+    return u, v, iters, viol, status
+
+
+def _cpu_module(t: torch.Tensor, backend: str):
+    """The C++ extension when it applies (CPU tensor, backend auto/cpu) and builds, else None."""
+    if t.device.type == "cpu" and backend in ("auto", "cpu"):
+        return extension.load_sinkhorn_cpu()
+    return None
+
+
+def absorbed_kernel(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    """K~ = exp((f_i + g_j - C_ij) / eps): cost (B,n,m), f (B,n), g (B,m) -> (B,n,m)."""
+    module = _cpu_module(cost, backend)
+    if module is not None:
+        return module.sinkhorn_kernel(cost.contiguous(), f.contiguous(), g.contiguous(), eps, torch.get_num_threads())
+    return torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
+
+
+def _scale(kern, a, b, tol, max_iters, log_tau, backend):
+    """`scale_reference`, or the C++ extension's loop where it applies."""
+    module = _cpu_module(kern, backend)
+    if module is not None:
+        return tuple(module.sinkhorn_scale(kern.contiguous(), a.contiguous(), b.contiguous(), tol.contiguous(),
+                                           max_iters.contiguous(), log_tau, torch.get_num_threads()))
+    return scale_reference(kern, a, b, tol, max_iters, log_tau)
 
 
 @torch.no_grad()
@@ -81,6 +168,7 @@ def sinkhorn(
     tol: float = 1e-6,
     max_iter: int = 1000,
     eps_scaling: bool = True,
+    backend: str = "auto",
 ) -> SinkhornResult:
     """Entropic OT plans min <T, C> - eps H(T) s.t. T 1 = a, T^T 1 = b, for a batch of problems.
 
@@ -91,8 +179,11 @@ def sinkhorn(
     With `eps_scaling` and an epsilon below a tenth of the cost range, the duals are first warmed up on a ladder
     of halving epsilons (each solved to a loose tolerance); plain Sinkhorn needs O(range/epsilon) more iterations
     there. Otherwise (and with eps_scaling=False) the iterates are exactly those of plain Sinkhorn (POT's
-    `sinkhorn_knopp`). Iterations of all stages count towards max_iter and `iters`. The warm-up stages advance
-    together for the whole batch; the final stage stops each pair on its own.
+    `sinkhorn_knopp`). Iterations of all ladder stages count towards max_iter and `iters`; the last one always
+    runs at the final epsilon. Every pair runs on its own (its ladder comes from its own cost range): its result
+    does not depend on the rest of the batch.
+    backend: "auto" and "cpu" run the scaling iterations in the C++ extension for CPU tensors (the PyTorch loop
+    when it cannot be built); "reference" always runs the PyTorch loop.
     Returns SinkhornResult(plan (B,n,m), iters (B,) iterations run, err (B,) the violation at the stop).
     """
     _check_problem(cost, a, b, "sinkhorn")
@@ -105,7 +196,14 @@ def sinkhorn(
         raise ValueError(f"sinkhorn: tol must be a non-negative number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"sinkhorn: max_iter must be a positive int, got {max_iter!r}")
-    if not bool(torch.isfinite(cost).all()):
+    if backend not in BACKENDS:
+        raise ValueError(f"sinkhorn: backend must be one of {BACKENDS}, got {backend!r}")
+    if B == 0:
+        no_iters = torch.zeros(0, dtype=torch.int64, device=cost.device)
+        return SinkhornResult(plan=cost.new_empty(0, n, m), iters=no_iters, err=cost.new_empty(0))
+    # The range, the size and the finiteness of the cost (min and max propagate NaN).
+    lo, hi = cost.amin((1, 2)), cost.amax((1, 2))
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise ValueError("sinkhorn: cost contains NaN or inf")
     if not bool((a > 0).all() and (b > 0).all() and torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("sinkhorn: marginals a and b must be finite and strictly positive")
@@ -117,101 +215,63 @@ def sinkhorn(
             f"{float(mass_a[worst]):.6g} vs {float(mass_b[worst]):.6g}"
         )
 
-    if B == 0:
-        no_iters = torch.zeros(0, dtype=torch.int64, device=cost.device)
-        return SinkhornResult(plan=cost.new_empty(0, n, m), iters=no_iters, err=cost.new_empty(0))
-    stages = epsilon_schedule(cost, float(epsilon)) if eps_scaling else [float(epsilon)]
-    stage = 0
-    # Warm-up stages only need to bring the duals near the next stage's solution.
-    warm_tol = (STAGE_TOL * mass_a).clamp(min=tol)
+    # Each pair's epsilon ladder: level L runs at epsilon * 2^L; level 0 is the final epsilon.
+    level = ladder_levels(hi - lo, float(epsilon)) if eps_scaling else torch.zeros_like(hi, dtype=torch.int64)
     # A scaling beyond this magnitude is absorbed into the duals before u * K~ * v can overflow or underflow.
     log_tau = 0.25 * math.log(torch.finfo(cost.dtype).max)
+    # Warm-up levels only need to bring the duals near the next level's solution.
+    warm_tol = (STAGE_TOL * mass_a).clamp(min=tol)
+    final_tol = torch.full_like(mass_a, tol)
+    log_a, log_b = a.log(), b.log()
 
     plan = cost.new_empty(B, n, m)
     iters = torch.zeros(B, dtype=torch.int64, device=cost.device)
     err = cost.new_empty(B)
-
-    active = torch.arange(B, device=cost.device)
-    C, a_, b_ = cost, a, b
-    log_a, log_b = a.log(), b.log()
     f = cost.new_zeros(B, n)
     g = cost.new_zeros(B, m)
     # Plain start (f = g = 0, POT's iterates) while exp(-C/eps) is safely representable; else the log domain.
-    need_lse = float(cost.abs().amax()) / stages[0] >= 2 * log_tau
-    done = 0
+    need_lse = torch.maximum(lo.abs(), hi.abs()) / (epsilon * 2.0 ** level.to(cost.dtype)) >= 2 * log_tau
+    pending = torch.ones(B, dtype=torch.bool, device=cost.device)
 
-    def finish(out: torch.Tensor, u: torch.Tensor, kern: torch.Tensor, v: torch.Tensor, viol: torch.Tensor) -> None:
-        """Write out the pairs selected by `out` (bool over the working batch)."""
-        idx = active[out]
-        plan[idx] = u[out, :, None] * kern[out] * v[out, None, :]
-        iters[idx] = done
-        err[idx] = viol[out]
-
-    while active.numel() > 0:
-        if done + 1 >= max_iter:
-            stage = len(stages) - 1  # out of iterations: the last step goes to the final epsilon
-        eps = stages[stage]
-        last_stage = stage == len(stages) - 1
-        if need_lse:
+    while bool(pending.any()):
+        # The pending pairs at one level advance together (usually the whole batch).
+        lv = int(level[pending].max())
+        sel = pending & (level == lv)
+        whole = bool(sel.all())
+        idx = torch.arange(B, device=cost.device) if whole else torch.nonzero(sel)[:, 0]
+        C = cost if whole else cost[idx]
+        eps = float(epsilon) * 2.0**lv
+        fs, gs = f[idx], g[idx]
+        lse = need_lse[idx]
+        if bool(lse.any()):
             # One exact log-domain iteration: afterwards K~ has entries <= 1 and rows summing to a.
-            g = eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1))
-            f = eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
-            done += 1
-            need_lse = False
-        kern = torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
-        u = torch.ones_like(f)
-        v = torch.ones_like(g)
-        k_v = kern.sum(-1)
-        live = torch.ones_like(active, dtype=torch.bool)  # pairs of the working batch still iterating
-        while True:
-            kt_u = torch.bmm(u[:, None, :], kern)[:, 0, :]
-            viol = _marginal_violation(u, k_v, a_, v, kt_u, b_)
-            if not last_stage and (done + 1 >= max_iter or bool((viol <= warm_tol).all())):
-                f = f + eps * u.log()
-                g = g + eps * v.log()
-                stage += 1
-                break
-            keep = live & (viol > tol) if done < max_iter else torch.zeros_like(live)
-            newly = live & ~keep
-            if bool(newly.any()):
-                finish(newly, u, kern, v, viol)
-                live = keep
-                if int(live.sum()) * 2 <= live.numel():
-                    # Shrink the working batch once at least half of it is done (copying K~ costs an iteration).
-                    active, C, a_, b_, log_a, log_b, warm_tol = (
-                        t[live] for t in (active, C, a_, b_, log_a, log_b, warm_tol)
-                    )
-                    f, g, u, v, kern, kt_u, k_v = (t[live] for t in (f, g, u, v, kern, kt_u, k_v))
-                    live = live[live]
-                    if active.numel() == 0:
-                        break
-            v_new = b_ / kt_u
-            k_v = torch.bmm(kern, v_new[:, :, None])[:, :, 0]
-            u_new = a_ / k_v
-            # Finished pairs keep their scalings (their products are ignored from now on).
-            u_new = torch.where(live[:, None], u_new, u)
-            v_new = torch.where(live[:, None], v_new, v)
-            log_u, log_v = u_new.log(), v_new.log()
-            finite = bool(torch.isfinite(log_u).all() & torch.isfinite(log_v).all())
-            if not (finite and float(log_u.abs().max()) < log_tau and float(log_v.abs().max()) < log_tau):
-                if finite:
-                    # Absorb the new scalings: this iteration counts. (Absorbing the previous ones instead would
-                    # loop for ever when they are still the all-ones of a freshly rebuilt K~.)
-                    f = f + eps * log_u
-                    g = g + eps * log_v
-                    done += 1
-                else:
-                    # Underflow: absorb the last safe scalings and redo this iteration in the log domain.
-                    f = f + eps * u.log()
-                    g = g + eps * v.log()
-                need_lse = not finite
-                if not bool(live.all()):  # finished pairs are written out already
-                    active, C, a_, b_, log_a, log_b, warm_tol, f, g = (
-                        t[live] for t in (active, C, a_, b_, log_a, log_b, warm_tol, f, g)
-                    )
-                break
-            u, v = u_new, v_new
-            done += 1
+            g_l = eps * (log_b[idx] - torch.logsumexp((fs[:, :, None] - C) / eps, dim=1))
+            f_l = eps * (log_a[idx] - torch.logsumexp((g_l[:, None, :] - C) / eps, dim=2))
+            fs = torch.where(lse[:, None], f_l, fs)
+            gs = torch.where(lse[:, None], g_l, gs)
+            iters[idx] += lse
+            need_lse[idx] = False
+        kern = absorbed_kernel(C, fs, gs, eps, backend)
+        # A warm-up level keeps the last iteration for the final epsilon.
+        budget = (max_iter - iters[idx] - (1 if lv > 0 else 0)).clamp(min=0)
+        stage_tol = (warm_tol if lv > 0 else final_tol)[idx]
+        u, v, it, viol, status = _scale(kern, a[idx], b[idx], stage_tol, budget, log_tau, backend)
+        iters[idx] += it
+        stop = (status == CONVERGED) | (status == CAPPED)
+        if lv == 0:
+            if whole and bool(stop.all()):
+                plan = kern.mul_(u[:, :, None]).mul_(v[:, None, :])
+            else:
+                plan[idx[stop]] = u[stop, :, None] * kern[stop] * v[stop, None, :]
+            err[idx[stop]] = viol[stop]
+            pending[idx[stop]] = False
+        else:
+            level[idx[status == CONVERGED]] = lv - 1
+            level[idx[status == CAPPED]] = 0
+        # Absorb the scalings into the duals (after an underflow, the last safe ones; then a log-domain step).
+        f[idx] = fs + eps * u.log()
+        g[idx] = gs + eps * v.log()
+        need_lse[idx[status == UNDERFLOW]] = True
     return SinkhornResult(plan=plan, iters=iters, err=err)
 
 

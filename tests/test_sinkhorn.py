@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.sinkhorn import sinkhorn, sinkhorn_official
+from kernels import extension
+from kernels.sinkhorn import ABSORB, CAPPED, CONVERGED, UNDERFLOW, scale_reference, sinkhorn, sinkhorn_official
 
 GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 
@@ -115,18 +116,86 @@ def test_agrees_with_pot_on_random_problems():
         np.testing.assert_allclose(res.plan[k].numpy(), pot, rtol=1e-6, atol=1e-12)
 
 
-def test_pairs_are_independent_and_stop_at_their_own_iteration():
+@pytest.mark.parametrize("eps_scaling", [False, True])
+def test_pairs_are_independent_and_stop_at_their_own_iteration(eps_scaling):
     cost, a, b = random_problem(3, 10, 14, torch.float64, seed=11)
-    cost[1] *= 0.05  # nearly uniform cost converges much faster than the others
-    # without the (batch-wide) epsilon ladder, each pair runs exactly as it would alone
-    batch = sinkhorn(cost, a, b, epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=False)
-    assert len(set(batch.iters.tolist())) > 1
+    cost[1] *= 0.05  # nearly uniform cost converges much faster than the others (and needs no epsilon ladder)
+    cost[2] *= 3.0  # a wider range: a longer ladder
+    batch = sinkhorn(cost, a, b, epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=eps_scaling)
+    assert len(set(batch.iters.tolist())) == 3
     for k in range(3):
         alone = sinkhorn(
-            cost[k : k + 1], a[k : k + 1], b[k : k + 1], epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=False
+            cost[k : k + 1], a[k : k + 1], b[k : k + 1], epsilon=0.02, tol=1e-8, max_iter=5000, eps_scaling=eps_scaling
         )
         assert int(alone.iters[0]) == int(batch.iters[k])
         torch.testing.assert_close(alone.plan[0], batch.plan[k], rtol=1e-12, atol=1e-15)
+
+
+def _scale_problem(B, n, m, dtype, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(B, n, m, generator=g, dtype=torch.float64) * spread
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.2
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    return torch.exp(-cost).to(dtype), a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_scaling_loop_matches_the_reference_outcome_by_outcome(dtype):
+    module = extension.load_sinkhorn_cpu()
+    if module is None:
+        pytest.skip("no C++ compiler")
+    # spread 1: converges; spread 60 (float32) / 400 (float64): leaves the safe range; tiny max_iters: capped.
+    big = 60.0 if dtype == torch.float32 else 400.0
+    for spread, max_iters, tol in [(1.0, 500, 1e-5), (3.0, 2, 1e-9), (big, 500, 1e-5)]:
+        kern, a, b = _scale_problem(4, 17, 23, dtype, seed=int(spread), spread=spread)
+        if spread == big:
+            kern[1:, :, 0] = kern[1:, :, 0] * 1e-30 if dtype == torch.float64 else kern[1:, :, 0] * 1e-12
+        tol_t = torch.full((4,), tol, dtype=dtype)
+        iters_t = torch.full((4,), max_iters, dtype=torch.int64)
+        log_tau = 0.25 * float(np.log(torch.finfo(dtype).max))
+        ref = scale_reference(kern, a, b, tol_t, iters_t, log_tau)
+        fast = module.sinkhorn_scale(kern, a, b, tol_t, iters_t, log_tau, 2)
+        assert fast[4].tolist() == ref[4].tolist()  # status
+        assert fast[2].tolist() == ref[2].tolist()  # iterations
+        rtol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(fast[0], ref[0], rtol=rtol, atol=0)
+        torch.testing.assert_close(fast[1], ref[1], rtol=rtol, atol=0)
+        stopped = ref[4] <= CAPPED
+        torch.testing.assert_close(fast[3][stopped], ref[3][stopped], rtol=1e-3 if dtype == torch.float32 else 1e-8,
+                                   atol=1e-7)
+    assert set(ref[4].tolist()) <= {CONVERGED, CAPPED, ABSORB, UNDERFLOW}
+
+
+def test_scaling_loop_reports_every_outcome():
+    kern, a, b = _scale_problem(4, 9, 9, torch.float64, seed=0, spread=1.0)
+    kern[2, :, 0] = 1e-250  # v_0 = b_0 / (K^T u)_0 ~ 1e249: finite but beyond the safe range
+    kern[3, :, 0] = 0.0  # v_0 = inf: underflow
+    tol = torch.tensor([1e-6, 1e-14, 1e-6, 1e-6], dtype=torch.float64)
+    max_iters = torch.tensor([500, 3, 500, 500])
+    log_tau = 0.25 * float(np.log(torch.finfo(torch.float64).max))
+    runs = {"reference": scale_reference(kern, a, b, tol, max_iters, log_tau)}
+    module = extension.load_sinkhorn_cpu()
+    if module is not None:
+        runs["cpu"] = module.sinkhorn_scale(kern, a, b, tol, max_iters, log_tau, 1)
+    for name, (u, _, iters, viol, status) in runs.items():
+        assert status.tolist() == [CONVERGED, CAPPED, ABSORB, UNDERFLOW], name
+        assert iters.tolist()[1:] == [3, 1, 0], name
+        assert float(viol[0]) <= 1e-6, name
+        assert torch.equal(u[3], torch.ones(9, dtype=torch.float64)), name  # underflow: the last safe scalings
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("epsilon", [0.5, 0.05, 0.005])
+def test_backends_agree(dtype, epsilon):
+    cost, a, b = random_problem(4, 30, 26, dtype, seed=13)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    ref = sinkhorn(cost, a, b, epsilon, tol=tol, max_iter=3000, backend="reference")
+    fast = sinkhorn(cost, a, b, epsilon, tol=tol, max_iter=3000, backend="cpu")
+    assert bool((fast.err <= tol).all()) and bool((ref.err <= tol).all())
+    # float32 rounding may shift a stop by an iteration; the plans agree to the tolerance either way.
+    assert (fast.iters - ref.iters).abs().max() <= (0 if dtype == torch.float64 else 2)
+    torch.testing.assert_close(fast.plan, ref.plan, rtol=0, atol=10 * tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -174,6 +243,8 @@ def test_bad_input_is_rejected_with_clear_messages():
         sinkhorn(cost.float(), a, b, 0.1)
     with pytest.raises(ValueError, match="epsilon"):
         sinkhorn(cost, a, b, 0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sinkhorn(cost, a, b, 0.1, backend="gpu")
     with pytest.raises(ValueError, match="max_iter"):
         sinkhorn(cost, a, b, 0.1, max_iter=0)
     with pytest.raises(ValueError, match="strictly positive"):
