@@ -412,8 +412,6 @@ class LabelService:
         return actors
 
     def _create_actor(self, remote, i: int):
-        import ray
-
         options = dict(name=actor_name(i), namespace=NAMESPACE, num_cpus=self.cfg.cpus_per_worker,
                        num_gpus=self.cfg.gpus_per_worker, max_restarts=self.cfg.max_restarts,
                        max_task_retries=self.cfg.max_task_retries)

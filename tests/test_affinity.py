@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +12,13 @@ from teacher.affinity import (asymmetric_affinity_loss, box_bitmasks, color_edge
                               dice_coefficient, dice_loss, mask_loss, mil_loss, projection_loss, warmup_weight)
 from teacher.color import neighbour_offsets
 from teacher.config import ObjectiveConfig
+from goldens import load_golden
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
-LOCAL = Path(__file__).resolve().parent / "data"
 CASES = ["seed0_stride4", "seed1_stride4", "seed1_stride2", "seed0_stride1"]
 ASY_COLOR = ["d0.0_g0.0", "d1.5_g0.0", "d2.5_g1.5", "d3.5_g2.5"]
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
 
-def golden(name: str):
-    for folder in (GOLDENS, LOCAL):
-        if (folder / name).is_file():
-            return np.load(folder / name)
-    pytest.skip(f"golden {name} not found (../shared/goldens absent)")
 
 
 def assert_close(actual: torch.Tensor, expected, dtype: torch.dtype):
@@ -45,7 +38,7 @@ def loss_and_grad(fn, logits: np.ndarray, dtype: torch.dtype, *args, **kwargs):
 # --------------------------------------------------------------------------------------------- box bitmasks
 @pytest.mark.parametrize("name", [f"boxinst_colorsim_seed{s}_stride{k}.npz" for s in (0, 1) for k in (1, 2, 4)])
 def test_box_bitmasks_match_boxinst(name):
-    z = golden(name)
+    z = load_golden(name)
     stride = int(name.split("stride")[1][0])
     height, width = z["image_rgb"].shape[:2]
     boxes = torch.from_numpy(z["boxes"])
@@ -76,7 +69,7 @@ def test_box_bitmasks_brute_force_border_and_fractional():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tag", ["f32", "f64"])
 def test_projection_loss_matches_boxinst(case, tag):
-    z = golden(f"boxinst_project_{case}.npz")
+    z = load_golden(f"boxinst_project_{case}.npz")
     dtype = DTYPES[tag]
     loss, grad = loss_and_grad(projection_loss, z["mask_logits"], dtype, torch.from_numpy(z["gt_bitmasks"]))
     assert_close(loss, z["loss_prj_f64"], dtype)
@@ -88,7 +81,7 @@ def test_projection_loss_matches_boxinst(case, tag):
 
 
 def test_dice_and_mil_match_discobox():
-    z = golden("discobox_dice_mil.npz")
+    z = load_golden("discobox_dice_mil.npz")
     prob, target = torch.from_numpy(z["prob"]), torch.from_numpy(z["target"])
     np.testing.assert_allclose(dice_loss(prob, target).numpy(), z["dice"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mil_loss(prob, target).numpy(), z["mil"], rtol=1e-5, atol=1e-6)
@@ -112,7 +105,7 @@ def test_projection_loss_edge_cases():
 # ------------------------------------------------------------------------------------ colour edges + loss
 @pytest.mark.parametrize("case", CASES)
 def test_color_edges_match_boxinst_weights(case):
-    z = golden(f"boxinst_pairwise_{case}.npz")
+    z = load_golden(f"boxinst_pairwise_{case}.npz")
     edges = color_edges(torch.from_numpy(z["image_color_similarity"]), torch.from_numpy(z["gt_bitmasks"]))
     assert edges.dtype == torch.bool
     assert np.array_equal(edges.numpy(), z["weights"].astype(bool))
@@ -124,7 +117,7 @@ def test_color_edges_match_boxinst_weights(case):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tag", ["f32", "f64"])
 def test_symmetric_loss_matches_boxinst_pairwise(case, tag):
-    z = golden(f"boxinst_pairwise_{case}.npz")
+    z = load_golden(f"boxinst_pairwise_{case}.npz")
     dtype = DTYPES[tag]
     loss, grad = loss_and_grad(asymmetric_affinity_loss, z["mask_logits"], dtype, torch.from_numpy(z["weights"]))
     assert_close(loss, z["loss_pairwise_f64"], dtype)
@@ -136,7 +129,7 @@ def test_symmetric_loss_matches_boxinst_pairwise(case, tag):
 @pytest.mark.parametrize("setting", ASY_COLOR)
 @pytest.mark.parametrize("tag", ["f32", "f64"])
 def test_asymmetric_color_loss_matches_asyinst(setting, tag):
-    z = golden(f"asyinst_color_seed1_stride2_{setting}.npz")
+    z = load_golden(f"asyinst_color_seed1_stride2_{setting}.npz")
     meta = json.loads(str(z["meta_json"]))
     dtype = DTYPES[tag]
     loss, grad = loss_and_grad(asymmetric_affinity_loss, z["mask_logits"], dtype, torch.from_numpy(z["weights"]),
@@ -148,7 +141,7 @@ def test_asymmetric_color_loss_matches_asyinst(setting, tag):
 # -------------------------------------------------------------------------------------- depth edges + loss
 @pytest.mark.parametrize("name", ["asyinst_depth_seed0_64x96.npz", "asyinst_depth_seed1_96x160.npz"])
 def test_depth_edges_and_loss_match_asyinst(name):
-    z = golden(name)
+    z = load_golden(name)
     meta = json.loads(str(z["meta_json"]))
     depth = torch.from_numpy(z["depth"])
     diff = depth_gradient_diff(depth, meta["dilation"]).numpy()

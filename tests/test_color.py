@@ -3,23 +3,16 @@ brute-force per-edge loop."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from teacher.color import image_color_similarity, neighbour_offsets, rgb_to_lab
-
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
-LOCAL = Path(__file__).resolve().parent / "data"
+from goldens import load_golden
 
 
-def golden(name: str):
-    for folder in (GOLDENS, LOCAL):
-        if (folder / name).is_file():
-            return np.load(folder / name)
-    pytest.skip(f"golden {name} not found (../shared/goldens absent)")
+
 
 
 def test_offsets_follow_unfold_order():
@@ -55,7 +48,7 @@ def test_rgb_to_lab_rejects_bad_shape():
 
 @pytest.mark.parametrize("name", [f"boxinst_colorsim_seed{s}_stride{k}.npz" for s in (0, 1) for k in (1, 2, 4)])
 def test_color_similarity_matches_boxinst(name):
-    z = golden(name)
+    z = load_golden(name)
     stride = int(name.split("stride")[1][0])
     np.testing.assert_allclose(rgb_to_lab(torch.from_numpy(z["downsampled_rgb_u8"]).double()).numpy(), z["lab_f64"],
                                rtol=0, atol=1e-9)
@@ -127,7 +120,7 @@ def test_color_similarity_bad_input(kwargs, match):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_color_similarity_cuda_matches_cpu():
-    z = golden("boxinst_colorsim_seed0_stride4.npz")
+    z = load_golden("boxinst_colorsim_seed0_stride4.npz")
     image, mask = torch.from_numpy(z["image_rgb"]), torch.from_numpy(z["image_mask"])
     cpu = image_color_similarity(image, 4, valid=mask)
     gpu = image_color_similarity(image.cuda(), 4, valid=mask.cuda())

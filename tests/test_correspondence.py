@@ -1,8 +1,6 @@
 """Correspondence: DiscoBox solve / appearance OT goldens, and the paper's ICM with Sinkhorn."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,18 +21,10 @@ from teacher.correspondence import (
     relu_and_l2_norm_feat,
     superres_T,
 )
+from goldens import golden_tensors
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 
 
-def _golden(name: str) -> dict[str, torch.Tensor]:
-    path = GOLDENS / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden {path.name} not available")
-    z = np.load(path)
-    out = {k: torch.from_numpy(z[k]) for k in z.files if k != "meta_json"}
-    out["meta"] = json.loads(str(z["meta_json"]))
-    return out
 
 
 F32 = dict(rtol=1e-5, atol=1e-7)
@@ -42,7 +32,7 @@ F32 = dict(rtol=1e-5, atol=1e-7)
 
 @pytest.mark.parametrize("case", ["k5_7x7_c32", "k5_14x14_c16"])
 def test_official_solve_matches_discobox(case):
-    z = _golden(f"discobox_corrsolve_{case}")
+    z = golden_tensors(f"discobox_corrsolve_{case}")
     meta = z["meta"]
     g = meta["feat_hw"]
     torch.testing.assert_close(relu_and_l2_norm_feat(z["f0_raw"]), z["f0"], **F32)
@@ -70,7 +60,7 @@ def test_official_solve_matches_discobox(case):
 
 @pytest.mark.parametrize("case", ["n49_b5", "n196_b2"])
 def test_appearance_ot_matches_discobox(case):
-    z = _golden(f"discobox_sinkhorn_{case}")
+    z = golden_tensors(f"discobox_sinkhorn_{case}")
     pi = appearance_similarityOT(z["m0"], z["m1"], z["sim"], eps=z["meta"]["reg"], low_score=z["meta"]["low_score"],
                                  exp=z["meta"]["ot_exp"])
     torch.testing.assert_close(pi, z["PI_appearanceOT_f32"], rtol=1e-5, atol=1e-7)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,25 +10,17 @@ import torch
 from kernels.message_passing import message_passing, neighbour_offsets
 from teacher.config import CRFConfig
 from teacher.crf import colour_potts_kernel, crf_energy, loss_ts, meanfield_official, meanfield_soft, soft_unary
+from goldens import golden_tensors
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 MEANFIELD_CASES = ["A_seed0_32x48", "B_seed0_32x48_iiu", "C_seed1_64x96", "D_rois16_28x28"]
 
 
-def _golden(name: str) -> dict[str, torch.Tensor]:
-    path = GOLDENS / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden {path.name} not available")
-    z = np.load(path)
-    out = {k: torch.from_numpy(z[k]) for k in z.files if k != "meta_json"}
-    out["meta"] = json.loads(str(z["meta_json"]))
-    return out
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("case", MEANFIELD_CASES)
 def test_meanfield_official_matches_discobox(case, backend):
-    z = _golden(f"discobox_meanfield_{case}")
+    z = golden_tensors(f"discobox_meanfield_{case}")
     p = z["meta"]["params"]
     colour = z["color_feat"] if z["color_feat"].dim() == 4 else z["color_feat"][None]
     out = meanfield_official(

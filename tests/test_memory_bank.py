@@ -2,31 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from teacher.config import BankConfig
 from teacher.memory_bank import MemoryBank
+from goldens import golden_tensors
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 
 
-def _golden(name: str) -> dict:
-    path = GOLDENS / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden {path.name} not available")
-    z = np.load(path)
-    out = {k: torch.from_numpy(z[k]) for k in z.files if k != "meta_json"}
-    out["meta"] = json.loads(str(z["meta_json"]))
-    return out
 
 
 def test_official_bank_and_retrieval_match_discobox():
-    z = _golden("discobox_objbank")
+    z = golden_tensors("discobox_objbank")
     meta = z["meta"]
     cfg = BankConfig(
         capacity=meta["len_queue"], max_partners=meta["max_retrieval_objs"], min_partners=5, min_box_side=0.0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +9,10 @@ import torch
 
 from kernels import extension
 from kernels.sinkhorn import ABSORB, CAPPED, CONVERGED, UNDERFLOW, scale_reference, sinkhorn, sinkhorn_official
+from goldens import load_golden
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 
 
-def golden(name: str):
-    path = GOLDENS / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden {path.name} not found beside the checkout")
-    return np.load(path)
 
 
 def random_problem(B, n, m, dtype=torch.float64, seed=0):
@@ -37,7 +31,7 @@ def plan_violation(plan, a, b):
 
 @pytest.mark.parametrize("name", ["discobox_sinkhorn_n49_b5", "discobox_sinkhorn_n196_b2"])
 def test_official_matches_discobox_and_pot_goldens(name):
-    z = golden(name)
+    z = load_golden(name)
     sim, mu, nu = (torch.from_numpy(z[k]) for k in ("sim", "mu", "nu"))
     # appearance_similarityOT's cost and marginals, in float32 as the reference computes them
     cost = 1 - sim.clamp(0.3, 0.7)
@@ -62,7 +56,7 @@ def test_official_matches_discobox_and_pot_goldens(name):
 
 
 def test_rectangular_golden_including_converged_pot_plan():
-    z = golden("discobox_sinkhorn_rect30x45")
+    z = load_golden("discobox_sinkhorn_rect30x45")
     cost, a, b = (torch.from_numpy(z[k]) for k in ("cost", "a", "b"))
     reg = 0.1
     torch.testing.assert_close(sinkhorn_official(cost, a, b, reg), torch.from_numpy(z["T_ref_f64"]), rtol=1e-9, atol=0)
