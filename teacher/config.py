@@ -133,9 +133,11 @@ class TeacherConfig:
     device: str = "auto"              # "auto" | "cpu" | "cuda"
     seed: int = 0                     # seeds the memory bank's partner sampling (replaces bank.seed)
     mask_thresh: float = 0.5          # probability threshold of the pasted masks
-    # Cross-image term from memory-bank partners: None = network mode only. In box-prior mode the low-level
-    # features do not carry semantic correspondence: on coco_tiny it cost ~50 ms/instance for no gain (-0.0001).
-    use_correspondence: bool | None = None
+    # Cross-image term from memory-bank partners, and the correspondences written to the shards (the student's
+    # dense NCE term in later rounds). In box-prior mode the low-level features carry little semantics: on
+    # coco_tiny the mean IoU is unchanged (0.6584 both ways over the first 60 images) for ~5 ms/instance more.
+    # False skips the bank and the correspondence features altogether.
+    use_correspondence: bool = True
     cross_image_size: int = 16        # side of the masks the cross-image unary is transferred at (then upsampled)
     box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -155,9 +155,8 @@ class StructuredTeacher:
 
     @property
     def uses_correspondence(self) -> bool:
-        """Whether the cross-image term runs (``TeacherConfig.use_correspondence``; None = network mode only)."""
-        flag = self.config.use_correspondence
-        return self.network is not None if flag is None else bool(flag)
+        """Whether the memory bank and the cross-image term run (``TeacherConfig.use_correspondence``)."""
+        return bool(self.config.use_correspondence)
 
     @classmethod
     def box_prior(cls, config: TeacherConfig | None = None) -> "StructuredTeacher":
@@ -235,7 +234,8 @@ class StructuredTeacher:
         if self.network is None:
             logits = box_prior_logits(lab, valid, grid, cfg.box_prior)
             unary = torch.sigmoid(logits)
-            features = lowlevel_features(lab, grid, depth_c, depth_ok, cfg.correspondence.grid)
+            features = (lowlevel_features(lab, grid, depth_c, depth_ok, cfg.correspondence.grid)
+                        if self.uses_correspondence else None)
         else:
             unary, features = self._network_unary(image_t, boxes_t, grid)
         unary = unary * grid.inside
@@ -259,7 +259,7 @@ class StructuredTeacher:
         masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
         scores = mask_score(prob, grid.inside)
         labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
-        for k in range(len(boxes)):
+        for k in range(len(boxes) if self.uses_correspondence else 0):
             self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
         self._tick("paste", t)
         self.labelled += len(boxes)

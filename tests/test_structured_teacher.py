@@ -115,6 +115,23 @@ def test_memory_bank_fills_and_partners_are_used():
             assert m.src.shape == m.dst.shape == m.weight.shape
             assert ((m.dst >= 0) & (m.dst < m.grid**2)).all() and ((m.weight >= 0) & (m.weight <= 1 + 1e-6)).all()
     assert teacher.timings["correspondence"] > 0
+    # The partners change the labels: without the cross-image term (weight 0) the last masks differ.
+    off = dataclasses.replace(cfg, crf=dataclasses.replace(cfg.crf, cross_image_weight=0.0))
+    teacher_off = StructuredTeacher.box_prior(off)
+    for seed in range(6):
+        img, boxes, _, _ = blob_scene(seed)
+        labels_off = teacher_off.label(img, boxes, np.zeros(2, np.int64), image_id=f"img{seed}")
+    assert any((a.mask != b.mask).any() for a, b in zip(labels, labels_off))
+
+
+def test_correspondence_off_skips_the_bank():
+    teacher = StructuredTeacher.box_prior(TeacherConfig(use_correspondence=False))
+    for seed in range(6):
+        img, boxes, _, _ = blob_scene(seed)
+        labels = teacher.label(img, boxes, np.zeros(2, np.int64), image_id=f"img{seed}")
+    assert teacher.bank.fill() == {} or sum(teacher.bank.fill().values()) == 0
+    assert all(lab.correspondences == [] for lab in labels)
+    assert teacher.timings["correspondence"] < 0.05
 
 
 def test_no_partners_below_min_partners():
