@@ -308,7 +308,8 @@ def asymmetric_affinity_loss(mask_logits: torch.Tensor, edges: torch.Tensor, del
     mask_logits: (N,1,h,w) float32/float64, any device; edges: (N,8,h,w) bool (or 0/1 float weights), the edge
     from (y,x) to (y,x) + offset_e (module docstring). Edges whose far end falls outside the image have no pair and
     are ignored (neither summed nor counted). Returns a scalar; the gradient is a closed form computed with the
-    loss, so the whole thing costs one pass over each pixel pair within the instances' edge regions.
+    loss, so the whole thing costs one pass over each pixel pair within the instances' edge regions. First-order
+    only: a second backward (double backward, e.g. a gradient penalty) raises torch's once_differentiable error.
     """
     _check_logits(mask_logits, "asymmetric_affinity_loss")
     n, _, height, width = mask_logits.shape

@@ -138,6 +138,51 @@ def test_asymmetric_color_loss_matches_asyinst(setting, tag):
     assert_close(grad, z["grad_logits"], dtype)
 
 
+def one_edge_losses(logits: np.ndarray, shape, picks, dtype, **kwargs) -> np.ndarray:
+    """The loss with a single edge switched on, for each picked (n, k, y, x): the loss is the mean over the
+    edge set, so this is that edge's own term."""
+    out = []
+    for n, k, y, x in picks:
+        edges = torch.zeros(shape, dtype=torch.bool)
+        edges[n, k, y, x] = True
+        out.append(asymmetric_affinity_loss(torch.tensor(logits, dtype=dtype), edges, **kwargs).item())
+    return np.asarray(out)
+
+
+def picked_edges(weights: np.ndarray, count: int = 40, seed: int = 0) -> list[tuple[int, ...]]:
+    """A seeded sample of the golden's edges, image-border ones included when there are any."""
+    on = np.argwhere(weights > 0)
+    rng = np.random.default_rng(seed)
+    return [tuple(int(v) for v in e) for e in on[rng.choice(len(on), size=min(count, len(on)), replace=False)]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_edge_terms_match_boxinst_pairwise_losses(case):
+    z = load_golden(f"boxinst_pairwise_{case}.npz")
+    picks = picked_edges(z["weights"])
+    for tag, dtype in DTYPES.items():
+        got = one_edge_losses(z["mask_logits"], z["weights"].shape, picks, dtype)
+        want = np.asarray([z["pairwise_losses"][e] for e in picks], np.float64)
+        rtol, atol = (1e-4, 1e-6) if dtype == torch.float32 else (1e-6, 1e-7)  # golden stored as float32
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("setting", ASY_COLOR)
+def test_per_edge_terms_match_asyinst_edge_loss(setting):
+    z = load_golden(f"asyinst_color_seed1_stride2_{setting}.npz")
+    meta = json.loads(str(z["meta_json"]))
+    picks = picked_edges(z["weights"])
+    kw = dict(delta=meta["delta"], gamma=meta["gamma"], dilation=meta["dilation"])
+    for tag, dtype in DTYPES.items():
+        got = one_edge_losses(z["mask_logits"], z["weights"].shape, picks, dtype, **kw)
+        want = np.asarray([z["edge_loss"][e] for e in picks])
+        # P is the edge's probability of agreeing: edge_loss = -exp(gamma (P - 0.5)) log P, checked on the golden.
+        p = np.asarray([z["P"][e] for e in picks])
+        np.testing.assert_allclose(-np.exp(meta["gamma"] * (p - 0.5)) * np.log(p), want, rtol=1e-12)
+        rtol, atol = (1e-4, 1e-6) if dtype == torch.float32 else (1e-9, 1e-15)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
 # -------------------------------------------------------------------------------------- depth edges + loss
 @pytest.mark.parametrize("name", ["asyinst_depth_seed0_64x96.npz", "asyinst_depth_seed1_96x160.npz"])
 def test_depth_edges_and_loss_match_asyinst(name):
