@@ -1,6 +1,7 @@
 """Tiny COCO datasets written into a test's tmp_path: a few small PNGs and an instances json."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -50,3 +51,10 @@ def two_image_coco(root: Path) -> Path:
          "segmentation": rle, "area": 20.0},
     ]
     return write_coco(root, images, annotations)
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr stand-in that says it is a terminal, to see the progress bars shown only on one."""
+
+    def isatty(self) -> bool:
+        return True

@@ -2,8 +2,10 @@
 boxes, depth from disparity, the instanceIds fallback, laziness, and every bad-input case."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -214,11 +216,11 @@ def _damage(root: Path, image_id: str, case: str) -> tuple[Path, str]:
     if case == "missing disparity":
         path = _gt(root, image_id, "disparity.png")
         path.unlink()
-        return path, "file not found"
+        return path, "disparity file not found"
     if case == "missing camera":
         path = _gt(root, image_id, "camera.json")
         path.unlink()
-        return path, "file not found"
+        return path, "camera file not found"
     if case == "malformed camera":
         path = _gt(root, image_id, "camera.json")
         path.write_text('{"extrinsic": {}, "intrinsic": {"fx": 10}}')
@@ -252,13 +254,15 @@ def test_bad_input_is_one_line_naming_file_and_problem(toy, copy, case):
         # The bad box is dropped; the image and its other instances (same ids) stay.
         assert seen[victim][2] == ids[1:] and seen[victim][0] == boxes[1:] and seen[victim][4]
     else:
-        # The image stays, without depth.
+        # The image stays, without depth, and the reject says so.
         assert seen[victim] == (boxes, classes, ids, ignore, False)
         assert lenient.get(victim).load_depth() is None
+        assert message.endswith("; image kept without depth"), message
 
     with pytest.raises(InputError) as raised:
         CityscapesDataset(copy, "train", strict=True)
-    assert str(raised.value) == message
+    # Strict mode stops: the same message, without the "kept" part.
+    assert str(raised.value) == message.removesuffix("; image kept without depth")
 
 
 def test_strict_mode_stops_at_the_first_bad_input(toy, copy):
@@ -272,14 +276,32 @@ def test_strict_mode_stops_at_the_first_bad_input(toy, copy):
     assert raised.value.where == str(first)
 
 
-def test_corrupt_image_body_fails_at_load_naming_the_file(copy):
+def test_corrupt_image_body_fails_at_load_naming_the_file(copy, capfd):
     dataset = CityscapesDataset(copy, "train")
     sample = dataset[0]
     path = copy / sample.file_name
     path.write_bytes(path.read_bytes()[:200])          # header intact, pixel data cut
+    capfd.readouterr()
     with pytest.raises(InputError) as raised:
         CityscapesDataset(copy, "train")[0].load_image()
     assert raised.value.where == str(path) and "unreadable image" in raised.value.problem
+    # The InputError is the whole story: OpenCV's and libpng's own warnings do not reach stderr.
+    assert capfd.readouterr().err == ""
+
+
+def test_index_progress_bar_only_on_a_terminal(toy, monkeypatch, capsys):
+    class FakeTerminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    CityscapesDataset(toy, "train")
+    assert capsys.readouterr().err == ""               # captured (not a terminal): silent
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    CityscapesDataset(toy, "train")
+    shown = terminal.getvalue()
+    assert "index cityscapes/train" in shown and f"/{TRAIN}" in shown
+    assert "\n" not in shown                           # cleared when done, no lines left behind
 
 
 def test_fully_covered_polygon_is_recorded_not_fatal(toy, copy):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from coco_helpers import rect_polygon, two_image_coco, write_coco, write_image
+from coco_helpers import FakeTerminal, rect_polygon, two_image_coco, write_coco, write_image
 from pipeline.datasets.coco import CocoDataset
 from pipeline.errors import InputError
 from pipeline.evaluation import gt_ignore_masks, gt_masks
@@ -249,14 +250,35 @@ def test_depth_shape_mismatch_fails_at_load_time(tmp_path):
     ("missing.png", 0.001, "missing.png: depth file of image 1 not found"),
     ("depth.exr", 1.0, "depth.exr: depth file must be a 16-bit .png or a .npy"),
     ("a.npy", -2, "'depth_scale' must be a positive number"),
+    (7, None, "image 1: 'depth_file' must be a path relative to the data root"),
 ])
-def test_bad_depth_rejects_only_that_image(tmp_path, depth_file, scale, message):
+def test_bad_depth_keeps_the_image_without_depth(tmp_path, depth_file, scale, message):
+    """A bad depth_file / depth_scale costs the depth only: the image and its boxes stay (lenient), the
+    reject says so; strict mode stops with the plain message."""
     np.save(tmp_path / "a.npy", np.ones((4, 5), np.float32))
     ann = _depth_case(tmp_path, depth_file, scale)
     ds = CocoDataset(tmp_path, ann)
-    assert ds.image_ids() == ["2"] and len(ds.rejects) == 1 and message in str(ds.rejects[0])
-    with pytest.raises(InputError, match=message.replace(".", r"\.").replace("'", "'")):
+    assert ds.image_ids() == ["1", "2"] and len(ds.rejects) == 1
+    assert message in str(ds.rejects[0]) and str(ds.rejects[0]).endswith("; image kept without depth")
+    a = ds.get("1")
+    assert not a.has_depth and a.load_depth() is None and not ds.has_depth
+    np.testing.assert_array_equal(a.boxes, [[0, 0, 2, 2]])
+    assert a.load_image().shape == (4, 5, 3)
+    with pytest.raises(InputError) as raised:
         CocoDataset(tmp_path, ann, strict=True)
+    assert message in str(raised.value) and "kept" not in str(raised.value)
+
+
+def test_index_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    ann = two_image_coco(tmp_path)
+    CocoDataset(tmp_path, ann)
+    assert capsys.readouterr().err == ""              # captured (not a terminal): silent
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    CocoDataset(tmp_path, ann)
+    shown = terminal.getvalue()
+    assert "index annotations.json images" in shown and "index annotations.json annotations" in shown
+    assert "\n" not in shown                          # cleared when done, no lines left behind
 
 
 def test_rect_polygon_helper_matches_box():

@@ -75,6 +75,48 @@ def test_cli_args_to_config(tmp_path):
     assert cfg.run.name == "coco"                 # from configs/coco.yaml, the default for --dataset coco
 
 
+def _cli_parser(split_default: str | None = "train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_dataset_args(parser, split_default=split_default)
+    add_config_args(parser)
+    return parser
+
+
+def test_config_file_is_not_overridden_by_flag_defaults(tmp_path):
+    """A --config naming a dataset, root and split is used as written when --dataset / --split are not given
+    (they used to default to toy / train and silently replace the file's values)."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"dataset:\n  name: cityscapes\n  root: {tmp_path}\n  split: val\nrun:\n  name: mine\n")
+    cfg = config_from_args(_cli_parser().parse_args(["--config", str(path)]))
+    assert (cfg.dataset.name, cfg.dataset.root, cfg.dataset.split) == ("cityscapes", str(tmp_path), "val")
+    assert cfg.run.name == "mine"
+    # Flags that are given still win over the file.
+    cfg = config_from_args(_cli_parser().parse_args(["--config", str(path), "--dataset", "coco", "--split",
+                                                     "train", "--data-root", "/elsewhere"]))
+    assert (cfg.dataset.name, cfg.dataset.root, cfg.dataset.split) == ("coco", "/elsewhere", "train")
+    assert cfg.run.name == "mine"                 # the file named by --config, not configs/coco.yaml
+
+
+def test_default_config_file_follows_dataset_flag_else_toy():
+    cfg = config_from_args(_cli_parser().parse_args([]))
+    assert (cfg.dataset.name, cfg.dataset.split, cfg.run.name) == ("toy", "train", "toy")
+    cfg = config_from_args(_cli_parser().parse_args(["--dataset", "cityscapes"]))
+    assert (cfg.dataset.name, cfg.run.name) == ("cityscapes", "cityscapes")
+    args = _cli_parser(split_default=None).parse_args(["--dataset", "coco"])
+    assert args.split is None and args.dataset == "coco"
+
+
+def test_dataset_and_split_flags_default_to_none_with_effective_defaults_in_help():
+    parser = _cli_parser()
+    args = parser.parse_args([])
+    assert args.dataset is None and args.split is None and args.config is None
+    text = " ".join(parser.format_help().split())
+    assert "default: dataset.name of the --config file, else toy" in text
+    assert "default: dataset.split of the config, train in the shipped configs" in text
+    assert "default: configs/<--dataset>.yaml, configs/toy.yaml without --dataset" in text
+    assert "default: every split of the dataset" in " ".join(_cli_parser(None).format_help().split())
+
+
 @pytest.mark.parametrize("item, message", [
     ("label.workers=abc", "label.workers: expected an integer, got 'abc'"),
     ("dataset.strict=maybe", "dataset.strict: expected true or false, got 'maybe'"),

@@ -125,3 +125,87 @@ def test_malformed_annotation_file_is_one_line(tmp_path, capsys):
     code, _, err = run_summary(capsys, "--dataset", "coco", "--data-root", str(tmp_path), "--ann", str(ann))
     assert code == 2 and err.strip() == f"error: {ann}: malformed json at line 1 column 2: " \
                                         "Expecting property name enclosed in double quotes"
+
+
+def test_config_file_names_the_dataset(tmp_path, capsys):
+    """`--config FILE` alone: the file's dataset (name, root) is used, not the toy default of --dataset."""
+    root = generate_toy(tmp_path / "cs", train=1, val=1, seed=1, size=(64, 128))
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"dataset:\n  name: cityscapes\n  root: {root}\n")
+    out_json = tmp_path / "s.json"
+    code, out, _ = run_summary(capsys, "--config", str(config), "--json", str(out_json))
+    assert code == 0 and "== cityscapes / train" in out and "== cityscapes / val" in out and "toy" not in out
+    report = json.loads(out_json.read_text())
+    assert report["dataset"] == "cityscapes" and report["splits"]["train"]["root"] == str(root)
+
+
+# ----------------------------------------------------------------------------------------- --check-images
+
+def _truncate_after_header(path) -> None:
+    """Keep the PNG signature and the IHDR chunk (33 bytes): the size is readable, the pixels are gone."""
+    path.write_bytes(path.read_bytes()[:33])
+
+
+@pytest.fixture
+def damaged_toy(tmp_path):
+    """A 3-image Cityscapes-layout root whose second image is truncated after its PNG header."""
+    root = generate_toy(tmp_path / "cs", train=3, val=0, seed=2, size=(64, 128))
+    images = sorted((root / "leftImg8bit" / "train").rglob("*.png"))
+    _truncate_after_header(images[1])
+    return root, images[1]
+
+
+def test_summary_without_check_images_decodes_nothing(damaged_toy, tmp_path, capsys, monkeypatch):
+    import cv2
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("summary decoded an image without --check-images")
+
+    monkeypatch.setattr(cv2, "imdecode", forbidden)
+    root, _ = damaged_toy
+    out_json = tmp_path / "s.json"
+    code, out, _ = run_summary(capsys, "--dataset", "cityscapes", "--data-root", str(root), "--json", str(out_json))
+    fig = json.loads(out_json.read_text())["splits"]["train"]
+    assert code == 0 and fig["images"] == 3 and fig["rejects"] == [] and not fig["images_checked"]
+    assert "(not decoded; --check-images decodes them)" in out
+
+
+def test_check_images_rejects_a_truncated_image_and_keeps_the_rest(damaged_toy, tmp_path, capsys):
+    root, bad = damaged_toy
+    out_json = tmp_path / "s.json"
+    code, out, _ = run_summary(capsys, "--dataset", "cityscapes", "--data-root", str(root), "--check-images",
+                               "--json", str(out_json))
+    assert code == 0
+    fig = json.loads(out_json.read_text())["splits"]["train"]
+    assert fig["rejects"] == [{"where": str(bad), "problem": "unreadable image (corrupt or not an image format "
+                                                             "OpenCV can decode)"}]
+    good = [s for s in CityscapesDataset(root, "train") if s.file_name != bad.relative_to(root).as_posix()]
+    assert len(good) == 2
+    assert fig["images"] == 2 and fig["images_with_depth"] == 2 and fig["images_checked"]
+    assert fig["instances"] == sum(len(s.boxes) for s in good)
+    assert fig["box_iou"]["overall"]["count"] == fig["instances"]
+    assert "rejects           1" in out and f"{bad}: unreadable image" in out and "(all decoded)" in out
+
+
+def test_check_images_keeps_an_image_whose_depth_is_unreadable(tmp_path, capsys):
+    root = generate_toy(tmp_path / "cs", train=2, val=0, seed=2, size=(64, 128))
+    disparity = sorted((root / "disparity" / "train").rglob("*.png"))[0]
+    _truncate_after_header(disparity)
+    out_json = tmp_path / "s.json"
+    code, _, _ = run_summary(capsys, "--dataset", "cityscapes", "--data-root", str(root), "--check-images",
+                             "--json", str(out_json))
+    fig = json.loads(out_json.read_text())["splits"]["train"]
+    assert code == 0 and fig["images"] == 2 and fig["images_with_depth"] == 1
+    assert [r["where"] for r in fig["rejects"]] == [str(disparity)]
+    assert fig["rejects"][0]["problem"].endswith("; image kept without depth")
+
+
+def test_check_images_strict_stops_with_one_line_naming_the_file(damaged_toy, capfd):
+    root, bad = damaged_toy
+    code = main(["summary", "--dataset", "cityscapes", "--data-root", str(root), "--check-images", "--strict"])
+    out, err = capfd.readouterr()
+    assert code == 2 and "== cityscapes" not in out
+    # One line on stderr, also at the file-descriptor level: OpenCV's and libpng's own warnings are silenced.
+    assert err.count("\n") == 1, err
+    assert err.rstrip("\n").split("\r")[-1] == f"error: {bad}: unreadable image (corrupt or not an image format " \
+                                               "OpenCV can decode)"

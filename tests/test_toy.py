@@ -12,8 +12,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ToyConfig
 from pipeline.datasets.cityscapes import INSTANCE_LABEL_IDS, paint_polygons
-from pipeline.datasets.toy import (BASELINE, Camera, ensure_toy, generate_toy, image_name, parse_size,
-                                   render_scene, toy_cache_dir)
+from pipeline.datasets.toy import (BASELINE, GENERATOR_VERSION, Camera, ensure_toy, generate_toy, image_name,
+                                   parse_size, read_toy_manifest, render_scene, toy_cache_dir, toy_manifest)
 from pipeline.errors import ConfigError
 
 SIZE = (128, 256)
@@ -212,3 +212,80 @@ def test_make_toy_command(tmp_path, capsys):
     assert main(["make-toy", "--out", str(tmp_path / "e"), "--size", "big"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--size" in err and "HxW" in err
+
+
+def _make_toy(capsys, *args: str) -> tuple[int, str]:
+    code = main(["make-toy", *args])
+    return code, capsys.readouterr().err
+
+
+def test_make_toy_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "toy"
+    code, err = _make_toy(capsys, "--out", str(out), "--train", "1", "--val", "0", "--size", "64x128")
+    assert code == 2 and err.count("\n") == 1
+    assert err.strip() == f"error: {out}: cannot write the toy dataset here (Not a directory)"
+    code, err = _make_toy(capsys, "--out", str(blocker), "--train", "1", "--val", "0", "--size", "64x128")
+    assert code == 2 and err.strip() == f"error: {blocker}: exists and is not a folder; choose another --out"
+
+
+def test_make_toy_write_error_during_generation_is_one_line(tmp_path, capsys, monkeypatch):
+    import pipeline.commands.make_toy as make_toy
+
+    bad = tmp_path / "d" / "leftImg8bit" / "x.png"
+
+    def failing(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(bad))
+
+    monkeypatch.setattr(make_toy, "generate_toy", failing)
+    code, err = _make_toy(capsys, "--out", str(tmp_path / "d"), "--train", "1", "--size", "64x128")
+    assert code == 2 and err.strip() == f"error: {bad}: cannot write the toy dataset (Permission denied)"
+
+
+def test_make_toy_refuses_a_different_dataset_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "d"
+    first = ["--out", str(out), "--train", "2", "--val", "1", "--seed", "5", "--size", "64x128"]
+    assert _make_toy(capsys, *first)[0] == 0
+    assert read_toy_manifest(out) == toy_manifest(2, 1, 5, (64, 128))
+    before = _files(out)
+    # The same arguments again: fine, same bytes.
+    assert _make_toy(capsys, *first)[0] == 0
+    assert _files(out) == before
+    # Another seed, count or size: refused in one line, nothing touched.
+    for change in (["--seed", "6"], ["--train", "3"], ["--size", "64x192"]):
+        args = first + change
+        code, err = _make_toy(capsys, *args)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {out}: already holds a different toy dataset (seed 5, 2 train + 1 val, "
+                              f"64x128, generator v{GENERATOR_VERSION}; asked for ")
+        assert "pass --overwrite" in err
+        assert _files(out) == before
+    # --overwrite deletes the old trees first: no image of the old dataset is left over.
+    (out / "notes.txt").write_text("mine")
+    assert _make_toy(capsys, "--out", str(out), "--train", "1", "--val", "0", "--seed", "6", "--size", "64x128",
+                     "--overwrite")[0] == 0
+    assert len(list((out / "leftImg8bit").rglob("*.png"))) == 1
+    assert not (out / "leftImg8bit" / "val").exists() and not (out / "gtFine" / "val").exists()
+    assert read_toy_manifest(out) == toy_manifest(1, 0, 6, (64, 128))
+    assert (out / "notes.txt").read_text() == "mine"             # only the dataset folders are deleted
+    assert _files(out) == {**_files(generate_toy(tmp_path / "ref", 1, 0, 6, (64, 128))), "notes.txt": b"mine"}
+
+
+def test_make_toy_refuses_a_dataset_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "cs"
+    (out / "gtFine" / "train").mkdir(parents=True)
+    code, err = _make_toy(capsys, "--out", str(out), "--train", "1", "--val", "0", "--size", "64x128")
+    assert code == 2 and "already holds a dataset make-toy did not write (gtFine without a valid toy.json)" in err
+    assert not (out / "leftImg8bit").exists()
+
+
+def test_toy_cache_folder_carries_the_generator_version(tmp_path, monkeypatch):
+    import pipeline.datasets.toy as toy_module
+
+    monkeypatch.setenv("BOXMASK_CACHE", str(tmp_path))
+    cfg = ToyConfig(train=1, val=1, seed=2, size="64x128")
+    current = toy_cache_dir(cfg)
+    assert f"gen{GENERATOR_VERSION}-" in current.name
+    monkeypatch.setattr(toy_module, "GENERATOR_VERSION", GENERATOR_VERSION + 1)
+    assert toy_cache_dir(cfg) != current and f"gen{GENERATOR_VERSION + 1}-" in toy_cache_dir(cfg).name

@@ -1,4 +1,10 @@
-"""Arguments shared by several commands, and turning them into a ``Config``."""
+"""Arguments shared by several commands, and turning them into a ``Config``.
+
+Precedence: dataclass defaults <- the config file <- dedicated flags (``--dataset``, ``--data-root``,
+``--ann``, ``--split``, ``--strict``) <- ``--set`` overrides. A flag that is not given changes nothing, so
+a ``--config`` file naming ``dataset: {name: cityscapes, root: ...}`` is used as written. The config file
+is ``--config`` when given, else ``configs/<--dataset>.yaml``, else ``configs/toy.yaml``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,31 +12,41 @@ import argparse
 from ..config import Config, config_path_for, load_config
 
 DATASETS = ("toy", "cityscapes", "coco")
+DEFAULT_DATASET = "toy"
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
-                        help="YAML config (default: configs/<dataset>.yaml)")
+                        help=f"YAML config (default: configs/<--dataset>.yaml, configs/{DEFAULT_DATASET}.yaml "
+                             f"without --dataset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable, e.g. --set teacher.crf.iters=5")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None = "train") -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="toy",
-                        help="dataset kind (default: toy, generated on first use)")
+    """``split_default``: what omitting ``--split`` means, for the help text. None: the command goes over
+    every split; a name: the config's ``dataset.split`` (that name in the shipped configs). Either way an
+    omitted ``--split`` (or ``--dataset``) leaves the config file's value alone."""
+    parser.add_argument("--dataset", choices=DATASETS, default=None,
+                        help=f"dataset kind (default: dataset.name of the --config file, else "
+                             f"{DEFAULT_DATASET}, generated on first use)")
     parser.add_argument("--data-root", metavar="DIR",
                         help="dataset root (cityscapes: default $CITYSCAPES_DATASET; coco: image folder root)")
     parser.add_argument("--ann", metavar="FILE", help="COCO instances json (coco only)")
-    parser.add_argument("--split", default=split_default,
-                        help=f"split to use (default: {split_default or 'all'})")
+    split_help = ("every split of the dataset" if split_default is None
+                  else f"dataset.split of the config, {split_default} in the shipped configs")
+    parser.add_argument("--split", default=None, help=f"split to use (default: {split_help})")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad input instead of skipping and recording it")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    dataset = getattr(args, "dataset", None) or "toy"
-    path = getattr(args, "config", None) or config_path_for(dataset)
-    extra: dict = {"dataset": {"name": dataset}}
+    """The ``Config`` the arguments name (see the module docstring for the precedence)."""
+    dataset = getattr(args, "dataset", None)
+    path = getattr(args, "config", None) or config_path_for(dataset or DEFAULT_DATASET)
+    extra: dict = {"dataset": {}}
+    if dataset:
+        extra["dataset"]["name"] = dataset
     if getattr(args, "data_root", None):
         extra["dataset"]["root"] = args.data_root
     if getattr(args, "ann", None):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..datasets import build_dataset, dataset_root, dataset_splits
-from ..datasets.base import Dataset
-from ..errors import PipelineError
+from ..datasets.base import KEPT_WITHOUT_DEPTH, Dataset
+from ..errors import InputError, PipelineError
 from ..evaluation import PseudoLabelEvaluator, PseudoLabelResult, box_mask_predictions
 from .common import add_config_args, add_dataset_args, config_from_args
 
@@ -41,33 +41,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-box-side", type=float, default=8.0, metavar="PX",
                         help="second IoU figure over instances whose box sides are both >= PX (default: 8)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--check-images", action="store_true",
+                        help="decode every image and depth map, rejecting unreadable ones (default: none is "
+                             "decoded, so a corrupt image body goes unnoticed)")
     parser.set_defaults(func=run)
 
 
-def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = None, progress: bool = True
-                    ) -> dict[str, Any]:
+def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = None, progress: bool = True,
+                    check_images: bool = False, strict: bool | None = None) -> dict[str, Any]:
     """The summary figures of one loaded split (``box_iou``: all instances; ``box_iou_min_side``: both box
     sides >= ``min_box_side``). ``name``: the dataset kind to report (default ``dataset.name``; the toy data
-    is read by the Cityscapes loader)."""
+    is read by the Cityscapes loader).
+
+    ``check_images``: decode every image and depth map. An unreadable image becomes a reject and is left out
+    of every figure; an unreadable depth map becomes a reject and its image counts as one without depth.
+    ``strict`` (default ``dataset.strict``) raises the ``InputError`` instead."""
+    strict = dataset.strict if strict is None else strict
     instances: Counter[str] = Counter()
     ignored: Counter[str] = Counter()
+    rejects = [{"where": r.where, "problem": r.problem} for r in dataset.rejects]
+    images = with_depth = 0
     evaluator = PseudoLabelEvaluator(dataset)
-    for sample in tqdm(dataset, desc=f"{name or dataset.name}/{dataset.split}", unit="img", disable=not progress,
-                       leave=False):
-        instances.update(dataset.category_name(c) for c in sample.classes)
-        ignored.update(dataset.category_name(c) for c in sample.ignore_classes)
-        evaluator.process(sample, box_mask_predictions(sample))
+    # A context manager, so that a --strict error clears the bar before its one line is printed.
+    with tqdm(dataset, desc=f"{name or dataset.name}/{dataset.split}", unit="img", disable=not progress,
+              leave=False) as bar:
+        for sample in bar:
+            has_depth = sample.has_depth
+            if check_images:
+                try:
+                    sample.load_image()
+                except InputError as exc:
+                    if strict:
+                        raise
+                    rejects.append({"where": exc.where, "problem": exc.problem})
+                    continue
+                if has_depth:
+                    try:
+                        sample.load_depth()
+                    except InputError as exc:
+                        if strict:
+                            raise
+                        rejects.append({"where": exc.where,
+                                        "problem": f"{exc.problem}; {KEPT_WITHOUT_DEPTH}"})
+                        has_depth = False
+            images += 1
+            with_depth += has_depth
+            instances.update(dataset.category_name(c) for c in sample.classes)
+            ignored.update(dataset.category_name(c) for c in sample.ignore_classes)
+            evaluator.process(sample, box_mask_predictions(sample))
     return {
         "dataset": name or dataset.name,
         "split": dataset.split,
         "root": str(dataset.root),
-        "images": len(dataset),
-        "images_with_depth": sum(s.has_depth for s in dataset),
+        "images": images,
+        "images_with_depth": with_depth,
+        "images_checked": check_images,
         "instances": sum(instances.values()),
         "instances_per_class": _in_category_order(dataset, instances),
         "ignored_regions": sum(ignored.values()),
         "ignored_per_class": _in_category_order(dataset, ignored),
-        "rejects": [{"where": r.where, "problem": r.problem} for r in dataset.rejects],
+        "rejects": rejects,
         "box_iou": _iou_dict(evaluator.evaluate(0.0)),
         "box_iou_min_side": _iou_dict(evaluator.evaluate(min_box_side)),
     }
@@ -104,7 +137,8 @@ def format_split(fig: dict[str, Any]) -> str:
     depth = fig["images_with_depth"]
     lines = [
         f"== {fig['dataset']} / {fig['split']}  ({fig['root']})",
-        f"  images            {fig['images']}",
+        f"  images            {fig['images']}"
+        f"{' (all decoded)' if fig.get('images_checked') else ' (not decoded; --check-images decodes them)'}",
         f"  depth             {'yes' if depth == fig['images'] and depth else 'partly' if depth else 'no'}"
         f" ({depth} of {fig['images']} images)",
         f"  instances         {fig['instances']} in {len(fig['instances_per_class'])} classes",
@@ -156,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"dataset": cfg.dataset.name, "min_box_side": args.min_box_side, "splits": {}}
     for split in splits:
         dataset = build_dataset(dataclasses.replace(cfg.dataset, split=split))
-        figures = summarize_split(dataset, args.min_box_side, name=cfg.dataset.name)
+        figures = summarize_split(dataset, args.min_box_side, name=cfg.dataset.name,
+                                  check_images=args.check_images, strict=cfg.dataset.strict)
         report["splits"][split] = figures
         print(format_split(figures), flush=True)
     if args.json:

@@ -7,9 +7,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
+from tqdm import tqdm
+
+from ..errors import InputError
+
+T = TypeVar("T")
+# Appended to the reject of an image whose depth is unusable but whose boxes are good (lenient mode).
+KEPT_WITHOUT_DEPTH = "image kept without depth"
+
+
+def index_progress(items: Iterable[T], desc: str, unit: str = "img", total: int | None = None) -> "tqdm[T]":
+    """A progress bar on stderr over the items a loader indexes (a large split takes a while to parse).
+
+    Shown only when stderr is a terminal (a log file or a test capturing output gets nothing); it is
+    cleared when done. Use it as a context manager, so that an error raised mid-loop clears it too and
+    its one-line message starts on a clean line.
+    """
+    return tqdm(items, desc=desc, unit=unit, total=total, leave=False, disable=None, dynamic_ncols=True)
 
 
 def box_to_mask(box, height: int, width: int) -> np.ndarray:
@@ -123,6 +140,19 @@ class Dataset:
     @property
     def has_depth(self) -> bool:
         return any(s.has_depth for s in self._samples)
+
+    def _record(self, error: InputError) -> None:
+        """Lenient mode: keep ``error`` as a ``Reject``; strict mode: raise it."""
+        if self.strict:
+            raise error
+        self.rejects.append(Reject(error.where, error.problem))
+
+    def _record_without_depth(self, error: InputError) -> None:
+        """Like ``_record`` for a depth problem of an image that is kept (without depth) in lenient mode:
+        the reject says so; strict mode raises ``error`` as it is."""
+        if self.strict:
+            raise error
+        self.rejects.append(Reject(error.where, f"{error.problem}; {KEPT_WITHOUT_DEPTH}"))
 
     def _gt_masks(self, sample: Sample) -> dict[int, np.ndarray]:
         """Ground-truth masks by instance id, (H, W) bool. For ``pipeline.evaluation`` only."""

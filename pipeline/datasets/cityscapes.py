@@ -20,13 +20,15 @@ Depth (metres) = baseline * fx / d with d = (p - 1) / 256 from the 16-bit dispar
 invalid and gives 0) and the camera json. A dataset without a ``disparity/<split>`` and ``camera/<split>``
 folder simply has no depth. When those folders exist, a missing or malformed disparity/camera file of
 one image is a bad input: lenient mode records a ``Reject`` naming the file and keeps the image without
-depth (its boxes are still good); strict mode raises.
+depth (its boxes are still good; the reject says "...; image kept without depth"); strict mode raises.
 
 Polygons are filled with OpenCV (``cv2.fillPoly``); Cityscapes' own scripts use PIL, so on real data a
 json-derived mask can differ from the shipped instanceIds PNG by a pixel along its outline.
 
-Construction parses jsons and PNG headers only (about 2975 jsons for the real train split); images and disparity are decoded in ``load_image`` /
-``load_depth`` (a corrupt image body therefore surfaces there, as an ``InputError`` naming the file).
+Construction parses jsons and PNG headers only (about 2975 jsons for the real train split, with a progress
+bar on a terminal); images and disparity are decoded in ``load_image`` / ``load_depth`` (a corrupt image
+body therefore surfaces there, as an ``InputError`` naming the file; ``pipeline summary --check-images``
+decodes them all).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from .base import Category, Dataset, Reject, Sample
+from .base import Category, Dataset, Reject, Sample, index_progress
 from .images import read_image_rgb, read_json, read_png_channel, validate_box
 
 CITYSCAPES_CATEGORIES: list[Category] = [
@@ -230,15 +232,11 @@ class CityscapesDataset(Dataset):
         if not paths:
             raise InputError(image_dir, f"no <city>/*{IMAGE_SUFFIX} images")
         with_depth = (root_path / "disparity" / split).is_dir() or (root_path / "camera" / split).is_dir()
-        for path in paths:
-            sample = self._load_sample(root_path, path, with_depth)
-            if sample is not None:
-                self._samples.append(sample)
-
-    def _record(self, error: InputError) -> None:
-        if self.strict:
-            raise error
-        self.rejects.append(Reject(error.where, error.problem))
+        with index_progress(paths, f"index cityscapes/{split}") as bar:
+            for path in bar:
+                sample = self._load_sample(root_path, path, with_depth)
+                if sample is not None:
+                    self._samples.append(sample)
 
     def _load_sample(self, root: Path, path: Path, with_depth: bool) -> Optional[Sample]:
         city = path.parent.name
@@ -256,12 +254,14 @@ class CityscapesDataset(Dataset):
             disparity = root / "disparity" / self.split / city / f"{base}_disparity.png"
             camera = root / "camera" / self.split / city / f"{base}_camera.json"
             try:
-                if not disparity.is_file():
-                    raise InputError(disparity, "file not found (the image is kept without depth)")
+                if not disparity.exists():
+                    raise InputError(disparity, "disparity file not found")
+                if not camera.exists():
+                    raise InputError(camera, "camera file not found")
                 baseline, fx = read_camera(camera)
                 depth_loader = partial(load_depth, os.fspath(disparity), baseline, fx, height, width)
             except InputError as exc:
-                self._record(exc)
+                self._record_without_depth(exc)
         self._annotations[base] = parsed.annotation
         return Sample(
             image_id=base,

@@ -8,11 +8,14 @@
   rejected annotations keep their slots), so ids are stable when one annotation is fixed or broken.
 * Optional depth per image through two image-entry fields: ``depth_file`` (relative to ``root``; a 16-bit
   PNG or a 2-D ``.npy``) and ``depth_scale`` (metres per stored unit, default 1.0). Stored 0 means invalid.
+  A bad ``depth_file`` (missing, wrong format) or ``depth_scale`` costs only the depth: lenient mode keeps
+  the image with ``has_depth=False`` and records a reject ("...; image kept without depth"), as the
+  Cityscapes loader does for a missing disparity file.
 * Segmentations are read only by ``pipeline.evaluation`` (through ``_gt_masks``). A box-only file (no
   ``segmentation``) is valid input: its instances simply have no ground-truth mask.
 * The annotation file is one split: ``split`` only names it.
 
-Bad input (missing image or depth file, malformed json, bad box, unknown image or category, malformed
+Bad input (missing image file, malformed json, bad box, unknown image or category, malformed
 segmentation) gives a one-line ``InputError`` naming the file; lenient mode records a ``Reject`` and skips
 only the bad item, strict mode raises at the first. An unreadable image is found when ``load_image`` runs.
 A malformed or structurally invalid annotation file always raises: there is nothing left to load.
@@ -30,7 +33,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import InputError
-from .base import Category, Dataset, Reject, Sample, box_to_mask
+from .base import Category, Dataset, Sample, box_to_mask, index_progress
 from .images import format_box, read_image_rgb, read_json, read_png_channel, validate_box
 
 log = logging.getLogger(__name__)
@@ -125,9 +128,7 @@ class CocoDataset(Dataset):
             log.warning("%s: skipped %d bad item(s); see the rejects", self.ann, len(self.rejects))
 
     def _reject(self, exc: InputError) -> None:
-        if self.strict:
-            raise exc
-        self.rejects.append(Reject(exc.where, exc.problem))
+        self._record(exc)
 
     def _bad(self, problem: str) -> InputError:
         return InputError(self.ann, problem)
@@ -158,15 +159,16 @@ class CocoDataset(Dataset):
 
     def _load_images(self, entries: list) -> dict[str, dict]:
         images: dict[str, dict] = {}
-        for k, img in enumerate(entries):
-            try:
-                image_id, entry = self._check_image(k, img)
-                if image_id in images:
-                    raise self._bad(f"image id {image_id} appears twice")
-            except InputError as exc:
-                self._reject(exc)
-                continue
-            images[image_id] = entry
+        with index_progress(entries, f"index {Path(self.ann).name} images") as bar:
+            for k, img in enumerate(bar):
+                try:
+                    image_id, entry = self._check_image(k, img)
+                    if image_id in images:
+                        raise self._bad(f"image id {image_id} appears twice")
+                except InputError as exc:
+                    self._reject(exc)
+                    continue
+                images[image_id] = entry
         return images
 
     def _check_image(self, k: int, img: Any) -> tuple[str, dict]:
@@ -183,7 +185,11 @@ class CocoDataset(Dataset):
             raise InputError(path, "image file not found" if not path.exists() else "not a file")
         entry = {"file_name": img["file_name"], "height": h, "width": w, "depth": None}
         if img.get("depth_file") is not None:
-            entry["depth"] = self._check_depth(image_id, img)
+            try:
+                entry["depth"] = self._check_depth(image_id, img)
+            except InputError as exc:
+                # The image and its boxes are still good: only the depth is lost.
+                self._record_without_depth(exc)
         return image_id, entry
 
     def _check_depth(self, image_id: str, img: dict) -> tuple[Path, float]:
@@ -208,26 +214,27 @@ class CocoDataset(Dataset):
         category_ids = {c.id for c in self.categories}
         counters: dict[str, int] = {}
         per_image: dict[str, list[tuple[int, dict]]] = {}
-        for k, ann in enumerate(entries):
-            if not isinstance(ann, dict):
-                self._reject(self._bad(f"annotation entry #{k} is not an object"))
-                continue
-            image_id = str(ann.get("image_id"))
-            # Slots are counted before validation so that fixing or breaking one annotation never renumbers
-            # the others of its image.
-            index = counters.get(image_id, 0)
-            counters[image_id] = index + 1
-            if image_id not in images:
-                # A rejected image already has its Reject; only ids missing from the file are news.
-                if image_id not in listed:
-                    self._reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown image "
-                                           f"{ann.get('image_id')!r}"))
-                continue
-            try:
-                per_image.setdefault(image_id, []).append(
-                    (index, self._check_annotation(k, ann, images[image_id], category_ids)))
-            except InputError as exc:
-                self._reject(exc)
+        with index_progress(entries, f"index {Path(self.ann).name} annotations", unit="ann") as bar:
+            for k, ann in enumerate(bar):
+                if not isinstance(ann, dict):
+                    self._reject(self._bad(f"annotation entry #{k} is not an object"))
+                    continue
+                image_id = str(ann.get("image_id"))
+                # Slots are counted before validation so that fixing or breaking one annotation never
+                # renumbers the others of its image.
+                index = counters.get(image_id, 0)
+                counters[image_id] = index + 1
+                if image_id not in images:
+                    # A rejected image already has its Reject; only ids missing from the file are news.
+                    if image_id not in listed:
+                        self._reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown "
+                                               f"image {ann.get('image_id')!r}"))
+                    continue
+                try:
+                    per_image.setdefault(image_id, []).append(
+                        (index, self._check_annotation(k, ann, images[image_id], category_ids)))
+                except InputError as exc:
+                    self._reject(exc)
         return per_image
 
     def _check_annotation(self, k: int, ann: dict, image: dict, category_ids: set[int]) -> dict:

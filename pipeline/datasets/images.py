@@ -36,7 +36,14 @@ def _decode(path: str | os.PathLike, flags: int) -> np.ndarray:
     data = read_bytes(path)
     if not data:
         raise InputError(path, "unreadable image (empty file)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    # OpenCV prints its own warnings (and libpng's) about a truncated file on the process's stderr; the
+    # InputError below says it in one line, so they are silenced for the call.
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(min(level, cv2.utils.logging.LOG_LEVEL_ERROR))
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if image is None or image.size == 0:
         raise InputError(path, "unreadable image (corrupt or not an image format OpenCV can decode)")
     return image

@@ -16,7 +16,9 @@ colour behind it, so that only depth separates them; occasional ``cargroup`` / `
 (several overlapping objects annotated as one ignore polygon). The labelIds / instanceIds PNGs are
 rasterised from the written polygons with the same code the loader uses, so json and PNGs agree exactly.
 
-Output is a pure function of (seed, split, index, size): the same arguments give the same bytes.
+Output is a pure function of (seed, split, index, size) and ``GENERATOR_VERSION``: the same arguments give
+the same bytes. ``toy.json`` at the root records what was generated (``toy_manifest``), so ``make-toy`` can
+tell a re-run from a different dataset, and the cache folder name carries the generator version.
 """
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ V0_1024 = 513.137
 CAMERA_HEIGHT = 1.22         # metres above the road
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster")}
 FRAME = 19                   # Cityscapes annotates the 20th frame of each snippet
+# Bump whenever the generator's output changes for the same arguments: the cache folder name carries it (so
+# stale cached data is never reused) and so does toy.json (so make-toy does not mix versions in a folder).
+GENERATOR_VERSION = 1
+TOY_MANIFEST = "toy.json"
+# The folders a toy dataset consists of (what ``make-toy --overwrite`` deletes).
+TOY_TREES = ("leftImg8bit", "gtFine", "disparity", "camera")
 
 # (height, width) in metres of the object as seen; "side" / "rear" variants for vehicles.
 _SIZES = {
@@ -639,23 +647,49 @@ def write_scene(out: Path, split: str, index: int, scene: Scene) -> None:
     _write_json(out / "camera" / split / city / f"{base}_camera.json", scene.camera.to_json())
 
 
+def toy_manifest(train: int, val: int, seed: int, size: tuple[int, int]) -> dict:
+    """What ``toy.json`` says about a toy dataset generated with these arguments."""
+    return {"generator": "boxmask toy", "version": GENERATOR_VERSION, "seed": seed, "train": train, "val": val,
+            "size": f"{size[0]}x{size[1]}"}
+
+
+def read_toy_manifest(root: str | os.PathLike) -> dict | None:
+    """The ``toy.json`` of a folder; None when it has none or it is not a toy manifest."""
+    try:
+        data = json.loads((Path(root) / TOY_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("generator") == "boxmask toy" else None
+
+
+def describe_toy(manifest: dict) -> str:
+    """'seed 0, 24 train + 8 val, 256x512, generator v1' for a manifest."""
+    return (f"seed {manifest.get('seed')}, {manifest.get('train')} train + {manifest.get('val')} val, "
+            f"{manifest.get('size')}, generator v{manifest.get('version')}")
+
+
 def generate_toy(out_dir: str | os.PathLike, train: int = 24, val: int = 8, seed: int = 0,
                  size: tuple[int, int] = (256, 512), progress: bool = False) -> Path:
-    """Write ``train`` + ``val`` scenes in the Cityscapes layout under ``out_dir``; returns its path."""
+    """Write ``train`` + ``val`` scenes in the Cityscapes layout under ``out_dir`` (and ``toy.json``, first,
+    so that an interrupted run is recognised as the same dataset); returns its path."""
     out = Path(out_dir)
+    _write_json(out / TOY_MANIFEST, toy_manifest(train, val, seed, size))
     jobs = [("train", i) for i in range(train)] + [("val", i) for i in range(val)]
-    for split, index in tqdm(jobs, desc="make-toy", unit="img", disable=not progress):
-        write_scene(out, split, index, render_scene(seed, split, index, size))
+    # A context manager, so that a write error closes the bar before its one-line message.
+    with tqdm(jobs, desc="make-toy", unit="img", disable=not progress) as bar:
+        for split, index in bar:
+            write_scene(out, split, index, render_scene(seed, split, index, size))
     return out
 
 
 def toy_cache_dir(cfg: ToyConfig) -> Path:
-    """cfg.cache_dir, else $BOXMASK_CACHE/toy-<params>, else ~/.cache/boxmask/toy-<params>."""
+    """cfg.cache_dir, else $BOXMASK_CACHE/toy-<params>, else ~/.cache/boxmask/toy-<params>; the params
+    include ``GENERATOR_VERSION``, so data of an older generator is never reused."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     height, width = parse_size(cfg.size)
     base = Path(os.environ.get("BOXMASK_CACHE") or Path.home() / ".cache" / "boxmask").expanduser()
-    return base / f"toy-s{cfg.seed}-t{cfg.train}-v{cfg.val}-{height}x{width}"
+    return base / f"toy-gen{GENERATOR_VERSION}-s{cfg.seed}-t{cfg.train}-v{cfg.val}-{height}x{width}"
 
 
 def ensure_toy(cfg: ToyConfig) -> Path:
