@@ -1,7 +1,8 @@
 """Benchmark: label-service throughput with 1 and 2 Ray label workers (box-prior teacher, toy data).
 
 Generates a dozen toy images at Cityscapes resolution (1024x2048) into the toy cache, starts one local Ray
-cluster and runs ``LabelService`` over them once per worker count, each into a fresh shard directory.
+cluster and runs ``LabelService`` over them once per worker count, each into a fresh shard directory (the
+driver reads the dataset once per run and sends the samples to the workers in the batches).
 Throughput counts labeling time only (from all workers ready to the last result; actor start-up is left
 out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). cpu/busy = worker CPU
 seconds per labeling second: near 1 when each single-threaded worker has a core, well below 1 when the
@@ -37,8 +38,8 @@ if sys.path[0] == str(Path(__file__).resolve().parent):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.config import config_path_for, load_config  # noqa: E402
-from pipeline.label_service import (DatasetFactory, LabelService, TeacherFactory, init_ray,  # noqa: E402
-                                    label_digest)
+from pipeline.datasets import build_dataset  # noqa: E402
+from pipeline.label_service import LabelService, TeacherFactory, init_ray, label_digest  # noqa: E402
 from pipeline.shards import BOX_PRIOR  # noqa: E402
 
 
@@ -52,9 +53,9 @@ def current_rss_mib() -> float:
 
 def run_once(cfg, workers: int, out: Path) -> dict:
     cfg.label.workers = workers
-    dataset = DatasetFactory(cfg.dataset)()
-    service = LabelService(cfg.label, out, dataset, DatasetFactory(cfg.dataset),
-                           TeacherFactory(cfg.teacher, None), BOX_PRIOR, label_digest(cfg, BOX_PRIOR, 0),
+    dataset = build_dataset(cfg.dataset)
+    service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, None), BOX_PRIOR,
+                           label_digest(cfg, BOX_PRIOR, 0),
                            device=cfg.teacher.device, dataset_name=cfg.dataset.name)
     rss_before = current_rss_mib()
     t0, c0 = time.monotonic(), time.process_time()
@@ -73,6 +74,9 @@ def run_once(cfg, workers: int, out: Path) -> dict:
         # worker waited for a CPU (a shared or oversubscribed machine), more means it ran several threads.
         "cpu_per_busy": cpu / sum(busy) if busy and sum(busy) > 0 else 0.0,
         "worker_peak_rss_mib": max((w["peak_rss_mib"] for w in summary.worker_stats), default=0.0),
+        # Images whose instance ids a worker keeps at the end (those its memory bank references): bounded by
+        # the bank, not the dataset.
+        "worker_known_images": max((w["known_images"] for w in summary.worker_stats), default=0),
     }
 
 
@@ -89,7 +93,7 @@ def main() -> None:
         f"dataset.toy.train={args.images}", "dataset.toy.val=0", f"dataset.toy.size={args.size}",
         f"label.batch_images={args.batch_images}", "label.shard_rows=100000", *args.overrides])
     counts = [int(w) for w in args.workers.split(",")]
-    dataset = DatasetFactory(cfg.dataset)()       # generate the toy data before any timing
+    dataset = build_dataset(cfg.dataset)          # generate the toy data before any timing
     print(f"toy: {len(dataset)} images at {args.size} in {dataset.root}", flush=True)
     url = init_ray(cfg.run)
     print(f"Ray dashboard: {url}", flush=True)
@@ -116,6 +120,7 @@ def main() -> None:
         out[f"instances_{w}"] = r["instances"]
         out[f"cpu_per_busy_{w}"] = round(r["cpu_per_busy"], 3)
         out[f"driver_rss_growth_mib_{w}"] = round(r["driver_rss_growth_mib"], 1)
+        out[f"worker_known_images_{w}"] = r["worker_known_images"]
     if 1 in by and 2 in by and by[1]["images_per_s"] > 0:
         out["scaling"] = round(by[2]["images_per_s"] / by[1]["images_per_s"], 3)
     print(json.dumps(out))

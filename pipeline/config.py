@@ -52,13 +52,18 @@ class LabelConfig:
 
     workers: int = 2
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = -1.0     # negative = auto: min(1, cluster GPUs / workers), 0 without GPUs or with
+                                      # teacher.device=cpu; 0 or more is used as given
     batch_images: int = 4             # images handed to a worker at a time
     max_inflight: int = 2             # batches queued per worker (1 running + 1 ready keeps it busy)
     shard_rows: int = 2000            # a shard is written once this many rows are buffered (and at the end)
     max_restarts: int = 3             # Ray restarts of a dead worker actor
     max_task_retries: int = 3         # Ray re-runs of a task lost with its actor
-    max_attempts: int = 3             # worker deaths while labeling an image before it is rejected
+    max_attempts: int = 3             # times an image is lost (its worker died, or its batch timed out) before
+                                      # it is rejected
+    batch_timeout_s: float = 600.0    # a batch not back this long after its worker began it is re-issued to
+                                      # another worker (a hung worker does not stall the run); set it well
+                                      # above the slowest batch
 
 
 @dataclass

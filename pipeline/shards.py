@@ -12,7 +12,8 @@ height, width      int32: image size
 instance_id        int32: index of the box within the image's annotations
 category_id        int32: dataset class id
 category           string: class name
-box                list<float32> (4 values): x1, y1, x2, y2 in pixels
+box                fixed_size_list<float32>[4] (Arrow ``pa.list_(pa.float32(), 4)``, the list of 4 values
+                   DESIGN.md names; Parquet stores it as a list): x1, y1, x2, y2 in pixels
 mask_rle           string: COCO compressed RLE ``counts`` of the full-image mask (size = height, width)
 score              float32: teacher confidence in [0, 1]
 round              int32: round that produced the row
@@ -36,7 +37,9 @@ A shard directory holds ``part-NNNNN.parquet`` files, ``_manifest.json`` and ``_
   so exports can list them).
 - ``_rejects.jsonl`` has one json object per input that could not be labeled: ``image_id`` (null for
   dataset-level rejects), ``file``, ``reason`` and ``stage`` ("dataset", "load" or "label"). Images
-  rejected at the "load" or "label" stage count as finished on resume; delete their lines to retry them.
+  rejected at the "load" or "label" stage count as finished on resume, unless the writer is opened with
+  ``retry_rejects`` (``pipeline label --retry-rejects``): then their lines leave the file (rewritten
+  atomically) and a new failure is recorded again. Dataset-level rejects are always kept.
 - Resuming with a different config digest (dataset, split, teacher config or checkpoint) is an error
   unless the caller asks to overwrite, which deletes the shards, manifest and rejects first.
 """
@@ -48,9 +51,12 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Container, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -205,6 +211,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise it: a KeyboardInterrupt in the middle of a
+    shard commit would leave the writer's memory behind its manifest, and the exit handler's second flush
+    would then list the same images in two shards. Only the main thread may install handlers; elsewhere the
+    block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -296,16 +324,22 @@ class ShardWriter:
     Use as a context manager; it holds an exclusive lock on the directory so two runs cannot interleave.
     ``done`` is the set of image ids already finished (in a manifest entry or rejected while loading or
     labeling), which the caller skips.
+
+    ``retry_rejects``: True, or a collection of image ids: the "load" / "label" rejects of those images
+    (all of them for True) are dropped on open, so the images are not finished and may be labeled again.
+    ``retried`` lists the image ids whose reject lines were dropped.
     """
 
     def __init__(self, out_dir: str | os.PathLike, meta: ShardMeta, shard_rows: int = 2000,
-                 overwrite: bool = False):
+                 overwrite: bool = False, retry_rejects: bool | Container[str] = False):
         if shard_rows < 1:
             raise PipelineError("label.shard_rows", f"must be at least 1, got {shard_rows}")
         self.out_dir = Path(out_dir)
         self.meta = meta
         self.shard_rows = shard_rows
         self.overwrite = overwrite
+        self.retry_rejects = retry_rejects
+        self.retried: list[str] = []          # image ids whose earlier load / label rejects were dropped
         self.entries: list[ShardEntry] = []
         self.done: set[str] = set()
         self.removed: list[str] = []          # unfinished files deleted on open (for the log)
@@ -407,10 +441,24 @@ class ShardWriter:
                 # A write torn by a kill: drop the partial line so the file stays valid jsonl.
                 with open(path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
-        for rec in read_rejects(self.out_dir):
+        records = read_rejects(self.out_dir)
+        if self.retry_rejects is not False:
+            keep = [r for r in records if not self._retried(r)]
+            if len(keep) < len(records):
+                self.retried = sorted({r["image_id"] for r in records if self._retried(r)})
+                _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+                records = keep
+        for rec in records:
             self._reject_keys.add((rec.get("stage"), rec.get("image_id"), rec.get("file"), rec.get("reason")))
             if rec.get("image_id") is not None and rec.get("stage") in ("load", "label"):
                 self.done.add(rec["image_id"])
+
+    def _retried(self, rec: dict) -> bool:
+        """Whether ``retry_rejects`` drops this reject record."""
+        image_id = rec.get("image_id")
+        if image_id is None or rec.get("stage") not in ("load", "label"):
+            return False
+        return self.retry_rejects is True or image_id in self.retry_rejects
 
     # -- writing
     def reject(self, image_id: Optional[str], file: str, reason: str, stage: str) -> None:
@@ -447,9 +495,14 @@ class ShardWriter:
         return True
 
     def flush(self) -> Optional[ShardEntry]:
-        """Write the buffered images as one shard (no-op when nothing is buffered)."""
+        """Write the buffered images as one shard (no-op when nothing is buffered). Ctrl-C waits until the
+        shard is committed (or not started): the manifest and this writer never disagree."""
         if not self._pending_ids:
             return None
+        with _sigint_deferred():
+            return self._commit_pending()
+
+    def _commit_pending(self) -> ShardEntry:
         index = 1 + max((int(SHARD_PATTERN.match(e.file).group(1)) for e in self.entries), default=-1)
         name = f"part-{index:05d}.parquet"
         path = self.out_dir / name

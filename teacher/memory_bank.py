@@ -136,6 +136,10 @@ class MemoryBank:
         """Stored objects per class id."""
         return {c: q.count for c, q in sorted(self.queues.items())}
 
+    def image_ids(self) -> set[str]:
+        """Ids of the images that stored objects come from (a partner's image is always one of these)."""
+        return {i for q in self.queues.values() for i in q.image_id[: q.count] if i}
+
     def push(
         self,
         class_id: int,

@@ -2,12 +2,14 @@
 
 ``FolderDataset`` reads ``index.json`` + PNG images written by ``write_folder_dataset`` (so corrupt and
 missing files are real files); ``BoxLabeler`` labels each box with the pixels it covers and matches it
-to the previous object of its class, which exercises every shard column without the structured teacher.
-Both are picklable by value (``ray.cloudpickle.register_pickle_by_value``) so Ray workers can use them.
+to the previous object of its class, which exercises every shard column without the structured teacher,
+and can fail, hang or kill its process on chosen images. Samples (their image loaders are lambdas) and
+labelers are picklable by value (``ray.cloudpickle.register_pickle_by_value``) so Ray workers can use them.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,10 @@ CATEGORIES = [Category(24, "person"), Category(26, "car")]
 
 
 def write_folder_dataset(root: Path, n: int = 8, size: tuple[int, int] = (48, 64), corrupt: tuple = (),
-                         missing: tuple = (), seed: int = 0) -> Path:
+                         missing: tuple = (), seed: int = 0, sparse_ids: bool = False) -> Path:
     """Images ``img-XXX.png`` with 0-3 random boxes each (image 0 has none); indices in ``corrupt`` get a
-    garbage file, those in ``missing`` no file. Returns ``root``."""
+    garbage file, those in ``missing`` no file. ``sparse_ids``: the boxes' instance ids are 10, 13, 16, ...
+    (as if other annotations had been skipped) instead of their positions 0, 1, 2. Returns ``root``."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     h, w = size
@@ -37,7 +40,8 @@ def write_folder_dataset(root: Path, n: int = 8, size: tuple[int, int] = (48, 64
             boxes.append([x1, y1, x1 + float(rng.integers(4, w // 2)), y1 + float(rng.integers(4, h // 2))])
         classes = [int(rng.choice([24, 26])) for _ in boxes]
         items.append({"image_id": f"im{i:03d}", "file_name": name, "height": h, "width": w,
-                      "boxes": boxes, "classes": classes})
+                      "boxes": boxes, "classes": classes,
+                      "instance_ids": [10 + 3 * k if sparse_ids else k for k in range(len(boxes))]})
         if i in missing:
             continue
         if i in corrupt:
@@ -67,7 +71,7 @@ class FolderDataset(Dataset):
             self._samples.append(Sample(
                 image_id=item["image_id"], file_name=item["file_name"], height=item["height"],
                 width=item["width"], boxes=boxes, classes=np.asarray(item["classes"], np.int32),
-                instance_ids=np.arange(len(boxes), dtype=np.int32),
+                instance_ids=np.asarray(item.get("instance_ids", range(len(boxes))), np.int32),
                 _image_loader=lambda p=path: read_image_rgb(p)))
 
     @staticmethod
@@ -75,14 +79,6 @@ class FolderDataset(Dataset):
         from pipeline.datasets.base import Reject
 
         return Reject(item["file_name"], "box has x2 <= x1")
-
-
-@dataclass
-class FolderFactory:
-    root: str
-
-    def __call__(self) -> FolderDataset:
-        return FolderDataset(self.root)
 
 
 @dataclass
@@ -109,20 +105,43 @@ class Bank:
     def fill(self) -> dict[int, int]:
         return {c: 1 for c in self.last}
 
+    def image_ids(self) -> set[str]:
+        return {image_id for image_id, _ in self.last.values()}
+
 
 class BoxLabeler:
     """Box-as-mask labeler; ``delay`` seconds per image make runs long enough to interrupt; images in
-    ``fail_on`` raise, as a teacher bug would."""
+    ``fail_on`` raise, as a teacher bug would; images in ``die_on`` end the worker process; an image in
+    ``hang_on`` sleeps ``hang_s`` seconds, only in the first labeler that reaches it when ``once_dir`` is
+    given (a flag file there, shared by the worker processes), else every time."""
 
-    def __init__(self, delay: float = 0.0, fail_on: tuple = ()):
+    def __init__(self, delay: float = 0.0, fail_on: tuple = (), die_on: tuple = (), hang_on: tuple = (),
+                 hang_s: float = 0.0, once_dir: str = ""):
         self.delay = delay
         self.fail_on = fail_on
+        self.die_on = die_on
+        self.hang_on = hang_on
+        self.hang_s = hang_s
+        self.once_dir = once_dir
         self.bank = Bank()
+
+    def _first_time(self, image_id: str) -> bool:
+        if not self.once_dir:
+            return True
+        try:
+            os.close(os.open(Path(self.once_dir) / f"{image_id}.hung", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
 
     def label(self, image, boxes, classes, depth=None, image_id=None):
         time.sleep(self.delay)
         if image_id in self.fail_on:
             raise FloatingPointError(f"teacher diverged on {image_id}\nsecond line")
+        if image_id in self.die_on:
+            os._exit(3)
+        if image_id in self.hang_on and self._first_time(image_id):
+            time.sleep(self.hang_s)
         h, w = image.shape[:2]
         out = []
         for k, (box, cls) in enumerate(zip(boxes, classes)):
@@ -141,6 +160,10 @@ class BoxLabeler:
 class BoxLabelerFactory:
     delay: float = 0.0
     fail_on: tuple = ()
+    die_on: tuple = ()
+    hang_on: tuple = ()
+    hang_s: float = 0.0
+    once_dir: str = ""
 
     def __call__(self, device: str) -> BoxLabeler:
-        return BoxLabeler(self.delay, self.fail_on)
+        return BoxLabeler(self.delay, self.fail_on, self.die_on, self.hang_on, self.hang_s, self.once_dir)

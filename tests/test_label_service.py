@@ -1,5 +1,6 @@
-"""The label service on a local Ray cluster: exactly once across killed workers and drivers, rejects,
-named actors in the state API, and the real box-prior teacher end to end.
+"""The label service on a local Ray cluster: exactly once across killed, hung and dying workers and killed
+drivers, rejects (and retrying them), named actors in the state API, workers without a dataset, and the real
+box-prior teacher through the CLI. Also the pure parts: GPU shares and the resume digest.
 
 One local cluster is shared by the module (Ray takes 5-20 s to start on 2 cores); the driver-killed test
 points a subprocess CLI at it with ``--address``.
@@ -7,6 +8,8 @@ points a subprocess CLI at it with ``--address``.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -19,20 +22,20 @@ import pyarrow.parquet as pq
 import pytest
 
 import labelkit
-from pipeline.config import LabelConfig, RunConfig
+from pipeline.config import Config, LabelConfig, RunConfig
 from pipeline.datasets.base import box_to_mask
 from pipeline.errors import PipelineError
-from pipeline.label_service import NAMESPACE, LabelService, init_ray
-from pipeline.shards import decode_rle, read_manifest, read_rejects
+from pipeline.label_service import NAMESPACE, LabelService, init_ray, label_digest, resolve_gpus_per_worker
+from pipeline.shards import ShardMeta, ShardWriter, check_resumable, decode_rle, read_manifest, read_rejects
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    """A local Ray cluster for the module (tests using it are marked slow; the pure ones are not)."""
     if ray.is_initialized():
         ray.shutdown()
     ray.cloudpickle.register_pickle_by_value(labelkit)
@@ -69,11 +72,13 @@ def metric_sum(lines: list[str]) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
-def service(out, root, labeler=None, **label):
+def service(out, dataset, labeler=None, retry_rejects=False, **label):
+    """A service over a ``labelkit`` dataset (object, or its root folder)."""
     cfg = LabelConfig(**{"workers": 2, "batch_images": 2, "shard_rows": 4, **label})
-    dataset = labelkit.FolderDataset(str(root))
-    return LabelService(cfg, out, dataset, labelkit.FolderFactory(str(root)),
-                        labeler or labelkit.BoxLabelerFactory(), teacher_id="box-prior", config_digest="t1")
+    if not isinstance(dataset, labelkit.FolderDataset):
+        dataset = labelkit.FolderDataset(str(dataset))
+    return LabelService(cfg, out, dataset, labeler or labelkit.BoxLabelerFactory(), teacher_id="box-prior",
+                        config_digest="t1", retry_rejects=retry_rejects)
 
 
 def all_rows(out):
@@ -97,25 +102,30 @@ def assert_exactly_once(out, dataset, rejected=()):
     for r in rows:
         s = by_id[r["image_id"]]
         mask = decode_rle(r["mask_rle"], r["height"], r["width"])
-        np.testing.assert_array_equal(mask, box_to_mask(s.boxes[r["instance_id"]], s.height, s.width))
+        k = list(s.instance_ids).index(r["instance_id"])
+        np.testing.assert_array_equal(mask, box_to_mask(s.boxes[k], s.height, s.width))
     assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
 
 
-def test_rejects_and_named_actors_while_running(cluster, tmp_path):
+@pytest.mark.slow
+def test_rejects_and_named_actors_while_running_on_workers_without_a_dataset(cluster, tmp_path):
     from ray.util.state import list_actors
 
-    root = labelkit.write_folder_dataset(tmp_path / "data", n=10, corrupt=(3,), missing=(5,))
-    seen = []
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=10, corrupt=(3,), missing=(5,), sparse_ids=True)
+    dataset = labelkit.FolderDataset(str(root))
+    # The workers get the samples from the driver: they never read the annotations (gone now).
+    (root / "index.json").unlink()
+    seen, events = [], []
 
     def progress(event):
+        events.append(event)
         if not seen:
             seen.extend(a.name for a in list_actors(filters=[("ray_namespace", "=", NAMESPACE),
                                                             ("state", "=", "ALIVE")]))
 
-    svc = service(tmp_path / "out", root, labelkit.BoxLabelerFactory(fail_on=("im007",)))
+    svc = service(tmp_path / "out", dataset, labelkit.BoxLabelerFactory(fail_on=("im007",)))
     summary = svc.run(progress)
     assert {"label-worker-0", "label-worker-1"} <= set(seen)
-    dataset = labelkit.FolderDataset(str(root))
     bad = ("im003", "im005", "im007")
     assert_exactly_once(tmp_path / "out", dataset, rejected=bad)
     rejects = {(r["image_id"], r["stage"]): r for r in read_rejects(tmp_path / "out")}
@@ -125,8 +135,13 @@ def test_rejects_and_named_actors_while_running(cluster, tmp_path):
     assert rejects["im007", "label"] == {"image_id": "im007", "file": "img-007.png", "stage": "label",
                                          "reason": "FloatingPointError: teacher diverged on im007"}
     assert rejects[None, "dataset"]["file"] == "bad.png"
-    assert summary.images_labeled == 7 and summary.rejects == 3
+    assert summary.images_labeled == 7 and summary.rejects == 3 and summary.dataset_rejects == 1
+    assert "3 rejected, 1 rejected by the dataset loader" in summary.line()
     assert summary.instances == sum(len(s.boxes) for s in dataset if s.image_id not in bad)
+    assert sum(e["images"] + e["rejects"] for e in events) == 10
+    # A worker keeps the instance ids of the images its bank references (one per class here), not a dataset.
+    assert [s["index"] for s in summary.worker_stats] == [0, 1]
+    assert all(1 <= s["known_images"] <= 2 for s in summary.worker_stats), summary.worker_stats
     # Dashboard metrics, tagged by worker.
     metrics = scrape_metrics({"boxmask_label_images", "boxmask_label_instances", "boxmask_label_image_seconds",
                               "boxmask_label_batch", "boxmask_label_bank_fill"},
@@ -136,12 +151,17 @@ def test_rejects_and_named_actors_while_running(cluster, tmp_path):
     images = metrics["boxmask_label_images"]                   # counters are exported as <name>_total
     assert metric_sum(images) == 7 and metric_sum(metrics["boxmask_label_instances"]) == summary.instances
     assert any('worker="0"' in ln for ln in images) and any('worker="1"' in ln for ln in images)
-    # Correspondences come through as the documented struct list.
-    corr = [c for r in all_rows(tmp_path / "out") for c in r["correspondences"]]
-    assert corr and set(corr[0]) == {"partner_image_id", "partner_instance_id", "grid", "src", "dst", "weight"}
+    # Correspondences come through as the documented struct list, partners named by their dataset instance
+    # id (the labeler gives positions 0-2; the dataset's ids are 10, 13, 16).
+    rows = all_rows(tmp_path / "out")
+    category = {(r["image_id"], r["instance_id"]): r["category_id"] for r in rows}
+    corr = [(r, c) for r in rows for c in r["correspondences"]]
+    assert corr and set(corr[0][1]) == {"partner_image_id", "partner_instance_id", "grid", "src", "dst", "weight"}
+    for r, c in corr:
+        assert category[c["partner_image_id"], c["partner_instance_id"]] == r["category_id"]
     # Re-running finds nothing to do and writes nothing.
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    again = service(tmp_path / "out", root).run()
+    again = service(tmp_path / "out", dataset).run()
     assert (again.images_labeled, again.images_skipped, again.shards) == (0, 10, 0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert len(read_rejects(tmp_path / "out")) == 4
@@ -173,24 +193,25 @@ def test_checkpoints_load_safely_or_fail_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_limit_labels_a_prefix_and_strict_stops_at_the_first_bad_input(cluster, tmp_path):
     root = labelkit.write_folder_dataset(tmp_path / "data", n=8, corrupt=(5,))
     dataset = labelkit.FolderDataset(str(root))
     out = tmp_path / "out"
-    first = LabelService(LabelConfig(workers=2, batch_images=2), out, dataset, labelkit.FolderFactory(str(root)),
-                         labelkit.BoxLabelerFactory(), "box-prior", "t1", limit=3).run()
+    first = LabelService(LabelConfig(workers=2, batch_images=2), out, dataset, labelkit.BoxLabelerFactory(),
+                         "box-prior", "t1", limit=3).run()
     assert first.images_total == 3 and first.images_labeled == 3
     assert {i for s in read_manifest(out)["shards"] for i in s["image_ids"]} == {"im000", "im001", "im002"}
     with pytest.raises(PipelineError, match=r"img-005.png: .*unreadable image.*--strict"):
         LabelService(LabelConfig(workers=1, batch_images=1, max_inflight=1), out, dataset,
-                     labelkit.FolderFactory(str(root)), labelkit.BoxLabelerFactory(), "box-prior", "t1",
-                     strict=True).run()
+                     labelkit.BoxLabelerFactory(), "box-prior", "t1", strict=True).run()
     # Images finished before the bad one are kept; the bad one is recorded.
     done = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
     assert done == {"im000", "im001", "im002", "im003", "im004"}
     assert [r["image_id"] for r in read_rejects(out) if r["stage"] == "load"] == ["im005"]
 
 
+@pytest.mark.slow
 def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
     root = labelkit.write_folder_dataset(tmp_path / "data", n=16)
     events, pids = [], []
@@ -212,6 +233,124 @@ def test_killed_workers_lose_no_image_and_duplicate_none(cluster, tmp_path):
     assert summary.worker_stats[0]["pid"] != pids[0] and summary.worker_stats[0]["images"] > 0
     assert read_rejects(tmp_path / "out") == [{"image_id": None, "file": "bad.png", "reason": "box has x2 <= x1",
                                                "stage": "dataset"}]
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_its_worker_is_rejected_and_reaches_the_progress_callback(cluster, tmp_path):
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=8)
+    out, events = tmp_path / "out", []
+    summary = service(out, root, labelkit.BoxLabelerFactory(die_on=("im003",)), max_task_retries=0,
+                      max_restarts=5, max_attempts=2, max_inflight=1).run(events.append)
+    assert_exactly_once(out, labelkit.FolderDataset(str(root)), rejected=("im003",))
+    assert [r for r in read_rejects(out) if r["stage"] == "label"] == [
+        {"image_id": "im003", "file": "img-003.png", "stage": "label",
+         "reason": "lost 2 times while labeling it (last time: its label worker died)"}]
+    assert (summary.images_labeled, summary.rejects, summary.dataset_rejects) == (7, 1, 1)
+    assert sum(e["images"] + e["rejects"] for e in events) == 8        # the progress bar reaches its total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_hung_worker_does_not_stall_the_run(cluster, tmp_path, caplog, workers):
+    """im003 hangs the first worker that labels it for a minute. With 2 workers its batch (and the one queued
+    behind it) goes to the other worker; with 1 the driver restarts the hung worker. The run ends long
+    before the minute, every image labeled once."""
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=10)
+    (tmp_path / "flags").mkdir()
+    labeler = labelkit.BoxLabelerFactory(hang_on=("im003",), hang_s=60.0, once_dir=str(tmp_path / "flags"))
+    caplog.set_level(logging.WARNING, logger="pipeline.label_service")
+    t0 = time.monotonic()
+    summary = service(tmp_path / "out", root, labeler, workers=workers, batch_timeout_s=2.0).run()
+    assert time.monotonic() - t0 < 45
+    assert (tmp_path / "flags" / "im003.hung").exists()            # it did hang
+    assert_exactly_once(tmp_path / "out", labelkit.FolderDataset(str(root)))
+    assert (summary.images_labeled, summary.rejects) == (10, 0) and summary.batches_timed_out >= 1
+    assert "not back after" in caplog.text and "(label.batch_timeout_s); re-issuing" in caplog.text
+    if workers == 1:
+        assert "label-worker-0 is stuck and no other worker is free: restarting it" in caplog.text
+    else:                                                         # the hung worker is not asked for stats
+        assert len(summary.worker_stats) == 1
+
+
+@pytest.mark.slow
+def test_retry_rejects_labels_earlier_rejects_again(cluster, tmp_path):
+    import cv2
+
+    root = labelkit.write_folder_dataset(tmp_path / "data", n=6, corrupt=(2,))
+    out = tmp_path / "out"
+    first = service(out, root, labelkit.BoxLabelerFactory(fail_on=("im004",)), workers=1).run()
+    assert (first.images_labeled, first.rejects) == (4, 2)
+    cv2.imwrite(str(root / "img-002.png"), np.zeros((48, 64, 3), np.uint8))     # the unreadable file is fixed
+    plain = service(out, root, workers=1).run()
+    assert (plain.images_labeled, plain.images_skipped) == (0, 6)                # rejects count as finished
+    # Retried: im002 is labeled now; the teacher still fails on im004, which is recorded again, once.
+    second = service(out, root, labelkit.BoxLabelerFactory(fail_on=("im004",)), workers=1,
+                     retry_rejects=True).run()
+    assert (second.images_retried, second.images_labeled, second.rejects, second.images_skipped) == (2, 1, 1, 4)
+    assert sorted(((r["image_id"], r["stage"]) for r in read_rejects(out)), key=str) == [
+        ("im004", "label"), (None, "dataset")]
+    assert_exactly_once(out, labelkit.FolderDataset(str(root)), rejected=("im004",))
+    third = service(out, root, workers=1, retry_rejects=True).run()
+    assert (third.images_retried, third.images_labeled, third.rejects) == (1, 1, 0)
+    assert [r["stage"] for r in read_rejects(out)] == ["dataset"]
+    assert_exactly_once(out, labelkit.FolderDataset(str(root)))
+
+
+def test_label_help_documents_retry_rejects(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--retry-rejects" in text and "dataset-level rejects stay" in text
+
+
+def test_gpus_per_worker_defaults_to_an_equal_share_of_the_cluster_gpus():
+    assert LabelConfig().gpus_per_worker < 0                               # auto
+    assert resolve_gpus_per_worker(-1.0, 0.0, 2) == 0.0                    # no GPU in the cluster
+    assert resolve_gpus_per_worker(-1.0, 8.0, 2) == 1.0                    # at most one each
+    assert resolve_gpus_per_worker(-1.0, 2.0, 2) == 1.0
+    assert resolve_gpus_per_worker(-1.0, 1.0, 2) == 0.5
+    share = resolve_gpus_per_worker(-1.0, 1.0, 3)
+    assert share == 0.3333 and 3 * share <= 1.0                            # the shares fit
+    assert resolve_gpus_per_worker(-1.0, 4.0, 2, device="cpu") == 0.0      # teacher pinned to the CPU
+    assert resolve_gpus_per_worker(-1.0, 4.0, 2, device="cuda") == 1.0
+    assert resolve_gpus_per_worker(0.0, 4.0, 2) == 0.0                     # an explicit value wins
+    assert resolve_gpus_per_worker(0.25, 0.0, 2) == 0.25
+
+
+def test_resume_digest_identifies_coco_annotations_by_content(tmp_path, monkeypatch):
+    import json
+
+    def write(path, box):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 9, "width": 9}],
+                                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}],
+                                    "categories": [{"id": 1, "name": "a"}]}))
+
+    def digest(ann):
+        cfg = Config()
+        cfg.dataset.name, cfg.dataset.root, cfg.dataset.ann = "coco", str(tmp_path), str(ann)
+        return label_digest(cfg, "box-prior", 0)
+
+    write(tmp_path / "A.json", [1, 1, 4, 4])
+    monkeypatch.chdir(tmp_path)
+    first = digest("A.json")
+    assert digest("./A.json") == first and digest(tmp_path / "A.json") == first
+    write(tmp_path / "moved" / "B.json", [1, 1, 4, 4])
+    assert digest(tmp_path / "moved" / "B.json") == first                  # same bytes elsewhere: same run
+    meta = ShardMeta(dataset="coco", split="train", data_root=str(tmp_path), classes=[{"id": 1, "name": "a"}],
+                     config_digest=first, teacher="box-prior", round=0)
+    with ShardWriter(tmp_path / "out", meta):
+        pass
+    assert check_resumable(tmp_path / "out", meta) is not None
+    write(tmp_path / "A.json", [1, 1, 4, 5])                                # a box edited in place
+    edited = digest("A.json")
+    assert edited != first
+    with pytest.raises(PipelineError, match="holds shards of another config"):
+        check_resumable(tmp_path / "out", dataclasses.replace(meta, config_digest=edited))
+    with pytest.raises(PipelineError, match="missing.json: cannot read the annotation file"):
+        digest("missing.json")
 
 
 N_TOY = 8
@@ -250,6 +389,7 @@ def interrupt(cmd, env, out, at_least: int, sig: int) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_interrupted_then_resumed_with_the_box_prior_teacher(cluster, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "BOXMASK_CACHE": str(tmp_path / "cache")}
@@ -295,3 +435,22 @@ def test_driver_killed_then_interrupted_then_resumed_with_the_box_prior_teacher(
         outside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = False
         assert not (mask & outside).any()                # teacher masks stay inside their box
         assert 0.0 <= r["score"] <= 1.0
+
+
+def test_workers_keep_instance_ids_only_of_images_in_the_teachers_bank():
+    """``_bank_image_ids`` reads the real memory bank (the worker prunes its image -> instance ids map to it)."""
+    import torch
+
+    from pipeline.label_service import _bank_image_ids
+    from teacher import StructuredTeacher
+    from teacher.config import TeacherConfig
+
+    teacher = StructuredTeacher.box_prior(TeacherConfig(device="cpu"))
+    teacher.bank = type(teacher.bank)(dataclasses.replace(teacher.config.bank, capacity=2))
+    assert _bank_image_ids(teacher) == set()
+    for k, image_id in enumerate(["a", "b", "c"]):
+        teacher.bank.push(24, torch.zeros(4, 7, 7), torch.zeros(56, 56), torch.tensor([0.0, 0.0, 40.0, 40.0]),
+                          image_id, k)
+    assert _bank_image_ids(teacher) == {"b", "c"}                 # "a" left the FIFO
+    assert _bank_image_ids(labelkit.BoxLabeler()) == set()
+    assert _bank_image_ids(object()) is None                     # a labeler without a bank: keep everything

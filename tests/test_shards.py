@@ -133,6 +133,37 @@ def test_resume_skips_finished_drops_unfinished_and_never_duplicates(tmp_path):
     assert (tmp_path / REJECTS).read_bytes().endswith(b"\n")
 
 
+@pytest.mark.parametrize("stage", ["before_manifest", "after_manifest"])
+def test_ctrl_c_during_a_shard_commit_never_lists_an_image_twice(tmp_path, monkeypatch, stage):
+    import os
+    import signal
+
+    import pipeline.shards as shards
+
+    real = shards.ShardWriter._write_manifest
+    calls = []
+
+    def interrupted(self):
+        # The first manifest write is open(); the second commits the first shard: Ctrl-C arrives right there.
+        calls.append(1)
+        if len(calls) == 2 and stage == "before_manifest":
+            os.kill(os.getpid(), signal.SIGINT)
+        real(self)
+        if len(calls) == 2 and stage == "after_manifest":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(shards.ShardWriter, "_write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, meta(), shard_rows=4) as w:
+            for i in range(3):
+                w.add(f"img{i}", image_table(f"img{i}", n=2, seed=i))
+    monkeypatch.setattr(shards.ShardWriter, "_write_manifest", real)
+    listed = [i for e in read_manifest(tmp_path)["shards"] for i in e["image_ids"]]
+    assert sorted(listed) == ["img0", "img1"]  # the shard img1 completed, once; img2 was never added
+    with ShardWriter(tmp_path, meta(), shard_rows=4) as w:
+        assert w.done == {"img0", "img1"}
+
+
 def test_config_mismatch_is_an_error_unless_overwrite(tmp_path):
     with ShardWriter(tmp_path, meta("d1"), shard_rows=1) as w:
         w.add("a", image_table("a"))
@@ -171,3 +202,24 @@ def test_malformed_manifest_is_a_one_line_error(tmp_path):
         ShardWriter(tmp_path, meta()).open()
     with pytest.raises(PipelineError, match="no _manifest.json"):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_retry_rejects_drops_load_and_label_rejects_and_keeps_dataset_ones(tmp_path):
+    with ShardWriter(tmp_path, meta()) as w:
+        w.add("a", image_table("a"))
+        w.reject("b", "b.png", "unreadable image", "load")
+        w.reject("c", "c.png", "teacher diverged", "label")
+        w.reject(None, "bad.json", "malformed", "dataset")
+    with ShardWriter(tmp_path, meta()) as w:
+        assert {"a", "b", "c"} <= w.done and w.retried == []
+    with ShardWriter(tmp_path, meta(), retry_rejects={"b", "a"}) as w:     # only the images asked for
+        assert w.retried == ["b"] and "b" not in w.done and {"a", "c"} <= w.done
+    assert [(r["image_id"], r["stage"]) for r in read_rejects(tmp_path)] == [("c", "label"), (None, "dataset")]
+    with ShardWriter(tmp_path, meta(), retry_rejects=True) as w:
+        assert w.retried == ["c"] and "c" not in w.done and "a" in w.done
+        w.reject("c", "c.png", "teacher diverged", "label")                # a new failure is recorded again
+        assert "c" in w.done
+    assert [(r["image_id"], r["stage"]) for r in read_rejects(tmp_path)] == [(None, "dataset"), ("c", "label")]
+    assert not list(tmp_path.glob(".*.tmp"))
+    lines = (tmp_path / REJECTS).read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)

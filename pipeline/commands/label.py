@@ -1,21 +1,26 @@
 """``pipeline label``: boxes -> pseudo masks now, with Ray label workers writing Parquet shards.
 
 Without --checkpoint the structured teacher runs in box-prior mode (no network). Re-running the same
-command after an interruption resumes: finished images are skipped and nothing is written twice. A
-directory written with another config (dataset, split, teacher settings, checkpoint or round) is refused
-unless --overwrite is given, which deletes its shards, manifest and rejects and starts over.
+command after an interruption resumes: finished images are skipped and nothing is written twice. Images
+an earlier run rejected (listed in DIR/_rejects.jsonl) count as finished too, unless --retry-rejects is
+given. A directory written with another config (dataset, split, COCO annotation file content, teacher
+settings, checkpoint or round) is refused unless --overwrite is given, which deletes its shards, manifest
+and rejects and starts over.
+
+On a Ray cluster with GPUs each worker gets an equal share of them (at most one) and the teacher runs on
+its GPU, unless label.gpus_per_worker (0 for none) or teacher.device=cpu says otherwise.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import os
 
 from tqdm import tqdm
 
 from ..errors import PipelineError
-from ..label_service import (DatasetFactory, LabelService, TeacherFactory, init_ray, label_digest,
-                             load_checkpoint)
+from ..datasets import build_dataset
+from ..label_service import LabelService, TeacherFactory, init_ray, label_digest, load_checkpoint
 from ..shards import BOX_PRIOR
 from .common import add_config_args, add_dataset_args, config_from_args
 
@@ -37,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="round number written to the rows (default: 0, box-prior labeling)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete shards written with another config instead of refusing to mix them")
+    p.add_argument("--retry-rejects", action="store_true",
+                   help="label again the images an earlier run rejected while loading or labeling them "
+                        "(unreadable file, teacher failure, worker lost too often) instead of counting them as "
+                        "finished: their lines leave _rejects.jsonl and new failures are recorded again; "
+                        "dataset-level rejects stay")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -50,21 +60,18 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise PipelineError("--limit", f"must be at least 1, got {args.limit}")
     teacher_id = load_checkpoint(args.checkpoint)[1] if args.checkpoint else BOX_PRIOR
-    dataset = DatasetFactory(cfg.dataset)()
+    # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
+    # so the paths must not depend on the working directory of a worker process.
+    if cfg.dataset.root:
+        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
+    dataset = build_dataset(cfg.dataset)
     log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
              len(dataset.categories), len(dataset.rejects))
-    # Workers read the dataset from the folder the driver found: it may come from an environment variable
-    # (or, for toy, a cache location) that a worker process does not see.
-    if cfg.dataset.name == "toy":
-        worker_cfg = dataclasses.replace(cfg.dataset, toy=dataclasses.replace(cfg.dataset.toy,
-                                                                              cache_dir=str(dataset.root)))
-    else:
-        worker_cfg = dataclasses.replace(cfg.dataset, root=str(dataset.root))
-    service = LabelService(cfg.label, args.out, dataset, DatasetFactory(worker_cfg),
-                           TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
+    service = LabelService(cfg.label, args.out, dataset, TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
                            label_digest(cfg, teacher_id, args.round), round_=args.round,
                            device=cfg.teacher.device, overwrite=args.overwrite, limit=args.limit,
-                           strict=cfg.dataset.strict, dataset_name=cfg.dataset.name)
+                           strict=cfg.dataset.strict, dataset_name=cfg.dataset.name,
+                           retry_rejects=args.retry_rejects)
     service.check_out_dir()
     url = init_ray(cfg.run, args.address)
     print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
