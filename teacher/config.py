@@ -51,7 +51,8 @@ class CorrespondenceConfig:
     mode: str = "icm"                 # "icm" (paper: ICM over Sinkhorn) | "official" (DiscoBox message-passing solve)
     grid: int = 7                     # g: RoI feature grid
     epsilon: float = 0.05             # icm: Sinkhorn entropic regulariser
-    sinkhorn_tol: float = 1e-6        # icm: marginal error at which Sinkhorn stops
+    sinkhorn_tol: float = 1e-4        # icm: marginal error (L1, unit mass) at which Sinkhorn stops; 1e-6 gave
+                                      # the same coco_tiny IoU for 25% more correspondence time
     sinkhorn_max_iter: int = 500
     icm_iters: int = 3                # icm: Assign/Update rounds
     geometric_weight: float = 0.5     # icm: C = C_u + weight * C_g / max(C_g)
