@@ -27,6 +27,7 @@ CPU_MODULE = "boxmask_message_passing_cpu"
 CUDA_MODULE = "boxmask_message_passing_cuda"
 MEANFIELD_CPU_MODULE = "boxmask_meanfield_cpu"
 SINKHORN_CPU_MODULE = "boxmask_sinkhorn_cpu"
+CUDA_EMULATION_MODULE = "boxmask_message_passing_cuda_emulation"
 
 
 def _cpu_tag() -> str:
@@ -136,6 +137,12 @@ def build_cuda() -> ModuleType:
     Without a visible GPU, torch compiles for every architecture it knows unless TORCH_CUDA_ARCH_LIST is set.
     """
     return _build(CUDA_MODULE, [CSRC / "message_passing_cuda.cpp", CSRC / "message_passing_cuda.cu"], cuda=True)
+
+
+def build_cuda_emulation() -> ModuleType:
+    """Compile (or reuse) the CPU emulation of the CUDA message-passing kernel (tests only: it checks the
+    kernel's per-thread code without a GPU); raises when it cannot be built."""
+    return _build(CUDA_EMULATION_MODULE, [CSRC / "message_passing_cuda_emulation.cpp"], cuda=False)
 
 
 def _load_or_warn(name: str, build) -> ModuleType | None:

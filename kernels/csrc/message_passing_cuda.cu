@@ -2,7 +2,8 @@
 //   out[b,l,y,x] = sum_k kernel[b|0,k,y,x] * q[b,l,y+dy_k,x+dx_k]   (zero outside the image)
 // Consecutive threads take consecutive x, so the loads of kernel and q for one offset are coalesced.
 // The offsets travel by value as a kernel parameter (constant bank, broadcast to the warp; no global symbol, so
-// concurrent launches on different streams cannot race).
+// concurrent launches on different streams cannot race). The per-element maths is message_passing_element.h,
+// which the CPU emulation (message_passing_cuda_emulation.cpp) shares so the tests check it without a GPU.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,38 +11,20 @@
 
 #include <cstdint>
 
+#include "message_passing_element.h"
+
 namespace {
 
-constexpr int kMaxOffsets = 64;
-
-struct Offsets {
-  int dy[kMaxOffsets];
-  int dx[kMaxOffsets];
-};
+using boxmask::kMaxOffsets;
+using boxmask::Offsets;
 
 template <typename scalar_t>
 __global__ void message_passing_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ kernel,
                                        scalar_t* __restrict__ out, int64_t total, int64_t L, int64_t H,
                                        int64_t W, int K, Offsets offs, bool kernel_broadcast) {
-  const int64_t plane = H * W;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t x = i % W;
-    const int64_t y = (i / W) % H;
-    const int64_t bl = i / plane;  // b * L + l
-    const int64_t b = bl / L;
-    const scalar_t* kern = kernel + (kernel_broadcast ? 0 : b) * K * plane + y * W + x;
-    const scalar_t* qp = q + bl * plane;
-    scalar_t acc = 0;
-    for (int k = 0; k < K; ++k) {
-      const int64_t yy = y + offs.dy[k];
-      const int64_t xx = x + offs.dx[k];
-      if (yy >= 0 && yy < H && xx >= 0 && xx < W) {
-        acc += kern[k * plane] * qp[yy * W + xx];
-      }
-    }
-    out[i] = acc;
-  }
+  boxmask::message_passing_thread(q, kernel, out, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+                                  static_cast<int64_t>(gridDim.x) * blockDim.x, total, L, H, W, K, offs,
+                                  kernel_broadcast);
 }
 
 }  // namespace
