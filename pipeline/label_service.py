@@ -595,19 +595,32 @@ class _Scheduler:
         self.inflight: dict[Any, _Flight] = {}
         n = len(self.workers)
         self.pending: list[deque] = [deque() for _ in range(n)]   # each worker's live batch refs, issue order
-        self.load = [0] * n                 # batches in flight per worker, stale ones included
         self.alive = [True] * n
-        self.probing = [False] * n
-        self.stalled = [0] * n              # stale batches not back yet: the worker gets no new work
         self.reprobe_at: dict[int, float] = {}   # worker -> when to ask again whether it is back (restarting)
         self.next_batch = 0
+
+    # Per-worker state read off the flights, so it cannot drift from them.
+    def _flights(self, i: int) -> list[_Flight]:
+        return [f for f in self.inflight.values() if f.worker == i]
+
+    def _load(self, i: int) -> int:
+        """Batches in flight on worker ``i``, timed-out ones included."""
+        return sum(f.kind == "batch" for f in self._flights(i))
+
+    def _stalled(self, i: int) -> bool:
+        """Worker ``i`` is stuck in a timed-out batch: no new work for it."""
+        return any(f.stale for f in self._flights(i))
+
+    def _probing(self, i: int) -> bool:
+        """Whether worker ``i`` is being asked if it is back: no work for it until it answers."""
+        return i in self.reprobe_at or any(f.kind == "probe" for f in self._flights(i))
 
     def hung(self) -> set[int]:
         """Workers still stuck in a timed-out batch."""
         return {f.worker for f in self.inflight.values() if f.stale}
 
     def _free(self, i: int) -> bool:
-        return self.alive[i] and not self.probing[i] and not self.stalled[i]
+        return self.alive[i] and not self._probing(i) and not self._stalled(i)
 
     def run(self) -> None:
         import ray
@@ -620,7 +633,7 @@ class _Scheduler:
             if not self.inflight and not self.reprobe_at:
                 raise PipelineError("label workers", "all label workers died; finished shards are kept, re-run "
                                                      "the same command to resume")
-            if self.queue and not any(self._free(i) or (self.alive[i] and self.probing[i])
+            if self.queue and not any(self._free(i) or (self.alive[i] and self._probing(i))
                                       for i in range(len(self.workers))):
                 self._restart_hung()
             if not self.inflight:             # only restarting workers: ask them again soon
@@ -637,7 +650,7 @@ class _Scheduler:
 
     def _issue(self) -> None:
         for i, actor in enumerate(self.workers):
-            while self._free(i) and self.load[i] < self.cfg.max_inflight and self.queue:
+            while self._free(i) and self._load(i) < self.cfg.max_inflight and self.queue:
                 samples = [s for s in self.queue.popleft() if not self.writer.has(s.image_id)]
                 if not samples:
                     continue
@@ -646,12 +659,10 @@ class _Scheduler:
                 self.inflight[ref] = _Flight(i, "batch", self.next_batch, samples, started)
                 self.pending[i].append(ref)
                 self.next_batch += 1
-                self.load[i] += 1
 
     def _probe(self, i: int) -> None:
         """Ask worker ``i`` whether it is back (restarted) or gone for good; no work for it until it answers."""
-        if self.alive[i] and not self.probing[i]:
-            self.probing[i] = True
+        if self.alive[i] and not self._probing(i):
             self.inflight[self.workers[i].ready.remote()] = _Flight(i, "probe")
 
     def _reprobe(self) -> None:
@@ -674,15 +685,12 @@ class _Scheduler:
         except ray.exceptions.RayActorError as exc:
             self.alive[i] = False
             log.warning("%s is gone for good: %s", actor_name(i), _cause(exc))
-        self.probing[i] = False
 
     def _on_batch(self, ref, flight: _Flight) -> None:
         import ray
 
         i = flight.worker
-        self.load[i] -= 1
         if flight.stale:
-            self.stalled[i] -= 1
             try:
                 results = ray.get(ref)
             except ray.exceptions.TaskCancelledError:
@@ -744,7 +752,6 @@ class _Scheduler:
             for ref in refs:
                 ray.cancel(ref)           # a queued batch never runs; the running one stops before its next image
                 self.inflight[ref].stale = True
-                self.stalled[i] += 1
             for flight in reversed(queued):   # never begun: back as they were, not counted as a loss
                 self.queue.appendleft(flight.samples)
             self._requeue(head.samples, f"no result within label.batch_timeout_s = {self.cfg.batch_timeout_s:g} s",
@@ -756,7 +763,7 @@ class _Scheduler:
         import ray
 
         stuck = [(min(f.started for f in self.inflight.values() if f.stale and f.worker == i), i)
-                 for i in range(len(self.workers)) if self.alive[i] and self.stalled[i] and not self.probing[i]]
+                 for i in range(len(self.workers)) if self.alive[i] and self._stalled(i) and not self._probing(i)]
         if not stuck:
             return
         _, i = min(stuck)
@@ -765,8 +772,6 @@ class _Scheduler:
         # Its cancelled batches die with the process and are not re-run: stop waiting for them.
         for ref in [r for r, f in self.inflight.items() if f.stale and f.worker == i]:
             del self.inflight[ref]
-            self.load[i] -= 1
-        self.stalled[i] = 0
         self._probe(i)
 
     def _requeue(self, samples: list[Sample], why: str, worker: int) -> None:

@@ -259,8 +259,9 @@ class StructuredTeacher:
         masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
         scores = mask_score(prob, grid.inside)
         labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
-        for k in range(len(boxes) if self.uses_correspondence else 0):
-            self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
+        if self.uses_correspondence:
+            for k in range(len(boxes)):
+                self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
         self._tick("paste", t)
         self.labelled += len(boxes)
         return labels

@@ -28,6 +28,7 @@ from pipeline.datasets.base import Dataset, Sample
 from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.coco import CocoDataset
 from pipeline.datasets.toy import generate_toy
+from pipeline.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "teacher", "student", "pipeline")
@@ -38,7 +39,9 @@ EVALUATION = "pipeline.evaluation"
 GT_HOOKS = {"_gt_masks", "_gt_ignore_masks"}
 # Public dataset methods that take arguments, with how to call them.
 CALLS_WITH_ARGS = {"get": lambda ds: [ds.get(i) for i in ds.image_ids()],
-                   "category_name": lambda ds: [ds.category_name(c.id) for c in ds.categories]}
+                   "category_name": lambda ds: [ds.category_name(c.id) for c in ds.categories],
+                   "record_reject": lambda ds: ds.record_reject(InputError("probe.png", "probe")),
+                   "record_depth_reject": lambda ds: ds.record_depth_reject(InputError("probe.png", "probe"))}
 
 
 # ------------------------------------------------------------------------------------------ run time

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..datasets import build_dataset, dataset_root, dataset_splits
-from ..datasets.base import KEPT_WITHOUT_DEPTH, Dataset
+from ..datasets.base import Dataset
 from ..errors import InputError, PipelineError
 from ..evaluation import PseudoLabelEvaluator, PseudoLabelResult, box_mask_predictions
 from .common import add_config_args, add_dataset_args, config_from_args
@@ -48,18 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = None, progress: bool = True,
-                    check_images: bool = False, strict: bool | None = None) -> dict[str, Any]:
+                    check_images: bool = False) -> dict[str, Any]:
     """The summary figures of one loaded split (``box_iou``: all instances; ``box_iou_min_side``: both box
     sides >= ``min_box_side``). ``name``: the dataset kind to report (default ``dataset.name``; the toy data
     is read by the Cityscapes loader).
 
     ``check_images``: decode every image and depth map. An unreadable image becomes a reject and is left out
     of every figure; an unreadable depth map becomes a reject and its image counts as one without depth.
-    ``strict`` (default ``dataset.strict``) raises the ``InputError`` instead."""
-    strict = dataset.strict if strict is None else strict
+    A strict dataset raises the ``InputError`` instead (``Dataset.record_reject``)."""
     instances: Counter[str] = Counter()
     ignored: Counter[str] = Counter()
-    rejects = [{"where": r.where, "problem": r.problem} for r in dataset.rejects]
     images = with_depth = 0
     evaluator = PseudoLabelEvaluator(dataset)
     # A context manager, so that a --strict error clears the bar before its one line is printed.
@@ -71,19 +69,14 @@ def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = No
                 try:
                     sample.load_image()
                 except InputError as exc:
-                    if strict:
-                        raise
-                    rejects.append({"where": exc.where, "problem": exc.problem})
+                    dataset.record_reject(exc)
                     continue
-                if has_depth:
-                    try:
+                try:
+                    if has_depth:
                         sample.load_depth()
-                    except InputError as exc:
-                        if strict:
-                            raise
-                        rejects.append({"where": exc.where,
-                                        "problem": f"{exc.problem}; {KEPT_WITHOUT_DEPTH}"})
-                        has_depth = False
+                except InputError as exc:
+                    dataset.record_depth_reject(exc)
+                    has_depth = False
             images += 1
             with_depth += has_depth
             instances.update(dataset.category_name(c) for c in sample.classes)
@@ -100,7 +93,7 @@ def summarize_split(dataset: Dataset, min_box_side: float, name: str | None = No
         "instances_per_class": _in_category_order(dataset, instances),
         "ignored_regions": sum(ignored.values()),
         "ignored_per_class": _in_category_order(dataset, ignored),
-        "rejects": rejects,
+        "rejects": [{"where": r.where, "problem": r.problem} for r in dataset.rejects],
         "box_iou": _iou_dict(evaluator.evaluate(0.0)),
         "box_iou_min_side": _iou_dict(evaluator.evaluate(min_box_side)),
     }
@@ -191,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     for split in splits:
         dataset = build_dataset(dataclasses.replace(cfg.dataset, split=split))
         figures = summarize_split(dataset, args.min_box_side, name=cfg.dataset.name,
-                                  check_images=args.check_images, strict=cfg.dataset.strict)
+                                  check_images=args.check_images)
         report["splits"][split] = figures
         print(format_split(figures), flush=True)
     if args.json:

@@ -141,14 +141,15 @@ class Dataset:
     def has_depth(self) -> bool:
         return any(s.has_depth for s in self._samples)
 
-    def _record(self, error: InputError) -> None:
-        """Lenient mode: keep ``error`` as a ``Reject``; strict mode: raise it."""
+    def record_reject(self, error: InputError) -> None:
+        """A bad input found by the loader (or by a caller decoding images): lenient mode keeps ``error`` as a
+        ``Reject``; strict mode raises it."""
         if self.strict:
             raise error
         self.rejects.append(Reject(error.where, error.problem))
 
-    def _record_without_depth(self, error: InputError) -> None:
-        """Like ``_record`` for a depth problem of an image that is kept (without depth) in lenient mode:
+    def record_depth_reject(self, error: InputError) -> None:
+        """Like ``record_reject`` for a depth problem of an image that is kept (without depth) in lenient mode:
         the reject says so; strict mode raises ``error`` as it is."""
         if self.strict:
             raise error

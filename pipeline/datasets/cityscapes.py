@@ -247,7 +247,7 @@ class CityscapesDataset(Dataset):
             parsed = self._parse_annotations(gt_dir / f"{base}_gtFine_polygons.json",
                                              gt_dir / f"{base}_gtFine_instanceIds.png", height, width)
         except InputError as exc:
-            self._record(exc)
+            self.record_reject(exc)
             return None
         depth_loader = None
         if with_depth:
@@ -261,7 +261,7 @@ class CityscapesDataset(Dataset):
                 baseline, fx = read_camera(camera)
                 depth_loader = partial(load_depth, os.fspath(disparity), baseline, fx, height, width)
             except InputError as exc:
-                self._record_without_depth(exc)
+                self.record_depth_reject(exc)
         self._annotations[base] = parsed.annotation
         return Sample(
             image_id=base,
@@ -316,7 +316,7 @@ class CityscapesDataset(Dataset):
                     validate_box([polygon[:, 0].min(), polygon[:, 1].min(), polygon[:, 0].max(),
                                   polygon[:, 1].max()], width, height, object_where, tolerance=math.inf)
             except InputError as exc:
-                self._record(exc)
+                self.record_reject(exc)
                 continue
             if kind != "stuff":
                 targets.append((len(polygons), kind, instance_id if kind == "instance" else label_id(label)))

@@ -127,9 +127,6 @@ class CocoDataset(Dataset):
         if self.rejects:
             log.warning("%s: skipped %d bad item(s); see the rejects", self.ann, len(self.rejects))
 
-    def _reject(self, exc: InputError) -> None:
-        self._record(exc)
-
     def _bad(self, problem: str) -> InputError:
         return InputError(self.ann, problem)
 
@@ -150,9 +147,9 @@ class CocoDataset(Dataset):
         seen: set[int] = set()
         for k, cat in enumerate(entries):
             if not (isinstance(cat, dict) and _is_int(cat.get("id")) and isinstance(cat.get("name"), str)):
-                self._reject(self._bad(f"category entry #{k} needs an integer 'id' and a string 'name'"))
+                self.record_reject(self._bad(f"category entry #{k} needs an integer 'id' and a string 'name'"))
             elif cat["id"] in seen:
-                self._reject(self._bad(f"category id {cat['id']} appears twice"))
+                self.record_reject(self._bad(f"category id {cat['id']} appears twice"))
             else:
                 seen.add(cat["id"])
                 self.categories.append(Category(cat["id"], cat["name"]))
@@ -166,7 +163,7 @@ class CocoDataset(Dataset):
                     if image_id in images:
                         raise self._bad(f"image id {image_id} appears twice")
                 except InputError as exc:
-                    self._reject(exc)
+                    self.record_reject(exc)
                     continue
                 images[image_id] = entry
         return images
@@ -189,7 +186,7 @@ class CocoDataset(Dataset):
                 entry["depth"] = self._check_depth(image_id, img)
             except InputError as exc:
                 # The image and its boxes are still good: only the depth is lost.
-                self._record_without_depth(exc)
+                self.record_depth_reject(exc)
         return image_id, entry
 
     def _check_depth(self, image_id: str, img: dict) -> tuple[Path, float]:
@@ -217,7 +214,7 @@ class CocoDataset(Dataset):
         with index_progress(entries, f"index {Path(self.ann).name} annotations", unit="ann") as bar:
             for k, ann in enumerate(bar):
                 if not isinstance(ann, dict):
-                    self._reject(self._bad(f"annotation entry #{k} is not an object"))
+                    self.record_reject(self._bad(f"annotation entry #{k} is not an object"))
                     continue
                 image_id = str(ann.get("image_id"))
                 # Slots are counted before validation so that fixing or breaking one annotation never
@@ -227,14 +224,14 @@ class CocoDataset(Dataset):
                 if image_id not in images:
                     # A rejected image already has its Reject; only ids missing from the file are news.
                     if image_id not in listed:
-                        self._reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown "
+                        self.record_reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown "
                                                f"image {ann.get('image_id')!r}"))
                     continue
                 try:
                     per_image.setdefault(image_id, []).append(
                         (index, self._check_annotation(k, ann, images[image_id], category_ids)))
                 except InputError as exc:
-                    self._reject(exc)
+                    self.record_reject(exc)
         return per_image
 
     def _check_annotation(self, k: int, ann: dict, image: dict, category_ids: set[int]) -> dict:
@@ -257,7 +254,7 @@ class CocoDataset(Dataset):
             problem = _segmentation_problem(seg, image["height"], image["width"])
             if problem:
                 # The box is still good training input: keep it, record that its mask is unusable.
-                self._reject(self._bad(f"{name}: {problem}; the box is kept without a ground-truth mask"))
+                self.record_reject(self._bad(f"{name}: {problem}; the box is kept without a ground-truth mask"))
                 seg = None
         else:
             seg = None
