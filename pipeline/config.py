@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from student.config import StudentConfig
 from teacher.config import TeacherConfig
 
 from .errors import ConfigError
@@ -85,6 +86,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

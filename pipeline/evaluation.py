@@ -329,8 +329,15 @@ def _rle_entry(rle: dict) -> dict:
             "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
 
 
+def _box_entry(box) -> dict:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return {"bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+
+
 class CocoMaskEvaluator:
-    """COCO instance-segmentation AP of predictions, by pycocotools' ``COCOeval`` (iouType "segm").
+    """COCO instance-segmentation AP of predictions, by pycocotools' ``COCOeval`` (iouType "segm"), or box AP
+    with ``iou_type="bbox"`` (predictions then carry ``boxes`` (K,4) x1,y1,x2,y2 instead of ``masks``, and the
+    ground truth is the annotated boxes).
 
     ``process(sample_or_image_id, predictions)`` takes a mapping with ``masks`` ((K, H, W) bool array or a
     list of K RLE dicts), ``scores`` (K,) and ``classes`` (K,) dataset category ids. Ground truth is the
@@ -340,8 +347,11 @@ class CocoMaskEvaluator:
     Only processed images are evaluated.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, iou_type: str = "segm"):
+        if iou_type not in ("segm", "bbox"):
+            raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
         self.dataset = dataset
+        self.iou_type = iou_type
         self.reset()
 
     def reset(self) -> None:
@@ -365,23 +375,33 @@ class CocoMaskEvaluator:
         regions = [(int(c), gt[int(i)], 0) if int(i) in gt else (int(c), box_to_mask(b, h, w), 1)
                    for i, c, b in zip(sample.instance_ids, sample.classes, sample.boxes)]
         regions += [(int(c), m, 1) for c, m in zip(sample.ignore_classes, gt_ignore_masks(self.dataset, sample))]
-        for cat, mask, crowd in regions:
-            rle = _as_rles(mask)[0]
+        boxes_gt = {int(i): b for i, b in zip(sample.instance_ids, sample.boxes)}
+        for k, (cat, mask, crowd) in enumerate(regions):
+            entry = _rle_entry(_as_rles(mask)[0])
+            if self.iou_type == "bbox" and k < len(sample.instance_ids):
+                # Box AP scores against the annotated box, not the box of the mask.
+                entry = _box_entry(boxes_gt[int(sample.instance_ids[k])])
             self._gt.append({"id": len(self._gt) + 1, "image_id": img, "category_id": cat, "iscrowd": crowd,
-                             **_rle_entry(rle)})
+                             **entry})
 
         scores = np.asarray(predictions.get("scores", []), np.float64).reshape(-1)
         classes = np.asarray(predictions.get("classes", []), np.int64).reshape(-1)
-        masks = predictions.get("masks", [])
-        rles = _as_rles(masks) if len(masks) else []
-        if not (len(rles) == len(scores) == len(classes)):
-            raise ValueError(f"image {sample.image_id}: {len(rles)} masks, {len(scores)} scores and "
-                             f"{len(classes)} classes")
-        for rle, score, cat in zip(rles, scores, classes):
-            if list(rle["size"]) != [h, w]:
-                raise ValueError(f"image {sample.image_id}: mask size {rle['size']} does not match ({h}, {w})")
+        if self.iou_type == "bbox":
+            boxes = np.asarray(predictions.get("boxes", np.zeros((0, 4))), np.float64).reshape(-1, 4)
+            entries = [_box_entry(b) for b in boxes]
+        else:
+            masks = predictions.get("masks", [])
+            rles = _as_rles(masks) if len(masks) else []
+            for rle in rles:
+                if list(rle["size"]) != [h, w]:
+                    raise ValueError(f"image {sample.image_id}: mask size {rle['size']} does not match ({h}, {w})")
+            entries = [_rle_entry(rle) for rle in rles]
+        if not (len(entries) == len(scores) == len(classes)):
+            raise ValueError(f"image {sample.image_id}: {len(entries)} {'boxes' if self.iou_type == 'bbox' else 'masks'}"
+                             f", {len(scores)} scores and {len(classes)} classes")
+        for entry, score, cat in zip(entries, scores, classes):
             self._dt.append({"id": len(self._dt) + 1, "image_id": img, "category_id": int(cat),
-                             "score": float(score), "iscrowd": 0, **_rle_entry(rle)})
+                             "score": float(score), "iscrowd": 0, **entry})
 
     def evaluate(self) -> CocoMaskResult:
         cats = [{"id": c.id, "name": c.name} for c in self.dataset.categories]
@@ -391,7 +411,7 @@ class CocoMaskEvaluator:
                                   0, 0)
         coco_gt = _coco_object(self._images, cats, self._gt)
         coco_dt = _coco_object(self._images, cats, self._dt)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev = COCOeval(coco_gt, coco_dt, iouType=self.iou_type)
         with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
             ev.accumulate()

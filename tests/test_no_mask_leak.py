@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "teacher", "student", "pipeline")
 # What labeling and training run: whole packages, and the pipeline modules of the label path.
 LABELING_ROOTS = ("kernels", "teacher", "student", "pipeline.label_service", "pipeline.shards",
-                  "pipeline.datasets", "pipeline.commands.label")
+                  "pipeline.datasets", "pipeline.commands.label", "pipeline.commands.train")
 EVALUATION = "pipeline.evaluation"
 GT_HOOKS = {"_gt_masks", "_gt_ignore_masks"}
 # Public dataset methods that take arguments, with how to call them.
@@ -341,6 +341,15 @@ def test_labeling_and_training_never_import_evaluation():
     assert EVALUATION not in seen, f"GT masks reachable from labeling code: {chain(seen, EVALUATION)}"
 
 
+def test_the_student_never_imports_the_pipeline():
+    modules = source_modules(REPO)
+    student = [m for m in modules if m == "student" or m.startswith("student.")]
+    assert "student.train" in student and "student.roi_heads" in student
+    seen = reachable(student, modules)
+    upward = sorted(m for m in seen if m == "pipeline" or m.startswith("pipeline."))
+    assert upward == [], f"student reaches up into {upward[0]}: {chain(seen, upward[0])}" if upward else ""
+
+
 def test_only_evaluation_and_loaders_touch_the_gt_hooks():
     allowed = {EVALUATION}
     offenders = []
@@ -377,3 +386,52 @@ def test_import_scan_catches_direct_relative_and_indirect_imports(tmp_path):
 def test_evaluation_module_exists(module):
     # The scan above is vacuous if the module it guards against were renamed.
     assert module in source_modules(REPO)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_no_ground_truth_mask_reaches_training(tmp_path, monkeypatch):
+    """Run time: the training job (what is pickled to the Ray Train workers) carries no mask, the targets the
+    student trains on hold no image plane besides depth, and one training step runs with the dataset's
+    ground-truth hooks booby-trapped."""
+    import pickle
+
+    import torch
+
+    from pipeline.commands.common import config_path_for
+    from pipeline.commands.train import build_job
+    from pipeline.config import load_config
+    from student.data import TrainImages, collate
+    from student.model import build_model
+
+    monkeypatch.setenv("BOXMASK_CACHE", str(tmp_path / "cache"))
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a ground-truth mask hook was called on the training path")
+
+    for cls in (CityscapesDataset, CocoDataset):
+        for hook in GT_HOOKS:
+            monkeypatch.setattr(cls, hook, trap, raising=False)
+    cfg = load_config(config_path_for("toy"), ["dataset.toy.size=64x128", "dataset.toy.train=2", "dataset.toy.val=0",
+                                                "student.backbone=small", "student.fpn_channels=32",
+                                                "student.box_head_dim=64", "student.min_size=[64]",
+                                                "student.rois_per_image=16", "student.rpn_proposals=50"])
+    job = build_job(cfg, str(tmp_path / "out"))
+    job = pickle.loads(pickle.dumps(job))            # what the workers receive
+    found = []
+    for sample in job.samples:
+        h, w = sample.height, sample.width
+        for f in dataclasses.fields(sample):
+            value = getattr(sample, f.name)
+            value = bound_values(value) if f.name.startswith("_") and callable(value) else value
+            found += mask_like(value, h, w, f"job sample {sample.image_id}.{f.name}")
+    assert found == []
+    data = TrainImages(job.samples, [c["id"] for c in job.classes], job.cfg)
+    batch = [data[i] for i in range(len(data))]
+    for image, target in batch:
+        h, w = image.shape[1:]
+        planes = {k for k, v in target.items() if torch.is_tensor(v) and tuple(v.shape[-2:]) == (h, w)}
+        assert planes <= {"depth"}, planes
+    model = build_model(job.cfg, len(job.classes)).train()
+    losses = model(*collate(batch))
+    assert torch.isfinite(sum(losses.values()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import Config, config_path_for, load_config
+from ..errors import PipelineError
 
 DATASETS = ("toy", "cityscapes", "coco")
 DEFAULT_DATASET = "toy"
@@ -38,6 +39,13 @@ def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None 
     parser.add_argument("--split", default=None, help=f"split to use (default: {split_help})")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad input instead of skipping and recording it")
+
+
+def at_least_one(flag: str, value: int | None) -> int | None:
+    """``value`` of an optional count flag, refused in one line when it is below 1."""
+    if value is not None and value < 1:
+        raise PipelineError(flag, f"must be at least 1, got {value}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

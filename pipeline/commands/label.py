@@ -18,11 +18,10 @@ import os
 
 from tqdm import tqdm
 
-from ..errors import PipelineError
 from ..datasets import build_dataset
 from ..label_service import LabelService, TeacherFactory, init_ray, label_digest, load_checkpoint
 from ..shards import BOX_PRIOR
-from .common import add_config_args, add_dataset_args, config_from_args
+from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if args.workers is not None:
-        if args.workers < 1:
-            raise PipelineError("--workers", f"must be at least 1, got {args.workers}")
+    if at_least_one("--workers", args.workers) is not None:
         cfg.label.workers = args.workers
-    if args.limit is not None and args.limit < 1:
-        raise PipelineError("--limit", f"must be at least 1, got {args.limit}")
+    at_least_one("--limit", args.limit)
     teacher_id = load_checkpoint(args.checkpoint)[1] if args.checkpoint else BOX_PRIOR
     # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
     # so the paths must not depend on the working directory of a worker process.

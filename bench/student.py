@@ -1,0 +1,184 @@
+"""Student benchmark: training speed on CPU (Ray Train, 1 and 2 workers), our step against a plain torchvision
+Mask R-CNN step with real mask targets, peak RSS per worker, and toy quality (mask AP vs box-as-mask AP, trained
+from boxes alone and from box-prior shards).
+
+    .venv/bin/python bench/student.py                    # everything (about 20 minutes on 2 cores)
+    .venv/bin/python bench/student.py --skip-quality     # speed only
+    .venv/bin/python bench/student.py --skip-speed       # quality only
+
+Prints a readable table, then one JSON line with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cli import main as cli  # noqa: E402
+from pipeline.commands.common import config_path_for  # noqa: E402
+from pipeline.commands.train import build_job  # noqa: E402
+from pipeline.config import RunConfig, load_config  # noqa: E402
+from pipeline.evaluation import gt_masks  # noqa: E402  (the plain baseline trains on real masks)
+from pipeline.label_service import init_ray  # noqa: E402
+from student.data import TrainImages, collate  # noqa: E402
+from student.model import build_backbone, build_model  # noqa: E402
+from student.train import TRAIN_LOG, fit  # noqa: E402
+
+
+def ray_speed(config: str, overrides: list[str], workers: int, iterations: int, out: Path) -> dict:
+    """images/s of a Ray Train run (per-step time of rank 0 after the first 3 steps) and peak RSS per worker."""
+    cfg = load_config(config_path_for(config), [*overrides, f"student.workers={workers}",
+                                                f"student.batch_size={workers}", f"student.iterations={iterations}",
+                                                "student.log_every=1", f"student.checkpoint_every={iterations}"])
+    cfg.student.cpus_per_worker = 1.0
+    fit(build_job(cfg, str(out)))
+    recs = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    steps = [r["seconds"] for r in recs if r.get("iteration", 0) > 3]
+    rss = [json.loads(p.read_text()).get("peak_rss_mb", float("nan")) for p in sorted((out / "replicas").glob("*.json"))]
+    return {"images_per_s": workers / float(np.median(steps)), "step_s": float(np.median(steps)),
+            "peak_rss_mb": max(rss)}
+
+
+def plain_maskrcnn(cfg, num_classes: int):
+    """torchvision's own Mask R-CNN (its RoIHeads and mask loss) on the same backbone and sizes."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = build_backbone(cfg)
+    c = backbone.out_channels
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    model = MaskRCNN(backbone, num_classes + 1, min_size=min(cfg.min_size), max_size=cfg.max_size,
+                     rpn_anchor_generator=anchors, rpn_post_nms_top_n_train=cfg.rpn_proposals,
+                     box_batch_size_per_image=cfg.rois_per_image,
+                     box_head=FastRCNNConvFCHead((c, 7, 7), [], [cfg.box_head_dim] * 2),
+                     box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+                     mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], cfg.mask_size // 2, 2),
+                     mask_head=MaskRCNNHeads(c, [c] * 4, 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1))
+    model.transform._skip_resize = True  # same input sizes as ours: the data pipeline already resized
+    return model
+
+
+def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
+    """Median train-step time of our model and of plain torchvision Mask R-CNN on the same batch, one process."""
+    from pipeline.datasets import build_dataset
+
+    torch.set_num_threads(1)
+    cfg = load_config(config_path_for(config), [*overrides, "student.flip=0"])
+    job = build_job(cfg, tempfile.mkdtemp())
+    data = TrainImages(job.samples[:1], [c["id"] for c in job.classes], cfg.student)
+    torch.manual_seed(0)
+    images, targets = collate([data[0]])
+    dataset = build_dataset(cfg.dataset)
+    sample = job.samples[0]
+    # Real mask targets for the baseline: the sample's GT masks, resized/cropped like the image (no flip).
+    gt = gt_masks(dataset, dataset.get(sample.image_id))
+    h, w = images[0].shape[1:]
+    import cv2
+    masks = np.stack([cv2.resize(gt[int(i)].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+                      if gt[int(i)].shape != (h, w) else gt[int(i)].astype(np.uint8)
+                      for i in targets[0]["instance_ids"]]) if len(targets[0]["instance_ids"]) else np.zeros((0, h, w))
+    plain_targets = [{"boxes": targets[0]["boxes"], "labels": targets[0]["labels"],
+                      "masks": torch.from_numpy(masks)}]
+    out = {}
+    for name, model, tg in (("ours", build_model(cfg.student, len(job.classes)), targets),
+                            ("plain", plain_maskrcnn(cfg.student, len(job.classes)), plain_targets)):
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = sum(model(images, tg).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times[1:]))
+    out["ratio"] = out["ours"] / out["plain"]
+    out["image"] = f"{h}x{w}"
+    return out
+
+
+def quality(tmp: Path, iterations: int) -> dict:
+    """Toy val mask AP and box-as-mask AP of students trained from boxes alone and from box-prior shards."""
+    res = {}
+    shards = tmp / "labels"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli(["label", "--dataset", "toy", "--out", str(shards)]) == 0
+    for name, extra in (("boxes", []), ("shards", ["--labels", str(shards)])):
+        out = tmp / name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli(["train", "--dataset", "toy", "--out", str(out), "--iterations", str(iterations), *extra]) == 0
+            assert cli(["eval", "--dataset", "toy", "--checkpoint", str(out / "teacher.pt"),
+                        "--json", str(out / "eval.json")]) == 0
+        figures = json.loads((out / "eval.json").read_text())
+        res[name] = {"mask_ap": figures["mask"]["ap"], "mask_ap50": figures["mask"]["ap50"],
+                     "box_ap": figures["box"]["ap"], "box_as_mask_ap": figures["box-as-mask"]["ap"]}
+    return res
+
+
+TOY_SPEED = []
+CITY_SPEED = ["student.backbone=resnet50", "student.fpn_channels=256", "student.box_head_dim=1024",
+              "student.rpn_proposals=2000", "student.rois_per_image=512", "student.mask_rois_per_image=64",
+              "student.min_size=[1024]", "student.max_size=2048", "student.crop=[512,1024]",
+              "dataset.toy.size=1024x2048", "dataset.toy.train=8", "dataset.toy.val=0"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--iterations", type=int, default=300, help="training steps of the quality runs")
+    ap.add_argument("--speed-iterations", type=int, default=12)
+    args = ap.parse_args()
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.skip_speed:
+            init_ray(RunConfig())
+            for name, overrides, iters in (("toy", TOY_SPEED, args.speed_iterations),
+                                           ("cityscapes-crop", CITY_SPEED, max(6, args.speed_iterations // 2))):
+                row = {}
+                for workers in (1, 2):
+                    row[f"w{workers}"] = ray_speed("toy", overrides, workers, iters, tmp / f"{name}-{workers}")
+                row["scaling"] = row["w2"]["images_per_s"] / row["w1"]["images_per_s"]
+                row["step_vs_plain"] = step_ratio("toy", overrides)
+                figures[name] = row
+            import ray
+            ray.shutdown()
+        if not args.skip_quality:
+            figures["quality"] = quality(tmp, args.iterations)
+    print(f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} {'ours/plain step':>16s} "
+          f"{'peak RSS/worker':>16s}")
+    for name in ("toy", "cityscapes-crop"):
+        if name in figures:
+            r = figures[name]
+            print(f"{name:16s} {r['w1']['images_per_s']:15.2f} {r['w2']['images_per_s']:16.2f} {r['scaling']:6.2f} "
+                  f"{r['step_vs_plain']['ratio']:16.2f} {max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
+    if "quality" in figures:
+        print()
+        print(f"{'toy val (300 it)':20s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} {'box AP':>7s}")
+        for name, q in figures["quality"].items():
+            print(f"{'trained from ' + name:20s} {100 * q['mask_ap']:8.1f} {100 * q['mask_ap50']:6.1f} "
+                  f"{100 * q['box_as_mask_ap']:15.1f} {100 * q['box_ap']:7.1f}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PIPELINE_LOG", "WARNING")
+    sys.exit(main())

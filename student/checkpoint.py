@@ -1,0 +1,95 @@
+"""Exported student and teacher weights (``student.pt``, ``teacher.pt``): plain tensors and builtins only.
+
+Each file is a dict: ``format`` ("boxmask-student/1"), ``network`` (the name the teacher's network registry knows
+it by), ``state_dict``, ``config`` (the student section as plain values), ``classes`` ([{id, name}] in label order),
+``iteration``, ``dataset``, ``kind`` ("student" or "teacher", the EMA weights) and ``digest`` (sha256 of the
+weights). They load with ``torch.load(weights_only=True)``; a file that needs unpickling of anything else is
+refused by ``load_export`` with a one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import StudentConfig
+from .model import StudentError
+
+FORMAT = "boxmask-student/1"
+NETWORK = "maskrcnn-student"
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """Short sha256 of the weights (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], cfg: StudentConfig, classes: list[dict],
+           iteration: int, dataset: str, kind: str) -> str:
+    """Write an export atomically (temporary name, then rename); returns its digest."""
+    state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    digest = weights_digest(state)
+    payload = {"format": FORMAT, "network": NETWORK, "kind": kind, "state_dict": state,
+               "config": dataclasses.asdict(cfg), "classes": [{"id": int(c["id"]), "name": str(c["name"])}
+                                                             for c in classes],
+               "iteration": int(iteration), "dataset": str(dataset), "digest": digest}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def config_from_dict(data: dict) -> StudentConfig:
+    """The StudentConfig stored in an export (nested ``objectives`` included)."""
+    from teacher.config import ObjectiveConfig
+    fields = {f.name for f in dataclasses.fields(StudentConfig)}
+    values = {k: v for k, v in data.items() if k in fields}
+    if isinstance(values.get("objectives"), dict):
+        values["objectives"] = ObjectiveConfig(**values["objectives"])
+    return StudentConfig(**values)
+
+
+def load_export(path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``student.pt`` / ``teacher.pt`` safely and check its fields; ``StudentError`` naming the file otherwise."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StudentError(path, "checkpoint file not found") from None
+    except Exception as exc:  # noqa: BLE001 - an unpickling error means a payload we refuse to run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudentError(path, f"refused: not loadable with weights_only=True, it may carry a pickle payload "
+                                 f"({first[:160]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise StudentError(path, f"not a student export (expected format {FORMAT!r})")
+    for key in ("state_dict", "config", "classes", "iteration"):
+        if key not in data:
+            raise StudentError(path, f"student export lacks {key!r}")
+    if data["digest"] != weights_digest(data["state_dict"]):
+        raise StudentError(path, "weights do not match the recorded digest (file altered or truncated)")
+    return data
+
+
+def load_model(path: str | os.PathLike):
+    """(model in eval mode, export dict) from an export file."""
+    from .model import build_model
+    data = load_export(path)
+    cfg = config_from_dict(data["config"])
+    if cfg.norm == "auto":  # the weights file is not needed again, but the normalisation it implied is
+        cfg.norm = "frozen_bn" if cfg.weights else "bn"
+    cfg.weights = ""
+    model = build_model(cfg, len(data["classes"]))
+    missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise StudentError(path, f"weights do not fit the recorded config (first mismatched key {key!r})")
+    return model.eval(), data

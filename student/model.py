@@ -1,0 +1,156 @@
+"""The student network: torchvision Mask R-CNN with FPN, assembled by constructor injection.
+
+``build_model(cfg, num_classes)`` returns a ``torchvision.models.detection.GeneralizedRCNN`` whose parts carry
+torchvision's attribute names (``backbone``, ``rpn``, ``roi_heads.{box_head, box_predictor, mask_head,
+mask_predictor}``), so a torchvision Mask R-CNN state dict loads into it. Two parts are ours:
+
+- ``BoxSupervisedRoIHeads``: torchvision's box branch and losses, and a mask branch trained without mask targets
+  (``student.losses``).
+- ``PixelAlignedTransform``: torchvision's normalise / resize / batch, fixed for per-pixel targets (see its
+  docstring).
+
+Normalisation: with pretrained weights the stem and BatchNorm are frozen (the papers' detectron2 setting); from
+random init frozen BatchNorm is an identity that cripples training, so BatchNorm trains (``norm: auto``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .config import StudentConfig
+from .roi_heads import BoxSupervisedRoIHeads
+from .transform import PixelAlignedTransform
+
+# name -> (block, layers). "small" is a ResNet-10 (one BasicBlock per stage): the toy backbone, about 3x
+# cheaper than ResNet-18 per step on a CPU, and deep enough to learn the toy scenes' shapes.
+BACKBONES: dict[str, tuple[type, list[int]]] = {
+    "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+    "small": (resnet.BasicBlock, [1, 1, 1, 1]),
+}
+
+
+class StudentError(ValueError):
+    """A user-facing problem with the student's inputs (weights file, config): ``"<where>: <problem>"``."""
+
+    def __init__(self, where: str | os.PathLike, problem: str):
+        self.where = os.fspath(where)
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.where}: {self.problem}")
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels)
+
+
+def norm_layer(cfg: StudentConfig) -> Callable[[int], nn.Module]:
+    """The backbone's normalisation: ``auto`` freezes BatchNorm only when pretrained weights are named."""
+    kind = cfg.norm
+    if kind == "auto":
+        kind = "frozen_bn" if cfg.weights else "bn"
+    layers = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "gn": _group_norm}
+    if kind not in layers:
+        raise StudentError("student.norm", f"unknown norm {cfg.norm!r}; expected auto, bn, frozen_bn or gn")
+    return layers[kind]
+
+
+def build_backbone(cfg: StudentConfig) -> BackboneWithFPN:
+    """ResNet body + FPN (P2-P6), torchvision's layout and parameter names (``body.*``, ``fpn.*``)."""
+    if cfg.backbone not in BACKBONES:
+        raise StudentError("student.backbone", f"unknown backbone {cfg.backbone!r}; expected "
+                                               f"{', '.join(BACKBONES)}")
+    block, layers = BACKBONES[cfg.backbone]
+    body = resnet.ResNet(block, layers, norm_layer=norm_layer(cfg))
+    if cfg.weights:
+        # detectron2's setting with pretrained weights: the stem (conv1 + its norm) is frozen too.
+        for name, p in body.named_parameters():
+            if name.startswith(("conv1", "bn1")):
+                p.requires_grad_(False)
+    stage2 = body.inplanes // 8
+    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                           [stage2 * 2 ** i for i in range(4)], cfg.fpn_channels)
+
+
+def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
+    """Mask R-CNN for ``num_classes`` foreground classes (+1 background), random init unless ``cfg.weights``.
+
+    The mask head's output side is ``cfg.mask_size`` (its RoIAlign runs at half that, torchvision's ratio).
+    """
+    if num_classes < 1:
+        raise StudentError("classes", "the student needs at least one class")
+    if cfg.mask_size < 4 or cfg.mask_size % 2:
+        raise StudentError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
+    backbone = build_backbone(cfg)
+    channels = backbone.out_channels
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=2000, testing=1000), post_nms_top_n=dict(training=cfg.rpn_proposals, testing=1000),
+        nms_thresh=0.7)
+    levels = ["0", "1", "2", "3"]
+    box_head = FastRCNNConvFCHead((channels, 7, 7), [], [cfg.box_head_dim] * 2)
+    roi_heads = BoxSupervisedRoIHeads(
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=cfg.rois_per_image, positive_fraction=0.25,
+        bbox_reg_weights=None, score_thresh=cfg.score_thresh, nms_thresh=0.5,
+        detections_per_img=cfg.detections_per_image,
+        mask_roi_pool=MultiScaleRoIAlign(levels, cfg.mask_size // 2, 2),
+        mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
+        cfg=cfg)
+    transform = PixelAlignedTransform(min(cfg.min_size), cfg.max_size, test_size=cfg.test_size)
+    model = GeneralizedRCNN(backbone, rpn, roi_heads, transform)
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a torchvision-format state dict (whole model, or backbone only: ``backbone.body.*`` / bare ResNet
+    keys) with ``weights_only=True``. A file that does not fit raises ``StudentError`` naming the file and the first
+    mismatched key. Keys of a classifier head (``fc.*``) and class-specific predictors of a different class count
+    are skipped, so ImageNet or COCO weights fit a dataset with other classes."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StudentError(path, "weights file not found") from None
+    except Exception as exc:  # noqa: BLE001 - pickle payloads, truncated files: all one-line errors
+        raise StudentError(path, f"cannot load weights with weights_only=True ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StudentError(path, "not a state dict (expected a mapping of parameter names to tensors)")
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        # A bare ResNet checkpoint: its keys live under backbone.body.
+        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    fitted = {}
+    for key, value in state.items():
+        if key not in own and key.endswith("num_batches_tracked"):
+            continue  # a BatchNorm counter that frozen BatchNorm does not keep
+        if key not in own:
+            raise StudentError(path, f"key {key!r} does not exist in the {type(model).__name__} student")
+        if own[key].shape != value.shape:
+            if key.startswith(("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits")):
+                continue  # another dataset's class count: these start from scratch
+            raise StudentError(path, f"key {key!r} has shape {tuple(value.shape)}, the student expects "
+                                     f"{tuple(own[key].shape)}")
+        fitted[key] = value
+    model.load_state_dict(fitted, strict=False)
+
+
+__all__ = ["BACKBONES", "StudentError", "build_backbone", "build_model", "load_weights", "norm_layer"]
