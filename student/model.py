@@ -2,10 +2,12 @@
 
 ``build_model(cfg, num_classes)`` returns a ``torchvision.models.detection.GeneralizedRCNN`` whose parts carry
 torchvision's attribute names (``backbone``, ``rpn``, ``roi_heads.{box_head, box_predictor, mask_head,
-mask_predictor}``), so a torchvision Mask R-CNN state dict loads into it. Two parts are ours:
+mask_predictor}``), so a torchvision Mask R-CNN state dict loads into it (all but the mask predictor's upsampling).
+Three parts are ours:
 
 - ``BoxSupervisedRoIHeads``: torchvision's box branch and losses, and a mask branch trained without mask targets
-  (``student.losses``).
+  (``student.losses``);
+- ``MaskPredictor``: bilinear instead of transposed-conv upsampling (see its docstring);
 - ``PixelAlignedTransform``: torchvision's normalise / resize / batch, fixed for per-pixel targets (see its
   docstring).
 
@@ -18,13 +20,14 @@ import os
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -40,6 +43,28 @@ BACKBONES: dict[str, tuple[type, list[int]]] = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
     "small": (resnet.BasicBlock, [1, 1, 1, 1]),
 }
+
+
+class MaskPredictor(nn.Module):
+    """Mask logits at twice the RoI feature side: bilinear upsampling, a 3x3 conv, then per-class 1x1 logits.
+
+    torchvision's predictor upsamples with a stride-2 transposed conv, which gives every 2 x 2 output block its own
+    weights. Box-supervised losses cannot see that freedom: a checkerboard satisfies the projection loss (every row
+    and column has a 1) and the dilation-2 affinity (pairs two pixels apart agree), and from boxes alone the student
+    falls into it. Bilinear upsampling has no such freedom. x (P,C,s,s) -> (P,K,2s,2s).
+    """
+
+    def __init__(self, in_channels: int, dim: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, dim, 3, padding=1)
+        self.mask_fcn_logits = nn.Conv2d(dim, num_classes, 1)
+        for layer in (self.conv, self.mask_fcn_logits):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.mask_fcn_logits(F.relu(self.conv(x)))
 
 
 class StudentError(ValueError):
@@ -110,7 +135,7 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         detections_per_img=cfg.detections_per_image,
         mask_roi_pool=MultiScaleRoIAlign(levels, cfg.mask_size // 2, 2),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
-        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
+        mask_predictor=MaskPredictor(channels, channels, num_classes + 1),
         cfg=cfg)
     transform = PixelAlignedTransform(min(cfg.min_size), cfg.max_size, test_size=cfg.test_size)
     model = GeneralizedRCNN(backbone, rpn, roi_heads, transform)
@@ -140,8 +165,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
     fitted = {}
     for key, value in state.items():
-        if key not in own and key.endswith("num_batches_tracked"):
-            continue  # a BatchNorm counter that frozen BatchNorm does not keep
+        if key not in own and (key.endswith("num_batches_tracked") or key.startswith("roi_heads.mask_predictor.")):
+            continue  # a counter frozen BatchNorm does not keep; torchvision's transposed-conv mask predictor
         if key not in own:
             raise StudentError(path, f"key {key!r} does not exist in the {type(model).__name__} student")
         if own[key].shape != value.shape:
