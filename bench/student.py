@@ -62,7 +62,7 @@ def plain_maskrcnn(cfg, num_classes: int):
     backbone = build_backbone(cfg)
     c = backbone.out_channels
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    model = MaskRCNN(backbone, num_classes + 1, min_size=min(cfg.min_size), max_size=cfg.max_size,
+    model = MaskRCNN(backbone, None, min_size=min(cfg.min_size), max_size=cfg.max_size,
                      rpn_anchor_generator=anchors, rpn_post_nms_top_n_train=cfg.rpn_proposals,
                      box_batch_size_per_image=cfg.rois_per_image,
                      box_head=FastRCNNConvFCHead((c, 7, 7), [], [cfg.box_head_dim] * 2),

@@ -379,8 +379,10 @@ class CocoMaskEvaluator:
         for k, (cat, mask, crowd) in enumerate(regions):
             entry = _rle_entry(_as_rles(mask)[0])
             if self.iou_type == "bbox" and k < len(sample.instance_ids):
-                # Box AP scores against the annotated box, not the box of the mask.
-                entry = _box_entry(boxes_gt[int(sample.instance_ids[k])])
+                # Box AP scores against the annotated box (an instance without a mask is a normal box here); the
+                # area stays the mask's, which is what COCO's size ranges use.
+                entry = {**_box_entry(boxes_gt[int(sample.instance_ids[k])]), "area": entry["area"]}
+                crowd = 0
             self._gt.append({"id": len(self._gt) + 1, "image_id": img, "category_id": cat, "iscrowd": crowd,
                              **entry})
 

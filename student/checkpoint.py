@@ -71,7 +71,7 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
                                  f"({first[:160]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise StudentError(path, f"not a student export (expected format {FORMAT!r})")
-    for key in ("state_dict", "config", "classes", "iteration"):
+    for key in ("state_dict", "config", "classes", "iteration", "digest"):
         if key not in data:
             raise StudentError(path, f"student export lacks {key!r}")
     if data["digest"] != weights_digest(data["state_dict"]):
@@ -83,12 +83,19 @@ def load_model(path: str | os.PathLike):
     """(model in eval mode, export dict) from an export file."""
     from .model import build_model
     data = load_export(path)
-    cfg = config_from_dict(data["config"])
+    try:
+        cfg = config_from_dict(data["config"])
+    except TypeError as exc:
+        raise StudentError(path, f"unreadable student config ({exc})") from None
     if cfg.norm == "auto":  # the weights file is not needed again, but the normalisation it implied is
         cfg.norm = "frozen_bn" if cfg.weights else "bn"
     cfg.weights = ""
     model = build_model(cfg, len(data["classes"]))
-    missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise StudentError(path, f"weights do not fit the recorded config ({first[:200]})") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
         raise StudentError(path, f"weights do not fit the recorded config (first mismatched key {key!r})")

@@ -59,6 +59,10 @@ class StudentConfig:
     alpha_con: float = 1.0            # L_con weight (pseudo masks)
     alpha_nce: float = 0.1            # L_nce weight (correspondences)
     nce_temperature: float = 0.1
+    # The shards' correspondence cells lie on a grid x grid grid over the teacher's RoI, the box grown by pad times
+    # its side on each side (teacher.correspondence.grid and teacher.box_prior.pad; `pipeline train` copies them).
+    correspondence_grid: int = 7
+    correspondence_pad: float = 0.4
     queue_size: int = 1000            # instances in the student's feature queue for L_nce
     mask_rois_per_image: int = 64     # positive proposals per image the mask losses see (bounds the step cost)
     # Each box also gives the mask losses one RoI around it, grown by a random factor in this range (and shifted by

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import StudentConfig
+from .model import StudentError
 from .pseudo_labels import PseudoLabels
 
 # Boxes left with less than this share of their area, or a side under 2 px, after a crop are dropped.
@@ -62,6 +63,10 @@ class TrainImages(Dataset):
         classes = np.asarray(s.classes, np.int64)[keep]
         instance_ids = np.asarray(s.instance_ids, np.int64)[keep]
         labels = [self.pseudo.get(s.image_id, int(i)) if self.pseudo is not None else None for i in instance_ids]
+        for lab in labels:
+            if lab is not None and lab.mask.shape != image.shape[:2]:
+                raise StudentError(self.pseudo.source, f"pseudo mask of image {s.image_id} is {lab.mask.shape}, "
+                                                       f"the image is {image.shape[:2]}: shards of another dataset?")
         masks = np.stack([lab.mask if lab is not None else np.zeros(image.shape[:2], bool) for lab in labels]) \
             if len(labels) else np.zeros((0, *image.shape[:2]), bool)
         weight = np.array([lab.score if lab is not None else 0.0 for lab in labels], np.float32)
@@ -79,7 +84,7 @@ class TrainImages(Dataset):
         if (nh, nw) != (h, w):
             image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
             if depth is not None:
-                depth = cv2.resize(depth, (nw, nh), interpolation=cv2.INTER_NEAREST)
+                depth = cv2.resize(depth, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
             masks = np.stack([cv2.resize(m, (nw, nh), interpolation=cv2.INTER_LINEAR) for m in masks]) \
                 if len(masks) else np.zeros((0, nh, nw), np.float32)
             boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)

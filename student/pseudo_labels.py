@@ -68,7 +68,9 @@ class PseudoLabels:
             raise StudentError(manifest, "malformed manifest (no 'shards' list)")
         tables = []
         for entry in shards:
-            file = path / str(entry.get("file", ""))
+            if not isinstance(entry, dict) or not entry.get("file"):
+                raise StudentError(manifest, f"malformed manifest entry {str(entry)[:80]!r}")
+            file = path / str(entry["file"])
             try:
                 tables.append(pq.read_table(file, columns=COLUMNS))
             except FileNotFoundError:

@@ -88,16 +88,22 @@ class BoxSupervisedRoIHeads(RoIHeads):
         return out
 
     def mask_losses(self, features, proposals, matched_idxs, labels, image_shapes, targets) -> dict[str, torch.Tensor]:
-        cfg, obj = self.cfg, self.cfg.objectives
         positives = self._positives(proposals, matched_idxs, labels, targets, image_shapes)
         rois = [r for r, _ in positives]
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
-        size = mask_logits.shape[-1]
-        zero = mask_logits.sum() * 0.0
         gt_labels = torch.cat([t["labels"][m] for t, (_, m) in zip(targets, positives)])
         logits = mask_logits[torch.arange(len(gt_labels), device=gt_labels.device), gt_labels][:, None]
+        # The losses run in float32 even under AMP: an edge count in float16 overflows past 65504 edges.
+        with torch.autocast(logits.device.type, enabled=False):
+            return self._mask_terms(logits.float(), features, positives, image_shapes, targets)
 
-        all_rois = torch.cat(rois) if rois else mask_logits.new_zeros((0, 4))
+    def _mask_terms(self, logits, features, positives, image_shapes, targets) -> dict[str, torch.Tensor]:
+        cfg, obj = self.cfg, self.cfg.objectives
+        rois = [r for r, _ in positives]
+        size = logits.shape[-1]
+        zero = logits.sum() * 0.0
+
+        all_rois = torch.cat(rois) if rois else logits.new_zeros((0, 4))
         gt_boxes = torch.cat([t["boxes"][m] for t, (_, m) in zip(targets, positives)])
         inside = roi_box_masks(all_rois, gt_boxes, size)
 
@@ -140,16 +146,19 @@ class BoxSupervisedRoIHeads(RoIHeads):
         losses["loss_nce"] = cfg.alpha_nce * self.nce(features, image_shapes, targets) if cfg.alpha_nce > 0 else zero
         return {k: v + zero for k, v in losses.items()}
 
-    def instance_features(self, features, boxes, image_shapes, grid: int) -> torch.Tensor:
-        """Mask-head features over whole boxes pooled to grid x grid and L2-normalised over C: (sum N_i, C, g, g)."""
-        x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-        return F.normalize(F.adaptive_avg_pool2d(x, grid), dim=1)
+    def instance_features(self, features, boxes, image_shapes) -> torch.Tensor:
+        """Mask-head features over the boxes grown by ``correspondence_pad`` (the teacher's RoI, where the shards'
+        cells lie), pooled to the correspondence grid and L2-normalised over C: (sum N_i, C, g, g)."""
+        pad = self.cfg.correspondence_pad
+        grown = [torch.cat([b[:, :2] - pad * (b[:, 2:] - b[:, :2]), b[:, 2:] + pad * (b[:, 2:] - b[:, :2])], 1)
+                 for b in boxes]
+        x = self.mask_head(self.mask_roi_pool(features, grown, image_shapes))
+        return F.normalize(F.adaptive_avg_pool2d(x, self.cfg.correspondence_grid), dim=1).float()
 
     def nce(self, features, image_shapes, targets) -> torch.Tensor:
         """L_nce over the targets' correspondences, then the queue takes this batch's instance features."""
-        grids = {c[1] for t in targets for row in t.get("correspondences") or [] for c in row}
-        grid = grids.pop() if len(grids) == 1 else 7
-        feats = self.instance_features(features, [t["boxes"] for t in targets], image_shapes, grid)
+        grid = self.cfg.correspondence_grid
+        feats = self.instance_features(features, [t["boxes"] for t in targets], image_shapes)
         c = feats.shape[1]
         queries, keys, positives, weights = [], [], [], []
         start = 0
@@ -160,7 +169,7 @@ class BoxSupervisedRoIHeads(RoIHeads):
             for i, row in enumerate(t.get("correspondences") or []):
                 for partner, g, src, dst, w in row:
                     stored = self.queue.get(partner)
-                    if g != grid or stored is None or len(src) == 0:
+                    if g != grid or stored is None or stored.shape[1] != grid * grid or len(src) == 0:
                         continue
                     queries.append(f[i][:, src.to(f.device)].T)
                     keys.append(stored.to(f.device).T[None].expand(len(src), -1, -1))

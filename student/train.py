@@ -82,12 +82,15 @@ def lr_factor(iteration: int, cfg: StudentConfig) -> float:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()),
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "numpy": list(np.random.get_state()[1].tolist()),
             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     keys = np.asarray(state["numpy"], dtype=np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints written by repr above
@@ -97,20 +100,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _save_state(path: Path, model, optimizer, scheduler, ema: ModelEMA, iteration: int) -> None:
+def _save_state(path: Path, model, optimizer, scheduler, ema: ModelEMA, iteration: int, scaler) -> None:
     heads = _unwrap(model).roi_heads
     keys = list(heads.queue._items)
     queue = {"keys": [[k[0], int(k[1])] for k in keys],
              "features": torch.stack([heads.queue._items[k] for k in keys]) if keys else torch.zeros(0)}
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "iteration": iteration,
-                "rng": _rng_state(), "queue": queue}, path / STATE_FILE)
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "queue": queue}, path / STATE_FILE)
     (path / META_FILE).write_text(json.dumps({"iteration": iteration}))
 
 
-def _load_state(path: Path, model, optimizer, scheduler, ema: ModelEMA) -> int:
+def _load_state(path: Path, model, optimizer, scheduler, ema: ModelEMA, scaler) -> int:
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ema.load_state_dict(state["ema"])
@@ -141,7 +146,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[0][1] if found else None
 
 
-def _restore(config: dict, run_name: str, model, optimizer, scheduler, ema: ModelEMA) -> int:
+def _restore(config: dict, run_name: str, model, optimizer, scheduler, ema: ModelEMA, scaler) -> int:
     """Load the newest state this worker should continue from; returns its iteration (0 for a fresh start).
 
     Candidates: the checkpoint Ray Train hands a restarted worker group, this run's finished checkpoints on disk
@@ -161,7 +166,7 @@ def _restore(config: dict, run_name: str, model, optimizer, scheduler, ema: Mode
             candidates += _checkpoints(Path(d).parent, Path(d).name)
         for it, folder in sorted(candidates, key=lambda x: -x[0]):
             try:
-                return _load_state(folder, model, optimizer, scheduler, ema)
+                return _load_state(folder, model, optimizer, scheduler, ema, scaler)
             except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
                 log.warning("checkpoint %s (iteration %d) unreadable, trying an older one: %s", folder, it, exc)
     return 0
@@ -194,7 +199,9 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.SGD(params, lr=effective_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     ema = ModelEMA(model, cfg.ema_momentum, cfg.ema_ramp)
-    iteration = _restore(config, ctx.get_experiment_name(), model, optimizer, scheduler, ema)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    iteration = _restore(config, ctx.get_experiment_name(), model, optimizer, scheduler, ema, scaler)
     if rank:
         # Every rank draws its own augmentation and proposal samples (rank 0 keeps the restored RNG state).
         torch.manual_seed(cfg.seed + 1000 * rank + iteration)
@@ -207,8 +214,6 @@ def train_loop(config: dict) -> None:
     per_epoch = len(sampler) // per_worker
     if per_epoch == 0:
         raise StudentError(job.out, f"{len(data)} training images cannot fill one batch of {per_worker} per worker")
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     log_path = Path(job.out) / TRAIN_LOG
     model.train()
     stopped = ""
@@ -258,7 +263,7 @@ def train_loop(config: dict) -> None:
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
-                        _save_state(Path(tmp), net, optimizer, scheduler, ema, iteration)
+                        _save_state(Path(tmp), net, optimizer, scheduler, ema, iteration, scaler)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp)
                                      if rank == 0 else None)
     if stopped:
@@ -325,6 +330,9 @@ def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | 
         start_from = latest_checkpoint(out)
         if start_from is None:
             raise StudentError(out, "--resume: no finished checkpoint here")
+    if len(job.samples) // cfg.workers < cfg.batch_size // cfg.workers:
+        raise StudentError(out, f"{len(job.samples)} training images cannot fill one batch of {cfg.batch_size} "
+                                f"over {cfg.workers} workers")
     if job.labels_dir:
         PseudoLabels.from_dir(job.labels_dir)  # a bad shard directory fails here, not in every restarted worker
     for stale in ("student.pt", "teacher.pt"):

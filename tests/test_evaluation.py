@@ -293,3 +293,23 @@ def test_cityscapes_table_layout():
                                 "12.5", "-"]
     assert len(lines) == 3 and len({len(line) for line in lines}) == 1
     assert cityscapes_table(res, name="ours").splitlines()[1].startswith("ours")
+
+
+def test_box_ap_scores_boxes_against_the_annotated_boxes(ap_dataset):
+    ev = CocoMaskEvaluator(ap_dataset, "bbox")
+    for image_id in ("a", "b"):
+        sample = ap_dataset.get(image_id)
+        ev.process(image_id, {"boxes": sample.boxes, "scores": np.full(len(sample.boxes), 0.9),
+                              "classes": sample.classes})
+    assert ev.evaluate().ap == pytest.approx(1.0)
+    shifted = CocoMaskEvaluator(ap_dataset, "bbox")
+    for image_id in ("a", "b"):
+        sample = ap_dataset.get(image_id)
+        boxes = sample.boxes.copy()
+        w = boxes[:, 2] - boxes[:, 0]
+        boxes[:, [0, 2]] += w[:, None] * 0.3           # IoU about 0.54: counts at 0.5, not at 0.75
+        shifted.process(image_id, {"boxes": boxes, "scores": np.full(len(boxes), 0.9), "classes": sample.classes})
+    res = shifted.evaluate()
+    assert res.ap50 == pytest.approx(1.0) and res.ap75 == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        CocoMaskEvaluator(ap_dataset, "keypoints")

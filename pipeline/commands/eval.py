@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         for box, score, cat, mask in zip(pred["boxes"], pred["scores"], pred["classes"], pred["masks"]):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             x1, y1, x2, y2 = (float(v) for v in box)
-            records.append({"image_id": sample.image_id, "file_name": sample.file_name, "category_id": int(cat),
+            image_id = int(sample.image_id) if sample.image_id.isdigit() else sample.image_id
+            records.append({"image_id": image_id, "file_name": sample.file_name, "category_id": int(cat),
                             "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
     results = {name: ev.evaluate() for name, ev in evaluators.items()}

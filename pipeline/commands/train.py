@@ -62,6 +62,8 @@ def build_job(cfg: Config, out: str, labels: str | None = None) -> TrainJob:
     if len(dataset) == 0:
         raise PipelineError(cfg.dataset.name, f"split {cfg.dataset.split} has no usable images")
     classes = [{"id": c.id, "name": c.name} for c in dataset.categories]
+    cfg.student.correspondence_grid = cfg.teacher.correspondence.grid
+    cfg.student.correspondence_pad = cfg.teacher.box_prior.pad
     return TrainJob(cfg=cfg.student, samples=list(dataset), classes=classes, out=os.path.abspath(out),
                     dataset=cfg.dataset.name, labels_dir=os.path.abspath(labels) if labels else "")
 
