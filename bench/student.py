@@ -56,7 +56,7 @@ def plain_maskrcnn(cfg, num_classes: int):
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
     backbone = build_backbone(cfg)
@@ -65,7 +65,7 @@ def plain_maskrcnn(cfg, num_classes: int):
     model = MaskRCNN(backbone, None, min_size=min(cfg.min_size), max_size=cfg.max_size,
                      rpn_anchor_generator=anchors, rpn_post_nms_top_n_train=cfg.rpn_proposals,
                      box_batch_size_per_image=cfg.rois_per_image,
-                     box_head=FastRCNNConvFCHead((c, 7, 7), [], [cfg.box_head_dim] * 2),
+                     box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim),
                      box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
                      mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], cfg.mask_size // 2, 2),
                      mask_head=MaskRCNNHeads(c, [c] * 4, 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1))

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, RPNHead, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -126,7 +126,7 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         pre_nms_top_n=dict(training=2000, testing=1000), post_nms_top_n=dict(training=cfg.rpn_proposals, testing=1000),
         nms_thresh=0.7)
     levels = ["0", "1", "2", "3"]
-    box_head = FastRCNNConvFCHead((channels, 7, 7), [], [cfg.box_head_dim] * 2)
+    box_head = TwoMLPHead(channels * 7 * 7, cfg.box_head_dim)  # torchvision v1's head: its COCO weights fit
     roi_heads = BoxSupervisedRoIHeads(
         box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), box_head=box_head,
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
@@ -145,18 +145,20 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a torchvision-format state dict (whole model, or backbone only: ``backbone.body.*`` / bare ResNet
-    keys) with ``weights_only=True``. A file that does not fit raises ``StudentError`` naming the file and the first
-    mismatched key. Keys of a classifier head (``fc.*``) and class-specific predictors of a different class count
-    are skipped, so ImageNet or COCO weights fit a dataset with other classes."""
+    """Load weights with ``weights_only=True``: a torchvision Mask R-CNN (v1, ``maskrcnn_resnet50_fpn``) state dict,
+    a bare ResNet (ImageNet) state dict for the backbone, or a ``student.pt`` / ``teacher.pt`` export. A file that
+    does not fit raises ``StudentError`` naming the file and the first mismatched key. A ResNet's classifier
+    (``fc.*``), torchvision's transposed-conv mask upsampling and the class-specific predictors of another class
+    count are skipped, so COCO or ImageNet weights fit a dataset with other classes."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StudentError(path, "weights file not found") from None
     except Exception as exc:  # noqa: BLE001 - pickle payloads, truncated files: all one-line errors
         raise StudentError(path, f"cannot load weights with weights_only=True ({str(exc).splitlines()[0]})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    for key in ("model", "state_dict"):  # a training checkpoint, or a student.pt / teacher.pt export
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StudentError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     own = model.state_dict()

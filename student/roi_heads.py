@@ -143,7 +143,9 @@ class BoxSupervisedRoIHeads(RoIHeads):
             losses["loss_con"] = cfg.alpha_con * consistency_loss(logits[idx], target, w)
         else:
             losses["loss_con"] = zero
-        losses["loss_nce"] = cfg.alpha_nce * self.nce(features, image_shapes, targets) if cfg.alpha_nce > 0 else zero
+        with_shards = any("correspondences" in t for t in targets)  # boxes only: no queue to keep
+        losses["loss_nce"] = cfg.alpha_nce * self.nce(features, image_shapes, targets) \
+            if cfg.alpha_nce > 0 and with_shards else zero
         return {k: v + zero for k, v in losses.items()}
 
     def instance_features(self, features, boxes, image_shapes) -> torch.Tensor:

@@ -122,46 +122,58 @@ def depth_gradient_diff(depth: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     """
     if depth.dim() != 2:
         raise ValueError(f"depth_gradient_diff: depth must be (H,W), got shape {tuple(depth.shape)}")
+    return _gradient_diff(depth, dilation)
+
+
+def _gradient_diff(depth: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``depth_gradient_diff`` over leading batch dimensions: (..., H, W) -> (..., 8, H, W)."""
     if dilation < 2 or dilation % 2:
         raise ValueError(f"depth_gradient_diff: dilation must be even and >= 2 (p1 is the midpoint), got {dilation}")
     if not depth.is_floating_point():
         depth = depth.float()
-    height, width = depth.shape
+    height, width = depth.shape[-2:]
     valid = torch.isfinite(depth) & (depth > 0)
-    diff = torch.full((8, height, width), float("inf"), dtype=depth.dtype, device=depth.device)
+    diff = torch.full((*depth.shape[:-2], 8, height, width), float("inf"), dtype=depth.dtype, device=depth.device)
     for e, (dy, dx) in enumerate(neighbour_offsets(dilation)):
         ys, ye = max(0, -dy), min(height, height - dy)
         xs, xe = max(0, -dx), min(width, width - dx)
         if ys >= ye or xs >= xe:
             continue
         hy, hx = dy // 2, dx // 2
-        p = (slice(ys, ye), slice(xs, xe))
-        p1 = (slice(ys + hy, ye + hy), slice(xs + hx, xe + hx))
-        p2 = (slice(ys + dy, ye + dy), slice(xs + dx, xe + dx))
+        p = (..., slice(ys, ye), slice(xs, xe))
+        p1 = (..., slice(ys + hy, ye + hy), slice(xs + hx, xe + hx))
+        p2 = (..., slice(ys + dy, ye + dy), slice(xs + dx, xe + dx))
         d = (depth[p] + depth[p2] - 2 * depth[p1]).abs()
         ok = valid[p] & valid[p1] & valid[p2]
-        diff[e, ys:ye, xs:xe] = torch.where(ok, d, diff[e, ys:ye, xs:xe])
+        diff[..., e, ys:ye, xs:xe] = torch.where(ok, d, diff[..., e, ys:ye, xs:xe])
     return diff
 
 
 def depth_edges(depth: torch.Tensor, box_masks: torch.Tensor, thresh: float = 0.01, dilation: int = 2) -> torch.Tensor:
     """AsyInst depth-gradient edge set (Eq. 3 / 12): valid edges with Diff <= thresh and p or p2 in the box.
 
-    depth: (H,W); box_masks: (N,1,H,W). Returns (N,8,H,W) bool.
+    depth: (H,W) shared by all N masks, or (N,H,W) one map per mask (RoI crops); box_masks: (N,1,H,W).
+    Returns (N,8,H,W) bool.
     """
     if box_masks.dim() != 4 or box_masks.shape[1] != 1 or tuple(box_masks.shape[2:]) != tuple(depth.shape[-2:]):
         raise ValueError(f"depth_edges: box_masks must be (N,1,H,W) with (H,W) = {tuple(depth.shape[-2:])}, got "
                          f"{tuple(box_masks.shape)}")
-    close = depth_gradient_diff(depth, dilation) <= thresh  # inf (invalid) compares False
+    if depth.dim() == 3 and depth.shape[0] != box_masks.shape[0]:
+        raise ValueError(f"depth_edges: {depth.shape[0]} depth maps for {box_masks.shape[0]} box masks")
+    if depth.dim() not in (2, 3):
+        raise ValueError(f"depth_edges: depth must be (H,W) or (N,H,W), got shape {tuple(depth.shape)}")
+    close = _gradient_diff(depth, dilation) <= thresh  # inf (invalid) compares False
+    if close.dim() == 3:
+        close = close[None]
     inside = box_masks[:, 0].bool().to(close.device)
-    height, width = close.shape[1:]
+    height, width = close.shape[-2:]
     far_inside = torch.zeros((inside.shape[0], 8, height, width), dtype=torch.bool, device=close.device)
     for e, (dy, dx) in enumerate(neighbour_offsets(dilation)):
         ys, ye = max(0, -dy), min(height, height - dy)
         xs, xe = max(0, -dx), min(width, width - dx)
         if ys < ye and xs < xe:
             far_inside[:, e, ys:ye, xs:xe] = inside[:, ys + dy:ye + dy, xs + dx:xe + dx]
-    return close[None] & (inside[:, None] | far_inside)
+    return close & (inside[:, None] | far_inside)
 
 
 def _check_logits(mask_logits: torch.Tensor, where: str) -> None:

@@ -28,18 +28,20 @@ def roi_color_edges(rgb: torch.Tensor, valid: torch.Tensor, inside: torch.Tensor
     Returns (N,8,R,R) bool. Each crop is its own image for `image_color_similarity` (stride 1), so no edge ever
     joins two RoIs or reaches outside the image.
     """
+    if rgb.shape[0] == 0:
+        return inside.new_zeros((0, 8) + tuple(rgb.shape[2:]), dtype=torch.bool)
     crops = rgb.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    sims = [image_color_similarity(c, 1, cfg.color_theta, cfg.pairwise_size, cfg.pairwise_dilation, valid=v[0])
-            for c, v in zip(crops, valid)]
-    sim = torch.stack(sims) if sims else rgb.new_zeros((0, 8) + tuple(rgb.shape[2:]))
+    sim = image_color_similarity(crops, 1, cfg.color_theta, cfg.pairwise_size, cfg.pairwise_dilation,
+                                 valid=valid[:, 0])
     return color_edges(sim, inside, cfg.color_thresh)
 
 
 def roi_depth_edges(depth: torch.Tensor, inside: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
     """AsyInst depth-gradient edge sets of RoI depth crops (0 = invalid): depth (N,1,R,R), inside (N,1,R,R) bool
     -> (N,8,R,R) bool."""
-    edges = [depth_edges(d[0], m[None], cfg.depth_thresh, cfg.pairwise_dilation)[0] for d, m in zip(depth, inside)]
-    return torch.stack(edges) if edges else inside.new_zeros((0, 8) + tuple(inside.shape[2:]))
+    if depth.shape[0] == 0:
+        return inside.new_zeros((0, 8) + tuple(inside.shape[2:]), dtype=torch.bool)
+    return depth_edges(depth[:, 0], inside, cfg.depth_thresh, cfg.pairwise_dilation)
 
 
 def refine_objective(logits: torch.Tensor, q_crf: torch.Tensor, inside: torch.Tensor, colour: torch.Tensor | None,

@@ -220,3 +220,26 @@ def test_roi_in_image_marks_cells_outside():
     inside = roi_in_image(torch.tensor([[-8.0, 0.0, 8.0, 16.0]]), 16, 16, 4)[0, 0]
     assert inside[:, :2].logical_not().all() and inside[:, 2:].all()
     assert np.isfinite(1.0)
+
+
+def test_batched_roi_edges_equal_the_per_crop_teacher_functions():
+    from teacher.affinity import depth_edges
+    from teacher.color import image_color_similarity
+    from teacher.refine import roi_color_edges, roi_depth_edges
+
+    g = torch.Generator().manual_seed(5)
+    cfg = ObjectiveConfig()
+    rgb = (torch.rand(3, 3, 12, 12, generator=g) * 255).round()
+    rgb[1] = 80.0
+    valid = torch.rand(3, 1, 12, 12, generator=g) > 0.1
+    inside = torch.rand(3, 1, 12, 12, generator=g) > 0.3
+    want = torch.stack([(image_color_similarity(c.permute(1, 2, 0).to(torch.uint8), 1, cfg.color_theta,
+                                                valid=v[0]) >= cfg.color_thresh) & m.bool()
+                        for c, v, m in zip(rgb, valid, inside)])
+    assert torch.equal(roi_color_edges(rgb, valid, inside, cfg), want)
+    depth = torch.rand(3, 1, 12, 12, generator=g) * 0.004 + 5.0
+    depth[0, 0, 4:, :] = 0.0
+    want = torch.stack([depth_edges(d[0], m[None], cfg.depth_thresh, cfg.pairwise_dilation)[0]
+                        for d, m in zip(depth, inside)])
+    got = roi_depth_edges(depth, inside, cfg)
+    assert want.any() and torch.equal(got, want)

@@ -152,3 +152,27 @@ def test_a_tampered_export_is_refused(tmp_path):
     torch.save(data, altered)
     with pytest.raises(StudentError, match="digest"):
         load_export(altered)
+
+
+def test_torchvision_maskrcnn_v1_weights_fit_the_resnet50_student(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path / "maskrcnn_v1.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(StudentConfig(backbone="resnet50", weights=str(path)), 8)
+    ref = reference.state_dict()
+    own = model.state_dict()
+    for key in ("backbone.body.layer3.2.conv2.weight", "rpn.head.conv.0.0.weight", "roi_heads.box_head.fc7.weight",
+                "roi_heads.mask_head.3.0.weight"):
+        assert torch.equal(own[key], ref[key]), key
+    assert not model.backbone.body.conv1.weight.requires_grad
+
+
+def test_a_student_export_seeds_the_next_model(tmp_path):
+    c = cfg()
+    first = build_model(c, 2)
+    path = tmp_path / "teacher.pt"
+    export(path, first.state_dict(), c, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], 3, "toy", "teacher")
+    again = build_model(cfg(weights=str(path), norm="bn"), 2)
+    assert weights_digest(again.state_dict()) == weights_digest(first.state_dict())

@@ -136,3 +136,25 @@ def test_train_and_eval_commands_fail_in_one_line(toy_cache, tmp_path, capsys):
     rc = main(["eval", "--dataset", "toy", "--checkpoint", str(bad), *[a for kv in TINY for a in ("--set", kv)]])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(bad) in err[0]
+
+
+def test_eval_reports_mask_box_and_box_as_mask_ap_and_writes_predictions(toy_cache, tmp_path, capsys):
+    from student.checkpoint import export
+
+    cfg = tiny_config("student.score_thresh=0.0")
+    job = build_job(cfg, str(tmp_path))
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    export(path, build_model(cfg.student, len(job.classes)).state_dict(), cfg.student, job.classes, 0, "toy", "teacher")
+    preds = tmp_path / "preds.json"
+    rc = main(["eval", "--dataset", "toy", "--checkpoint", str(path), "--out", str(preds), "--json",
+               str(tmp_path / "figures.json"), *[a for kv in TINY for a in ("--set", kv)]])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for row in ("mask", "box", "box-as-mask", "person", "AP50"):
+        assert row in out
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert set(figures) == {"mask", "box", "box-as-mask"} and figures["mask"]["num_images"] == 2
+    records = json.loads(preds.read_text())
+    assert records and {"image_id", "category_id", "score", "bbox", "segmentation"} <= set(records[0])
+    assert {r["category_id"] for r in records} <= {c["id"] for c in job.classes}
