@@ -25,6 +25,7 @@ class StudentConfig:
     norm: str = "auto"                # auto: frozen BN with weights, trainable BN from random init | bn | frozen_bn | gn
     fpn_channels: int = 256           # FPN and mask-head width
     box_head_dim: int = 1024          # box head's two FC layers
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level P2-P6
     rpn_proposals: int = 2000         # proposals kept after NMS in training (1000 at test time)
     rois_per_image: int = 512         # sampled proposals per image for the box head (25% positive)
     mask_size: int = 28               # mask head output side (56 for high-resolution data)

@@ -119,7 +119,9 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         raise StudentError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
     backbone = build_backbone(cfg)
     channels = backbone.out_channels
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    if len(cfg.anchor_sizes) != 5:
+        raise StudentError("student.anchor_sizes", f"needs one size per FPN level (5), got {cfg.anchor_sizes}")
+    anchors = AnchorGenerator(tuple((int(s),) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     rpn = RegionProposalNetwork(
         anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
