@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from teacher.config import ObjectiveConfig
+
 from .config import StudentConfig
-from .model import StudentError
+from .model import StudentError, build_model
 
 FORMAT = "boxmask-student/1"
 NETWORK = "maskrcnn-student"
@@ -51,7 +53,6 @@ def export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], cfg: St
 
 def config_from_dict(data: dict) -> StudentConfig:
     """The StudentConfig stored in an export (nested ``objectives`` included)."""
-    from teacher.config import ObjectiveConfig
     fields = {f.name for f in dataclasses.fields(StudentConfig)}
     values = {k: v for k, v in data.items() if k in fields}
     if isinstance(values.get("objectives"), dict):
@@ -81,7 +82,6 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike):
     """(model in eval mode, export dict) from an export file."""
-    from .model import build_model
     data = load_export(path)
     try:
         cfg = config_from_dict(data["config"])

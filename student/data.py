@@ -34,6 +34,11 @@ def scale_for(height: int, width: int, short: int, max_size: int) -> float:
     return min(short / min(height, width), max_size / max(height, width))
 
 
+def _area(boxes: np.ndarray) -> np.ndarray:
+    """(N,4) x1,y1,x2,y2 -> (N,) areas (0 for empty boxes)."""
+    return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+
+
 def flip_cells(cells: np.ndarray, grid: int) -> np.ndarray:
     """Row-major cell indices of a g x g grid after a horizontal flip."""
     y, x = np.divmod(cells, grid)
@@ -44,12 +49,11 @@ class TrainImages(Dataset):
     """``dataset[i]`` -> (image (3,h,w) float [0,1], target dict of ``student.roi_heads``)."""
 
     def __init__(self, samples: Sequence[Any], class_ids: Sequence[int], cfg: StudentConfig,
-                 pseudo: PseudoLabels | None = None, train: bool = True):
+                 pseudo: PseudoLabels | None = None):
         self.samples = list(samples)
         self.label_of = {int(c): i + 1 for i, c in enumerate(class_ids)}
         self.cfg = cfg
         self.pseudo = pseudo
-        self.train = train
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -62,54 +66,63 @@ class TrainImages(Dataset):
         boxes = np.asarray(s.boxes, np.float32).reshape(-1, 4)[keep]
         classes = np.asarray(s.classes, np.int64)[keep]
         instance_ids = np.asarray(s.instance_ids, np.int64)[keep]
-        labels = [self.pseudo.get(s.image_id, int(i)) if self.pseudo is not None else None for i in instance_ids]
-        for lab in labels:
-            if lab is not None and lab.mask.shape != image.shape[:2]:
-                raise StudentError(self.pseudo.source, f"pseudo mask of image {s.image_id} is {lab.mask.shape}, "
-                                                       f"the image is {image.shape[:2]}: shards of another dataset?")
-        masks = np.stack([lab.mask if lab is not None else np.zeros(image.shape[:2], bool) for lab in labels]) \
-            if len(labels) else np.zeros((0, *image.shape[:2]), bool)
-        weight = np.array([lab.score if lab is not None else 0.0 for lab in labels], np.float32)
-        corr = [[(c.partner, c.grid, c.src, c.dst, c.weight) for c in lab.correspondences] if lab is not None else []
-                for lab in labels]
-        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks.astype(np.float32),
-                            weight, corr)
+        masks = weight = corr = None  # boxes only: no per-instance planes to carry through the geometry
+        if self.pseudo is not None:
+            labels = [self.pseudo.get(s.image_id, int(i)) for i in instance_ids]
+            for lab in labels:
+                if lab is not None and lab.mask.shape != image.shape[:2]:
+                    raise StudentError(self.pseudo.source, f"pseudo mask of image {s.image_id} is "
+                                                           f"{lab.mask.shape}, the image is {image.shape[:2]}: "
+                                                           f"shards of another dataset?")
+            masks = np.zeros((len(labels), *image.shape[:2]), np.float32)
+            for k, lab in enumerate(labels):
+                if lab is not None:
+                    masks[k] = lab.mask
+            weight = np.array([lab.score if lab is not None else 0.0 for lab in labels], np.float32)
+            corr = [[(c.partner, c.grid, c.src, c.dst, c.weight) for c in lab.correspondences]
+                    if lab is not None else [] for lab in labels]
+        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr)
 
     def augment(self, image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr):
+        """Resize, flip, crop (module docstring). masks (N,H,W) float32, weight (N,) and corr (N lists) are None
+        when training from boxes only."""
         cfg = self.cfg
         h, w = image.shape[:2]
-        short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))]) if self.train else cfg.test_size
+        short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))])
         scale = scale_for(h, w, short, cfg.max_size)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         if (nh, nw) != (h, w):
             image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
             if depth is not None:
                 depth = cv2.resize(depth, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
-            masks = np.stack([cv2.resize(m, (nw, nh), interpolation=cv2.INTER_LINEAR) for m in masks]) \
-                if len(masks) else np.zeros((0, nh, nw), np.float32)
+            if masks is not None:
+                masks = np.stack([cv2.resize(m, (nw, nh), interpolation=cv2.INTER_LINEAR) for m in masks]) \
+                    if len(masks) else np.zeros((0, nh, nw), np.float32)
             boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
-        flipped = bool(self.train and cfg.flip > 0 and float(torch.rand(())) < cfg.flip)
+        flipped = bool(cfg.flip > 0 and float(torch.rand(())) < cfg.flip)
         if flipped:
-            image, masks = image[:, ::-1], masks[:, :, ::-1]
+            image = image[:, ::-1]
             depth = depth[:, ::-1] if depth is not None else None
             boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1)
-            corr = [[(p, g, flip_cells(src, g), dst, wt) for p, g, src, dst, wt in row] for row in corr]
+            if masks is not None:
+                masks = masks[:, :, ::-1]
+                corr = [[(p, g, flip_cells(src, g), dst, wt) for p, g, src, dst, wt in row] for row in corr]
         queue_ok = np.ones(len(boxes), bool)
-        if self.train and cfg.crop and (nh > cfg.crop[0] or nw > cfg.crop[1]):
+        if cfg.crop and (nh > cfg.crop[0] or nw > cfg.crop[1]):
             ch, cw = min(cfg.crop[0], nh), min(cfg.crop[1], nw)
             y0 = int(torch.randint(nh - ch + 1, ()))
             x0 = int(torch.randint(nw - cw + 1, ()))
-            image, masks = image[y0:y0 + ch, x0:x0 + cw], masks[:, y0:y0 + ch, x0:x0 + cw]
+            image = image[y0:y0 + ch, x0:x0 + cw]
             depth = depth[y0:y0 + ch, x0:x0 + cw] if depth is not None else None
             shifted = boxes - np.array([x0, y0, x0, y0], np.float32)
             clipped = np.clip(shifted, 0, [cw, ch, cw, ch]).astype(np.float32)
-            area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
-            kept = (area(clipped) >= _MIN_KEPT_AREA * area(shifted)) & \
+            kept = (_area(clipped) >= _MIN_KEPT_AREA * _area(shifted)) & \
                    (clipped[:, 2] - clipped[:, 0] >= 2) & (clipped[:, 3] - clipped[:, 1] >= 2)
             whole = np.all(np.isclose(clipped, shifted), 1)
-            corr = [row if ok else [] for row, ok, k in zip(corr, whole, kept) if k]
-            boxes, classes, instance_ids = clipped[kept], classes[kept], instance_ids[kept]
-            masks, weight, queue_ok = masks[kept], weight[kept], whole[kept]
+            boxes, classes, instance_ids, queue_ok = clipped[kept], classes[kept], instance_ids[kept], whole[kept]
+            if masks is not None:
+                masks, weight = masks[kept][:, y0:y0 + ch, x0:x0 + cw], weight[kept]
+                corr = [row if ok else [] for row, ok, k in zip(corr, whole, kept) if k]
             nh, nw = ch, cw
         target: dict[str, Any] = {
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).reshape(-1, 4),
@@ -121,7 +134,7 @@ class TrainImages(Dataset):
         }
         if depth is not None:
             target["depth"] = torch.from_numpy(np.ascontiguousarray(depth, np.float32))
-        if self.pseudo is not None:
+        if masks is not None:
             target["pseudo_masks"] = torch.from_numpy(np.ascontiguousarray(masks, np.float32))
             target["pseudo_weight"] = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
             target["correspondences"] = [

@@ -40,3 +40,14 @@ class FeatureQueue:
 
     def clear(self) -> None:
         self._items.clear()
+
+    def state_dict(self) -> dict:
+        """Oldest first, as plain lists and one stacked tensor (loads with ``weights_only=True``)."""
+        keys = list(self._items)
+        return {"keys": [[k[0], int(k[1])] for k in keys],
+                "features": torch.stack([self._items[k] for k in keys]) if keys else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        for key, features in zip(state["keys"], state["features"]):
+            self.push((str(key[0]), int(key[1])), features)

@@ -5,7 +5,7 @@ module only expresses the student's RoIs in their terms:
 
 - ``roi_box_masks``: the matched box in each positive proposal's M x M frame (the projection loss's target);
 - ``roi_sample`` / ``roi_depth``: per-pixel maps (colour, pseudo masks, depth) RoI-aligned over the proposals;
-- ``projection_term``, ``color_term``, ``depth_term``: BoxInst projection and AsyInst asymmetric affinities;
+- ``color_term``, ``depth_term``: AsyInst asymmetric affinities (the projection loss is the teacher's as is);
 - ``consistency_loss``: L_con, BCE + Dice against the pseudo masks, weighted by the shard's score;
 - ``dense_nce_loss``: DiscoBox's dense contrastive loss over the shard's correspondences.
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from teacher.affinity import asymmetric_affinity_loss, dice_loss, projection_loss
+from teacher.affinity import asymmetric_affinity_loss, dice_loss
 from teacher.config import ObjectiveConfig
 from teacher.refine import roi_color_edges, roi_depth_edges
 
@@ -72,11 +72,6 @@ def roi_depth(depth: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tenso
     num, den = roi_sample(planes, rois, size).unbind(1)
     ok = den >= _VALID_SHARE
     return torch.where(ok, num / den.clamp(min=1e-6), torch.zeros_like(num))[:, None]
-
-
-def projection_term(mask_logits: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
-    """BoxInst projection loss of mask_logits (P,1,M,M) against box masks (P,1,M,M) in the same RoI frames."""
-    return projection_loss(mask_logits, box_masks)
 
 
 def color_term(mask_logits: torch.Tensor, rgb: torch.Tensor, valid: torch.Tensor, box_masks: torch.Tensor,

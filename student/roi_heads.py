@@ -29,7 +29,9 @@ from teacher.affinity import warmup_weight
 
 from .config import StudentConfig
 from .feature_queue import FeatureQueue
-from .losses import (color_term, consistency_loss, dense_nce_loss, depth_term, projection_term, roi_box_masks,
+from teacher.affinity import projection_loss
+
+from .losses import (color_term, consistency_loss, dense_nce_loss, depth_term, roi_box_masks,
                      roi_depth, roi_in_image, roi_sample)
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_proj", "loss_color",
@@ -107,42 +109,32 @@ class BoxSupervisedRoIHeads(RoIHeads):
         gt_boxes = torch.cat([t["boxes"][m] for t, (_, m) in zip(targets, positives)])
         inside = roi_box_masks(all_rois, gt_boxes, size)
 
-        rgb, valid, depth_parts, pseudo, weight = [], [], [], [], []
-        start = 0
+        # Per-RoI samples of every image; an image without depth gets depth 0 (invalid: no depth edge) and one
+        # without pseudo masks weight 0 (no L_con), so one call per term covers the batch.
+        rgb, valid, depth, pseudo, weight = [], [], [], [], []
         for t, (r, m), (h, w) in zip(targets, positives, image_shapes):
             rgb.append(roi_sample(t["rgb"][None], r, size))
             valid.append(roi_in_image(r, h, w, size))
-            sl = slice(start, start + len(r))
-            start += len(r)
-            if "depth" in t and len(r):
-                depth_parts.append((sl, roi_depth(t["depth"], r, size)))
-            if "pseudo_masks" in t and len(r):
-                has = t["pseudo_weight"][m] > 0
-                if has.any():
-                    pseudo.append((sl, has, roi_sample(t["pseudo_masks"][:, None], r, size, index=m)))
-                    weight.append(t["pseudo_weight"][m])
+            depth.append(roi_depth(t["depth"], r, size) if "depth" in t else r.new_zeros((len(r), 1, size, size)))
+            if "pseudo_masks" in t:
+                pseudo.append(roi_sample(t["pseudo_masks"][:, None], r, size, index=m))
+                weight.append(t["pseudo_weight"][m])
+            else:
+                pseudo.append(r.new_zeros((len(r), 1, size, size)))
+                weight.append(r.new_zeros(len(r)))
+        weight = torch.cat(weight)
 
-        losses = {"loss_proj": projection_term(logits, inside) if len(logits) else zero}
+        losses = {"loss_proj": projection_loss(logits, inside)}
         lam_c = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_color)
         lam_d = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_depth)
-        if len(logits) and lam_c > 0:
-            losses["loss_color"] = lam_c * color_term(logits, torch.cat(rgb), torch.cat(valid), inside, obj)
-        else:
-            losses["loss_color"] = zero
-        if depth_parts and lam_d > 0:
-            idx = torch.cat([torch.arange(len(logits), device=logits.device)[sl] for sl, _ in depth_parts])
-            d = torch.cat([v for _, v in depth_parts])
-            losses["loss_depth"] = lam_d * depth_term(logits[idx], d, inside[idx], obj)
-        else:
-            losses["loss_depth"] = zero
-        if pseudo and cfg.alpha_con > 0:
-            ar = torch.arange(len(logits), device=logits.device)
-            idx = torch.cat([ar[sl][has] for sl, has, _ in pseudo])
-            target = torch.cat([p[has] for _, has, p in pseudo])
-            w = torch.cat([wt[has] for (_, has, _), wt in zip(pseudo, weight)])
-            losses["loss_con"] = cfg.alpha_con * consistency_loss(logits[idx], target, w)
-        else:
-            losses["loss_con"] = zero
+        losses["loss_color"] = (lam_c * color_term(logits, torch.cat(rgb), torch.cat(valid), inside, obj)
+                                if len(logits) and lam_c > 0 else zero)
+        with_depth = any("depth" in t for t in targets)
+        losses["loss_depth"] = (lam_d * depth_term(logits, torch.cat(depth), inside, obj)
+                                if len(logits) and with_depth and lam_d > 0 else zero)
+        has = weight > 0
+        losses["loss_con"] = (cfg.alpha_con * consistency_loss(logits[has], torch.cat(pseudo)[has], weight[has])
+                              if has.any() and cfg.alpha_con > 0 else zero)
         with_shards = any("correspondences" in t for t in targets)  # boxes only: no queue to keep
         losses["loss_nce"] = cfg.alpha_nce * self.nce(features, image_shapes, targets) \
             if cfg.alpha_nce > 0 and with_shards else zero
@@ -161,13 +153,9 @@ class BoxSupervisedRoIHeads(RoIHeads):
         """L_nce over the targets' correspondences, then the queue takes this batch's instance features."""
         grid = self.cfg.correspondence_grid
         feats = self.instance_features(features, [t["boxes"] for t in targets], image_shapes)
-        c = feats.shape[1]
+        per_image = feats.flatten(2).split([len(t["boxes"]) for t in targets])  # (N_i, C, G) each
         queries, keys, positives, weights = [], [], [], []
-        start = 0
-        for t in targets:
-            n = len(t["boxes"])
-            f = feats[start:start + n].flatten(2)  # (n, C, G)
-            start += n
+        for t, f in zip(targets, per_image):
             for i, row in enumerate(t.get("correspondences") or []):
                 for partner, g, src, dst, w in row:
                     stored = self.queue.get(partner)
@@ -182,15 +170,13 @@ class BoxSupervisedRoIHeads(RoIHeads):
                                   self.cfg.nce_temperature)
         else:
             loss = feats.sum() * 0.0
-        start = 0
-        for t in targets:
-            n = len(t["boxes"])
-            f = feats[start:start + n].detach()
-            start += n
+        g = self.cfg.correspondence_grid
+        for t, f in zip(targets, per_image):
+            f = f.detach().unflatten(-1, (g, g))
             if t.get("flipped"):
                 f = f.flip(-1)  # the queue keeps the unflipped orientation the shards' cells refer to
             ok = t.get("queue_ok")
-            for i in range(n):
+            for i in range(len(f)):
                 if ok is None or bool(ok[i]):
-                    self.queue.push((t["image_id"], int(t["instance_ids"][i])), f[i].reshape(c, -1).cpu())
+                    self.queue.push((t["image_id"], int(t["instance_ids"][i])), f[i].flatten(1).cpu())
         return loss

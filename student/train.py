@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import resource
 import shutil
 import signal
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from .checkpoint import export, weights_digest
@@ -82,18 +80,16 @@ def lr_factor(iteration: int, cfg: StudentConfig) -> float:
 
 
 def _rng_state() -> dict:
+    # Augmentation, proposal sampling and context RoIs all draw from torch's generators (nothing from numpy's or
+    # Python's), so these are the whole random state of a step.
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "numpy": list(np.random.get_state()[1].tolist()),
-            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    keys = np.asarray(state["numpy"], dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints written by repr above
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,13 +97,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _save_state(path: Path, model, optimizer, scheduler, ema: ModelEMA, iteration: int, scaler) -> None:
-    heads = _unwrap(model).roi_heads
-    keys = list(heads.queue._items)
-    queue = {"keys": [[k[0], int(k[1])] for k in keys],
-             "features": torch.stack([heads.queue._items[k] for k in keys]) if keys else torch.zeros(0)}
-    torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    model = _unwrap(model)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "iteration": iteration,
-                "scaler": scaler.state_dict(), "rng": _rng_state(), "queue": queue}, path / STATE_FILE)
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "queue": model.roi_heads.queue.state_dict()},
+               path / STATE_FILE)
     (path / META_FILE).write_text(json.dumps({"iteration": iteration}))
 
 
@@ -120,10 +114,7 @@ def _load_state(path: Path, model, optimizer, scheduler, ema: ModelEMA, scaler) 
     scheduler.load_state_dict(state["scheduler"])
     ema.load_state_dict(state["ema"])
     _set_rng_state(state["rng"])
-    heads = model.roi_heads
-    heads.queue.clear()
-    for key, feats in zip(state["queue"]["keys"], state["queue"]["features"]):
-        heads.queue.push((str(key[0]), int(key[1])), feats)
+    model.roi_heads.queue.load_state_dict(state["queue"])
     return int(state["iteration"])
 
 
@@ -190,8 +181,6 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     model = build_model(cfg, len(job.classes)).to(device)
@@ -208,12 +197,10 @@ def train_loop(config: dict) -> None:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     pseudo = PseudoLabels.from_dir(job.labels_dir) if job.labels_dir else None
-    data = TrainImages(job.samples, [c["id"] for c in job.classes], cfg, pseudo, train=True)
+    data = TrainImages(job.samples, [c["id"] for c in job.classes], cfg, pseudo)
     per_worker = max(1, cfg.batch_size // world)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_epoch = len(sampler) // per_worker
-    if per_epoch == 0:
-        raise StudentError(job.out, f"{len(data)} training images cannot fill one batch of {per_worker} per worker")
+    per_epoch = len(sampler) // per_worker  # >= 1: fit() refuses a split that cannot fill one batch
     log_path = Path(job.out) / TRAIN_LOG
     model.train()
     stopped = ""
