@@ -129,18 +129,25 @@ def run_anchor(records: list[dict], fn, desc: str) -> tuple[float, float]:
     return float(np.mean(ious)), 1000 * elapsed / max(n, 1)
 
 
-def run_teacher(records: list[dict], cfg: TeacherConfig, desc: str = "teacher", with_depth: bool = False) -> dict:
-    """Label every record in order (the bank fills as it goes) -> mean IoU, ms/instance, stage split, scores."""
-    teacher = StructuredTeacher.box_prior(cfg)
+def run_teacher(records: list[dict], cfg: TeacherConfig, desc: str = "teacher", with_depth: bool = False,
+                network=None) -> dict:
+    """Label every record in order (the bank fills as it goes; ``network_batch`` images per call, as the label
+    service does) -> mean IoU, ms/instance, stage split, scores."""
+    teacher = StructuredTeacher(network, cfg)
     ious, scores, elapsed = [], [], 0.0
-    for r in tqdm(records, desc=desc, leave=False):
+    step = cfg.network_batch
+    for start in tqdm(range(0, len(records), step), desc=desc, leave=False):
+        chunk = records[start:start + step]
         t0 = time.perf_counter()
-        labels = teacher.label(r["image"], r["boxes"], r["classes"], depth=r.get("depth") if with_depth else None,
-                               image_id=r["image_id"])
+        labels = teacher.label_batch([r["image"] for r in chunk], [r["boxes"] for r in chunk],
+                                     [r["classes"] for r in chunk],
+                                     [r.get("depth") if with_depth else None for r in chunk],
+                                     [r["image_id"] for r in chunk])
         elapsed += time.perf_counter() - t0
-        for lab, gt in zip(labels, r["gts"]):
-            ious.append(iou(lab.mask, gt))
-            scores.append(lab.score)
+        for r, image_labels in zip(chunk, labels):
+            for lab, gt in zip(image_labels, r["gts"]):
+                ious.append(iou(lab.mask, gt))
+                scores.append(lab.score)
     n = max(len(ious), 1)
     return dict(miou=float(np.mean(ious)) if ious else float("nan"), ms=1000 * elapsed / n,
                 stages={s: 1000 * teacher.timings[s] / n for s in STAGES}, ious=np.asarray(ious),
@@ -189,6 +196,48 @@ def calibration(ious: np.ndarray, scores: np.ndarray) -> tuple[float, list[float
     return rho, [float(ious[q].mean()) for q in np.array_split(order, 5)]
 
 
+FUSION_SWEEP = [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (2.0, 1.0), (0.25, 1.0), (1.0, 2.0)]
+
+
+def network_tables(args) -> dict:
+    """Pseudo-label mean IoU, ms/instance and score Spearman in box-prior, network and fused modes, with the
+    teacher section of each dataset's config (as ``pipeline label`` runs it)."""
+    import dataclasses
+
+    import student  # noqa: F401  (registers the student's network)
+    from pipeline.config import config_path_for, load_config
+    from teacher.network import build_network
+
+    figures: dict = {}
+    for name, ckpt, config in (("toy", args.toy_checkpoint, "toy"), ("coco_tiny", args.coco_checkpoint, "coco")):
+        if ckpt is None:
+            continue
+        network = build_network(torch.load(ckpt, map_location="cpu", weights_only=True), str(ckpt))
+        base = dataclasses.replace(load_config(config_path_for(config), []).teacher, device="cpu")
+        if name == "toy":
+            records, depth = toy_records(24, seed=0), True
+        else:
+            records, depth = load_coco(args.data, args.limit), False
+        n = sum(len(r["boxes"]) for r in records)
+        print(f"\n{name}: {len(records)} images, {n} instances (box sides >= {MIN_SIDE:g} px), checkpoint {ckpt}")
+        print(f"{'mode':28s} {'mean IoU':>9s} {'ms/inst':>9s} {'Spearman':>9s}")
+        modes = [("box-prior", None, base)]
+        modes += [(m, network, dataclasses.replace(base, unary=m)) for m in ("network", "fused")]
+        if args.fusion_sweep:
+            modes += [(f"fused wn={wn:g} wp={wp:g}", network, dataclasses.replace(
+                base, unary="fused", fusion=dataclasses.replace(base.fusion, network_weight=wn, prior_weight=wp)))
+                for wn, wp in FUSION_SWEEP]
+        for mode, net, cfg in modes:
+            r = run_teacher(records, cfg, desc=mode, with_depth=depth, network=net)
+            rho, _ = calibration(r["ious"], r["scores"])
+            print(f"{mode:28s} {r['miou']:9.4f} {r['ms']:9.2f} {rho:9.3f}", flush=True)
+            if " " not in mode:
+                figures[f"{name}_{mode}_miou"] = round(r["miou"], 4)
+                figures[f"{name}_{mode}_ms"] = round(r["ms"], 2)
+                figures[f"{name}_{mode}_spearman"] = round(rho, 3)
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "devdata" / "coco_tiny",
@@ -198,10 +247,23 @@ def main() -> None:
     ap.add_argument("--depth-ablation", action="store_true", help="toy data with and without depth")
     ap.add_argument("--toy-images", type=int, default=24, help="toy images for --depth-ablation")
     ap.add_argument("--no-grabcut", action="store_true", help="skip GrabCut (slow: ~0.2 s per instance)")
+    ap.add_argument("--toy-checkpoint", type=Path, help="teacher.pt of a student trained on toy box-prior shards: "
+                                                        "box-prior / network / fused table on toy train")
+    ap.add_argument("--coco-checkpoint", type=Path, help="teacher.pt of a student trained on coco_tiny box-prior "
+                                                         "shards: the same table on coco_tiny")
+    ap.add_argument("--fusion-sweep", action="store_true", help="with a checkpoint: fused IoU over a grid of "
+                                                                "(network_weight, prior_weight)")
+    ap.add_argument("--skip-anchors", action="store_true", help="only the network-mode tables")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
+    figures: dict = {}
+    if args.toy_checkpoint or args.coco_checkpoint:
+        figures.update(network_tables(args))
+    if args.skip_anchors:
+        print(json.dumps(figures))
+        return
     records = load_coco(args.data, args.limit)
     n = sum(len(r["boxes"]) for r in records)
     print(f"coco_tiny: {len(records)} images, {n} instances (non-crowd, box sides >= {MIN_SIDE:g} px), 1 thread")
@@ -238,8 +300,8 @@ def main() -> None:
     anchors = {name: m for name, m, _ in rows if name != "teacher (box prior)"}
     grab = [ms for name, _, ms in rows if name.startswith("GrabCut")]
     print(json.dumps({"teacher_miou": round(res["miou"], 4), "best_anchor_miou": round(max(anchors.values()), 4),
-                      "teacher_ms_per_instance": round(res["ms"], 2),
-                      "grabcut_ms_per_instance": round(grab[0], 2) if grab else None}))
+                      "teacher_ms_per_instance": round(res["ms"], 2), "teacher_score_spearman": round(rho, 3),
+                      "grabcut_ms_per_instance": round(grab[0], 2) if grab else None, **figures}))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc.problem)
         raise ConfigError(where, "; ".join(errors))
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(where, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):

@@ -46,18 +46,12 @@ import pyarrow as pa
 from .config import Config, LabelConfig, RunConfig
 from .datasets.base import Dataset, Sample
 from .errors import InputError, PipelineError
-from .shards import (SCHEMA, ShardMeta, ShardWriter, check_resumable, correspondence_records, encode_rle,
-                     rows_to_table)
+from .shards import (BOX_PRIOR, SCHEMA, ShardMeta, ShardWriter, check_resumable, correspondence_records, encode_rle,
+                     rows_to_table, sha256_file)
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "pipeline"
-
-# Networks a checkpoint may name (``{"network": <name>, "state_dict": ...}``): name -> builder taking the
-# loaded checkpoint dict and returning the network object ``StructuredTeacher`` consumes. The student
-# package registers its networks here; a checkpoint naming anything else is refused with a clear error.
-NETWORK_BUILDERS: dict[str, Callable[[dict], Any]] = {}
-
 
 def actor_name(index: int) -> str:
     return f"label-worker-{index}"
@@ -65,20 +59,17 @@ def actor_name(index: int) -> str:
 
 # ------------------------------------------------------------------------------------------- teacher
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def load_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
+    """Load a teacher checkpoint safely (``weights_only=True``) and build the network it names from the registry
+    (``teacher.network``), on the CPU, so a bad file is refused before any worker starts.
 
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
-    """Load a teacher checkpoint safely (``weights_only=True``) and check that it names a known network.
-
-    Returns (checkpoint dict, short sha256 of the file). Raises ``PipelineError(path, ...)`` otherwise.
+    Returns (network, teacher id): the export's weights digest where it records one, else the short sha256 of the file. Raises
+    ``PipelineError(path, ...)`` otherwise.
     """
     import torch
+
+    import student  # noqa: F401  (registers the student's network)
+    from teacher.network import UnknownNetwork, build_network, known_networks
 
     path = Path(path)
     if not path.is_file():
@@ -88,15 +79,27 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
     except Exception as exc:  # torch raises many types for foreign or unsafe files
         raise PipelineError(path, f"cannot load checkpoint with weights_only=True "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    name = ckpt.get("network") if isinstance(ckpt, dict) else None
-    known = ", ".join(sorted(NETWORK_BUILDERS)) or "none yet"
-    if not isinstance(name, str):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network"), str):
         raise PipelineError(path, f"checkpoint does not name its network (expected a dict with a 'network' "
-                                  f"key; known networks: {known})")
-    if name not in NETWORK_BUILDERS:
-        raise PipelineError(path, f"checkpoint names network {name!r}, which this code does not know "
-                                  f"(known networks: {known})")
-    return ckpt, _sha256(path)[:12]
+                                  f"key; known networks: {', '.join(known_networks())})")
+    try:
+        network = build_network(ckpt, str(path))
+    except UnknownNetwork as exc:
+        raise PipelineError(path, f"checkpoint names network {exc.name!r}, which this code does not know "
+                                  f"(known networks: {', '.join(known_networks())})") from None
+    except ValueError as exc:  # the builder's one-line errors name the file already
+        raise PipelineError(path, str(exc).removeprefix(f"{path}: ")) from None
+    digest = ckpt.get("digest")
+    return network, (str(digest) if isinstance(digest, str) and digest else sha256_file(path)[:12])
+
+
+def check_network_classes(network: Any, category_ids: list[int], path: str | os.PathLike) -> None:
+    """Refuse a network that predicts no mask for some of the dataset's categories (another dataset's teacher)."""
+    missing = sorted(set(int(c) for c in category_ids) - set(int(c) for c in network.classes))
+    if missing:
+        raise PipelineError(path, f"the network predicts classes {sorted(network.classes)[:10]}"
+                                  f"{' ...' if len(network.classes) > 10 else ''}; the dataset also has "
+                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
 
 
 def resolve_device(requested: str) -> str:
@@ -122,11 +125,16 @@ def resolve_gpus_per_worker(requested: float, cluster_gpus: float, workers: int,
 
 @dataclass
 class TeacherFactory:
-    """Builds the structured teacher in a worker: box-prior mode without a checkpoint, else the
-    checkpoint's network (``NETWORK_BUILDERS``) wrapped by ``StructuredTeacher``."""
+    """Builds the structured teacher in a worker: box-prior mode without a checkpoint, else the checkpoint's
+    network (``teacher.network`` registry) wrapped by ``StructuredTeacher``. ``checkpoint`` is made absolute here,
+    so a relative path works whatever a worker's working directory is."""
 
     teacher_cfg: Any                       # teacher.config.TeacherConfig
     checkpoint: Optional[str] = None
+
+    def __post_init__(self):
+        if self.checkpoint is not None:
+            self.checkpoint = os.path.abspath(self.checkpoint)
 
     def __call__(self, device: str):
         # Imported here: only worker processes build a teacher, the driver never needs torch models.
@@ -135,11 +143,8 @@ class TeacherFactory:
         cfg = dataclasses.replace(self.teacher_cfg, device=device)
         if self.checkpoint is None:
             return StructuredTeacher.box_prior(cfg)
-        ckpt, _ = load_checkpoint(self.checkpoint)
-        network = NETWORK_BUILDERS[ckpt["network"]](ckpt)
-        if hasattr(network, "to"):
-            network = network.to(device)
-        return StructuredTeacher(network, cfg)
+        network, _ = load_checkpoint(self.checkpoint)
+        return StructuredTeacher(network.to(device).eval(), cfg)
 
 
 def label_digest(cfg: Config, teacher_id: str, round_: int) -> str:
@@ -159,14 +164,18 @@ def label_digest(cfg: Config, teacher_id: str, round_: int) -> str:
         dataset.pop("toy")
     if cfg.dataset.name == "coco":
         try:
-            dataset["ann"] = "sha256:" + _sha256(Path(cfg.dataset.ann))
+            dataset["ann"] = "sha256:" + sha256_file(Path(cfg.dataset.ann))
         except OSError as exc:
             raise PipelineError(cfg.dataset.ann, f"cannot read the annotation file "
                                                  f"({exc.strerror or exc})") from None
     else:
         dataset["ann"] = ""           # only COCO reads an annotation file
     teacher = dataclasses.asdict(cfg.teacher)
-    teacher.pop("device")
+    for key in ("device", "network_batch"):  # where and how many images per forward pass: same labels
+        teacher.pop(key)
+    if teacher_id == BOX_PRIOR:  # without a network these choose nothing
+        for key in ("unary", "fusion"):
+            teacher.pop(key)
     blob = json.dumps({"dataset": dataset, "teacher": teacher, "teacher_id": teacher_id, "round": round_},
                       sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -174,25 +183,25 @@ def label_digest(cfg: Config, teacher_id: str, round_: int) -> str:
 
 # -------------------------------------------------------------------------------------- per image
 
-def label_sample(teacher, sample: Sample, category_names: dict[int, str], round_: int, teacher_id: str,
-                 instance_ids: Optional[Mapping[str, np.ndarray]] = None) -> pa.Table:
-    """Label one image: its instance rows as a ``SCHEMA`` table (empty when it has no boxes).
-
-    The teacher numbers a partner's instances by position among the boxes it was given; ``instance_ids``
-    (image id -> the ``instance_ids`` of the boxes the teacher was given for that image) turns that position
-    into the partner's dataset ``instance_id``. A partner image missing from it keeps the position.
-
-    Raises ``InputError`` when the image or depth cannot be read or does not match the annotation size;
-    any other exception is a labeling failure of this image.
-    """
-    if len(sample.boxes) == 0:
-        return SCHEMA.empty_table()
+def load_sample(sample: Sample) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The image (H,W,3) uint8 and depth (H,W) float32 or None of a sample. Raises ``InputError`` when either
+    cannot be read or the image does not match the annotation size."""
     image = sample.load_image()
     if image.shape[:2] != (sample.height, sample.width):
         raise InputError(sample.file_name, f"image is {image.shape[1]}x{image.shape[0]}, annotations say "
                                            f"{sample.width}x{sample.height}")
-    depth = sample.load_depth() if sample.has_depth else None
-    labels = teacher.label(image, sample.boxes, sample.classes, depth=depth, image_id=sample.image_id)
+    return image, (sample.load_depth() if sample.has_depth else None)
+
+
+def sample_rows(sample: Sample, labels: list, category_names: dict[int, str], round_: int, teacher_id: str,
+                instance_ids: Optional[Mapping[str, np.ndarray]] = None) -> pa.Table:
+    """The teacher's labels of one image as ``SCHEMA`` rows.
+
+    The teacher numbers a partner's instances by position among the boxes it was given; ``instance_ids``
+    (image id -> the ``instance_ids`` of the boxes the teacher was given for that image) turns that position
+    into the partner's dataset ``instance_id``. A partner image missing from it keeps the position. A label
+    list that does not fit the sample is a ``RuntimeError`` (a labeling failure of this image).
+    """
     if len(labels) != len(sample.boxes):
         raise RuntimeError(f"teacher returned {len(labels)} labels for {len(sample.boxes)} boxes")
     rows = []
@@ -212,6 +221,22 @@ def label_sample(teacher, sample: Sample, category_names: dict[int, str], round_
                 correspondence_records(getattr(lab, "correspondences", None) or []), instance_ids or {}),
         })
     return rows_to_table(rows)
+
+
+def label_images(teacher, loaded: list[tuple[Sample, np.ndarray, Optional[np.ndarray]]]) -> list:
+    """The teacher's labels of each (sample, image, depth), or the exception that image failed with. A teacher
+    with ``label_batch`` labels them in one call (its network batches the images); others image by image."""
+    if hasattr(teacher, "label_batch") and len(loaded) > 1:
+        return teacher.label_batch([im for _, im, _ in loaded], [s.boxes for s, _, _ in loaded],
+                                   [s.classes for s, _, _ in loaded], [d for _, _, d in loaded],
+                                   [s.image_id for s, _, _ in loaded], return_exceptions=True)
+    out = []
+    for sample, image, depth in loaded:
+        try:
+            out.append(teacher.label(image, sample.boxes, sample.classes, depth=depth, image_id=sample.image_id))
+        except Exception as exc:  # noqa: BLE001 - one image's failure is that image's reject
+            out.append(exc)
+    return out
 
 
 def _with_instance_ids(records: list[dict], instance_ids: Mapping[str, np.ndarray]) -> list[dict]:
@@ -286,34 +311,11 @@ class LabelWorker:
         self.m_batch.set(batch_id)
         t_batch, c_batch = time.monotonic(), time.process_time()
         out = []
-        for sample in samples:
+        group = max(1, int(getattr(getattr(self.teacher, "config", None), "network_batch", 1)))
+        for start in range(0, len(samples), group):
             if ray.get_runtime_context().is_canceled():
                 break
-            image_id = sample.image_id
-            # Before the teacher runs: it may push this image's objects into its bank even if labeling fails.
-            self.instance_ids[image_id] = np.asarray(sample.instance_ids, np.int32)
-            t0 = time.monotonic()
-            try:
-                table = label_sample(self.teacher, sample, self.category_names, self.round, self.teacher_id,
-                                     self.instance_ids)
-            except InputError as exc:
-                out.append({"image_id": image_id, "file": sample.file_name, "reason": str(exc), "stage": "load"})
-                continue
-            except Exception as exc:  # a failure on one image must not stop the batch
-                log.warning("label-worker-%d: %s failed:\n%s", self.index, image_id, traceback.format_exc())
-                out.append({"image_id": image_id, "file": sample.file_name, "reason": _one_line(exc),
-                            "stage": "label"})
-                continue
-            self.m_latency.observe(time.monotonic() - t0)
-            self.m_images.inc()
-            if table.num_rows:
-                self.m_instances.inc(table.num_rows)
-            self.images += 1
-            result = {"image_id": image_id, "table": table}
-            if not table.num_rows:
-                result["empty"] = {"image_id": image_id, "file_name": sample.file_name,
-                                   "height": int(sample.height), "width": int(sample.width)}
-            out.append(result)
+            out.extend(self._label_group(samples[start:start + group]))
         in_bank = _bank_image_ids(self.teacher)
         if in_bank is not None:
             self.instance_ids = {k: v for k, v in self.instance_ids.items() if k in in_bank}
@@ -323,6 +325,51 @@ class LabelWorker:
         self.busy_s += time.monotonic() - t_batch
         self.cpu_s += time.process_time() - c_batch
         return out
+
+    def _label_group(self, samples: list[Sample]) -> list[dict]:
+        """Results of a few samples labeled together (one network call); rejects stay per image."""
+        results: dict[str, dict] = {}
+        loaded = []
+        for sample in samples:
+            # Before the teacher runs: it may push this image's objects into its bank even if labeling fails.
+            self.instance_ids[sample.image_id] = np.asarray(sample.instance_ids, np.int32)
+            if len(sample.boxes) == 0:
+                results[sample.image_id] = self._labeled(sample, SCHEMA.empty_table())
+                continue
+            try:
+                loaded.append((sample, *load_sample(sample)))
+            except InputError as exc:
+                results[sample.image_id] = {"image_id": sample.image_id, "file": sample.file_name,
+                                            "reason": str(exc), "stage": "load"}
+        t0 = time.monotonic()
+        labels = label_images(self.teacher, loaded) if loaded else []
+        per_image = (time.monotonic() - t0) / max(len(loaded), 1)
+        for (sample, _, _), lab in zip(loaded, labels):
+            try:
+                if isinstance(lab, Exception):
+                    raise lab
+                table = sample_rows(sample, lab, self.category_names, self.round, self.teacher_id,
+                                    self.instance_ids)
+            except Exception as exc:  # a failure on one image must not stop the batch
+                log.warning("label-worker-%d: %s failed:\n%s", self.index, sample.image_id,
+                            "".join(traceback.format_exception(exc)))
+                results[sample.image_id] = {"image_id": sample.image_id, "file": sample.file_name,
+                                            "reason": _one_line(exc), "stage": "label"}
+                continue
+            self.m_latency.observe(per_image)
+            results[sample.image_id] = self._labeled(sample, table)
+        return [results[s.image_id] for s in samples if s.image_id in results]
+
+    def _labeled(self, sample: Sample, table: pa.Table) -> dict:
+        self.m_images.inc()
+        if table.num_rows:
+            self.m_instances.inc(table.num_rows)
+        self.images += 1
+        result = {"image_id": sample.image_id, "table": table}
+        if not table.num_rows:
+            result["empty"] = {"image_id": sample.image_id, "file_name": sample.file_name,
+                               "height": int(sample.height), "width": int(sample.width)}
+        return result
 
     def stats(self) -> dict:
         """Seconds spent labeling (wall and CPU, all threads), seconds alive, images, images whose instance

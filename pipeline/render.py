@@ -47,3 +47,42 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], boxes: np.ndarray, t
         cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), c, 2)
         cv2.putText(out, text, (x1, max(10, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, c, 1, cv2.LINE_AA)
     return out
+
+
+def label_tile(image: np.ndarray, mask: np.ndarray, box: np.ndarray, caption: str, size: int = 192,
+               context: float = 0.25) -> np.ndarray:
+    """One label up close: the box grown by ``context`` of its side on each side, cropped from the image, the mask
+    blended and outlined, the box drawn, scaled to fit ``size`` x ``size`` (letterboxed), a caption strip below.
+
+    image (H,W,3) uint8 RGB, mask (H,W) bool, box (4,) x1,y1,x2,y2 px. Returns (size + 18, size, 3) uint8 RGB.
+    """
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    pad_x, pad_y = context * max(x2 - x1, 1.0), context * max(y2 - y1, 1.0)
+    c0, r0 = max(int(x1 - pad_x), 0), max(int(y1 - pad_y), 0)
+    c1, r1 = min(int(np.ceil(x2 + pad_x)), width), min(int(np.ceil(y2 + pad_y)), height)
+    c1, r1 = max(c1, c0 + 1), max(r1, r0 + 1)
+    crop = overlay(image[r0:r1, c0:c1], [mask[r0:r1, c0:c1]], np.array([[x1 - c0, y1 - r0, x2 - c0, y2 - r0]]),
+                   [""])
+    scale = size / max(crop.shape[:2])
+    new_w, new_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
+    resized = cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
+    tile = np.zeros((size + 18, size, 3), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    tile[top:top + new_h, left:left + new_w] = resized
+    cv2.putText(tile, caption[:32], (3, size + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def contact_sheet(tiles: Sequence[np.ndarray], columns: int = 6, gap: int = 4) -> np.ndarray:
+    """Tiles of one shape (h,w,3) uint8 in rows of ``columns``, ``gap`` px apart, on grey. Returns (H,W,3) uint8."""
+    if not tiles:
+        raise ValueError("contact_sheet: no tiles")
+    h, w = tiles[0].shape[:2]
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    sheet = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 64, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = t
+    return sheet

@@ -70,23 +70,28 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StudentError(path, f"refused: not loadable with weights_only=True, it may carry a pickle payload "
                                  f"({first[:160]})") from None
+    return check_export(data, path)
+
+
+def check_export(data: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """An export dict's format, fields and weights digest; ``StudentError(where, ...)`` when one is wrong."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise StudentError(path, f"not a student export (expected format {FORMAT!r})")
+        raise StudentError(where, f"not a student export (expected format {FORMAT!r})")
     for key in ("state_dict", "config", "classes", "iteration", "digest"):
         if key not in data:
-            raise StudentError(path, f"student export lacks {key!r}")
+            raise StudentError(where, f"student export lacks {key!r}")
     if data["digest"] != weights_digest(data["state_dict"]):
-        raise StudentError(path, "weights do not match the recorded digest (file altered or truncated)")
+        raise StudentError(where, "weights do not match the recorded digest (file altered or truncated)")
     return data
 
 
-def load_model(path: str | os.PathLike):
-    """(model in eval mode, export dict) from an export file."""
-    data = load_export(path)
+def model_from_export(data: dict[str, Any], where: str | os.PathLike):
+    """The model (eval mode, CPU) an export dict describes, after `check_export`."""
+    check_export(data, where)
     try:
         cfg = config_from_dict(data["config"])
     except TypeError as exc:
-        raise StudentError(path, f"unreadable student config ({exc})") from None
+        raise StudentError(where, f"unreadable student config ({exc})") from None
     if cfg.norm == "auto":  # the weights file is not needed again, but the normalisation it implied is
         cfg.norm = "frozen_bn" if cfg.weights else "bn"
     cfg.weights = ""
@@ -95,8 +100,14 @@ def load_model(path: str | os.PathLike):
         missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise StudentError(path, f"weights do not fit the recorded config ({first[:200]})") from None
+        raise StudentError(where, f"weights do not fit the recorded config ({first[:200]})") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise StudentError(path, f"weights do not fit the recorded config (first mismatched key {key!r})")
-    return model.eval(), data
+        raise StudentError(where, f"weights do not fit the recorded config (first mismatched key {key!r})")
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike):
+    """(model in eval mode, export dict) from an export file."""
+    data = load_export(path)
+    return model_from_export(data, path), data

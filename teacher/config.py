@@ -7,6 +7,7 @@ field's comment says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -127,6 +128,21 @@ class BoxPriorConfig:
 
 
 @dataclass
+class FusionConfig:
+    """The fused unary of network mode (``TeacherConfig.unary = "fused"``): a weighted log-odds sum
+
+        logit(unary) = network_weight * logit(p_network) + prior_weight * logit(p_box_prior)
+
+    and, for the correspondence, features whose cell-wise cosine similarity is the same weighted mean of the two
+    similarities (each feature relu + L2-normalised, scaled by sqrt(weight), concatenated). network_weight 0 gives
+    box-prior mode exactly, prior_weight 0 network mode.
+    """
+
+    network_weight: float = 1.0
+    prior_weight: float = 1.0
+
+
+@dataclass
 class TeacherConfig:
     """The structured teacher (`teacher.StructuredTeacher`): one section per stage of DESIGN section 4."""
 
@@ -140,6 +156,12 @@ class TeacherConfig:
     # False skips the bank and the correspondence features altogether.
     use_correspondence: bool = True
     cross_image_size: int = 16        # side of the masks the cross-image unary is transferred at (then upsampled)
+    # Where the unary comes from when a network is given (without one the teacher is always box-prior):
+    # "network" (its mask probabilities and features), "box_prior" (the network is not run) or "fused" (both,
+    # `FusionConfig`).
+    unary: Literal["network", "box_prior", "fused"] = "fused"
+    network_batch: int = 4            # images per network forward pass
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     bank: BankConfig = field(default_factory=BankConfig)

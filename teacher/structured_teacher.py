@@ -11,10 +11,10 @@ Per image, all boxes batched as RoIs:
 5. AsyInst asymmetric-affinity refinement (`teacher.refine`).
 6. Paste back at full resolution inside the box, score (`teacher.score`), push into the bank.
 
-Network mode contract: ``network(image, boxes) -> (mask_probs, features)`` with image (1,3,H,W) float32 RGB in
-[0, 1] and boxes (N,4) float32 x1,y1,x2,y2 pixels on the teacher's device; mask_probs (N,G,G) probabilities over
-each box (the G x G grid spans exactly the box) and features (N,C,g,g) RoI features (any C, g). It is called
-under ``torch.no_grad()``.
+Network mode: the network follows `teacher.network.TeacherNetwork` (one call per ``network_batch`` images, all
+boxes of an image at once). ``TeacherConfig.unary`` picks how its output is used: "network" (its mask
+probabilities and features), "fused" (a weighted log-odds sum with the box prior, `FusionConfig`) or "box_prior"
+(the network is not run).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .box_prior import box_prior_logits, crf_features, lowlevel_features
 from .color import rgb_to_lab
 from .config import TeacherConfig
-from .correspondence import correspond, cross_image_unary
+from .correspondence import correspond, cross_image_unary, relu_and_l2_norm_feat
 from .crf import meanfield_soft
 from .memory_bank import MemoryBank
 from .refine import refine, roi_color_edges, roi_depth_edges
@@ -38,7 +38,9 @@ from .roi import RoIGrid, box_pixel_span, crop, crop_masked, paste, roi_grid
 from .score import mask_score
 
 MIN_BOX_SIDE = 2.0  # px: smaller (clipped) boxes get the box-as-mask label with score 0
-STAGES = ("roi", "unary", "correspondence", "crf", "refine", "paste")
+STAGES = ("network", "roi", "unary", "correspondence", "crf", "refine", "paste")
+UNARY_MODES = ("network", "box_prior", "fused")
+_PROB_FLOOR = 1e-4  # network probabilities are clamped to [floor, 1 - floor] before their log-odds are taken
 
 
 @dataclass
@@ -65,6 +67,19 @@ class InstanceLabel:
     mask: np.ndarray
     score: float
     correspondences: list[Match] = field(default_factory=list)
+
+
+def resample_box_grid(probs: torch.Tensor, grid: RoIGrid) -> torch.Tensor:
+    """Values on a G x G grid spanning each box, bilinearly resampled onto the padded R x R crops.
+
+    probs (N,G,G) -> (N,1,R,R); outside the box the border value is repeated (callers mask by ``grid.inside``),
+    so the box's edge cells are not blended with zeros.
+    """
+    n, r = probs.shape[0], grid.size
+    gx = grid.u[:, None, :].expand(n, r, r)
+    gy = grid.v[:, :, None].expand(n, r, r)
+    return F.grid_sample(probs[:, None], torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+                         align_corners=False)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -133,20 +148,41 @@ def validate_inputs(image: Any, boxes: Any, classes: Any, depth: Any) -> tuple[n
     return np.ascontiguousarray(image), boxes, classes, depth
 
 
+@dataclass
+class _Image:
+    """One validated image of a label call: its arrays, the clipped boxes and which of them run the pipeline."""
+
+    image: np.ndarray
+    boxes: np.ndarray          # (N,4) clipped to the image
+    classes: np.ndarray
+    depth: np.ndarray | None
+    image_id: str
+    run: np.ndarray            # indices of the boxes with both sides >= MIN_BOX_SIDE
+
+
 class StructuredTeacher:
     """Box-supervised mask teacher with a memory bank that persists across `label` calls (module docstring).
 
     ``StructuredTeacher.box_prior(config)`` builds the network-free teacher; ``StructuredTeacher(network, config)``
-    the network mode. ``timings`` accumulates seconds per stage (`STAGES`) and ``labelled`` the instances run
-    through the pipeline, for benchmarks.
+    the network mode (``network`` a `teacher.network.TeacherNetwork`; it is put in eval mode). ``timings``
+    accumulates seconds per stage (`STAGES`) and ``labelled`` the instances run through the pipeline, for
+    benchmarks.
     """
 
     def __init__(self, network: Callable | None, config: TeacherConfig | None = None):
-        self.network = network
         self.config = config or TeacherConfig()
         if self.config.roi_size < 8:
             raise ValueError(f"TeacherConfig.roi_size must be >= 8, got {self.config.roi_size}")
+        if self.config.unary not in UNARY_MODES:
+            raise ValueError(f"TeacherConfig.unary: expected one of {', '.join(UNARY_MODES)}, got {self.config.unary!r}")
+        if self.config.network_batch < 1:
+            raise ValueError(f"TeacherConfig.network_batch must be >= 1, got {self.config.network_batch}")
+        if min(self.config.fusion.network_weight, self.config.fusion.prior_weight) < 0:
+            raise ValueError("TeacherConfig.fusion: weights must be >= 0")
         self.device = _resolve_device(self.config.device)
+        if network is not None and hasattr(network, "eval"):
+            network.eval()
+        self.network = network
         # The teacher's one seed drives the bank's partner sampling (the only random choice of the pipeline).
         self.bank = MemoryBank(dataclasses.replace(self.config.bank, seed=self.config.seed))
         self.timings = dict.fromkeys(STAGES, 0.0)
@@ -158,19 +194,52 @@ class StructuredTeacher:
         """Whether the memory bank and the cross-image term run (``TeacherConfig.use_correspondence``)."""
         return bool(self.config.use_correspondence)
 
+    @property
+    def unary_mode(self) -> str:
+        """The unary actually used: "box_prior" without a network, else ``TeacherConfig.unary``."""
+        return "box_prior" if self.network is None else self.config.unary
+
     @classmethod
     def box_prior(cls, config: TeacherConfig | None = None) -> "StructuredTeacher":
         """The network-free teacher: unary from the box and the image colours, low-level correspondence features."""
         return cls(None, config)
 
-    def label_batch(self, images, boxes, classes, depths=None, image_ids=None) -> list[list[InstanceLabel]]:
-        """`label` over several images in order (the bank sees them one after the other)."""
+    def label_batch(self, images, boxes, classes, depths=None, image_ids=None,
+                    return_exceptions: bool = False) -> list[list[InstanceLabel] | Exception]:
+        """`label` over several images in order (the bank sees them one after the other); the network runs on
+        ``network_batch`` images per call.
+
+        With ``return_exceptions`` an image that fails (bad input, or a network call that fails for its chunk)
+        gets the exception in its place instead of stopping the others, like ``asyncio.gather``.
+        """
         n = len(images)
         depths = [None] * n if depths is None else depths
         image_ids = [None] * n if image_ids is None else image_ids
         if not (len(boxes) == len(classes) == len(depths) == len(image_ids) == n):
             raise ValueError("label_batch: images, boxes, classes, depths and image_ids must have the same length")
-        return [self.label(*args) for args in zip(images, boxes, classes, depths, image_ids)]
+
+        def attempt(fn, *args):
+            if not return_exceptions:
+                return fn(*args)
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 - handed back in the image's place
+                return exc
+
+        prepared = [attempt(self._prepare, *args) for args in zip(images, boxes, classes, depths, image_ids)]
+        out: list = []
+        step = self.config.network_batch
+        for start in range(0, n, step):
+            chunk = prepared[start:start + step]
+            ok = [p for p in chunk if isinstance(p, _Image)]
+            network_out = attempt(self._run_network, ok)
+            if isinstance(network_out, Exception):
+                out.extend(p if isinstance(p, Exception) else network_out for p in chunk)
+                continue
+            by_image = dict(zip(map(id, ok), network_out))
+            out.extend(p if isinstance(p, Exception) else attempt(self._label_image, p, by_image[id(p)])
+                       for p in chunk)
+        return out
 
     def label(self, image, boxes, classes, depth=None, image_id=None) -> list[InstanceLabel]:
         """Masks for the boxes of one image.
@@ -179,6 +248,9 @@ class StructuredTeacher:
         depth (H,W) float32 metres with 0 = invalid, or None; image_id names the image in the bank (partners never
         come from the same image; default: a fresh id per call). Returns N `InstanceLabel`s in box order.
         """
+        return self.label_batch([image], [boxes], [classes], [depth], [image_id])[0]
+
+    def _prepare(self, image, boxes, classes, depth, image_id) -> _Image:
         image, boxes_np, classes_np, depth_np = validate_inputs(image, boxes, classes, depth)
         height, width = image.shape[:2]
         if image_id is None:
@@ -188,14 +260,55 @@ class StructuredTeacher:
         clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
         clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
         sides = np.minimum(clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1])
-        run = np.nonzero(sides >= MIN_BOX_SIDE)[0]
-        labels: list[InstanceLabel | None] = [None] * len(boxes_np)
-        for i in np.nonzero(sides < MIN_BOX_SIDE)[0]:
-            labels[i] = InstanceLabel(self._box_mask(clipped[i], height, width), 0.0, [])
-        if len(run):
-            for i, lab in zip(run, self._label_rois(image, clipped[run], classes_np[run], depth_np, str(image_id), run)):
+        return _Image(image, clipped, classes_np, depth_np, str(image_id), np.nonzero(sides >= MIN_BOX_SIDE)[0])
+
+    def _label_image(self, p: _Image, network_out: tuple[torch.Tensor, torch.Tensor] | None) -> list[InstanceLabel]:
+        height, width = p.image.shape[:2]
+        labels: list[InstanceLabel | None] = [None] * len(p.boxes)
+        for i in np.setdiff1d(np.arange(len(p.boxes)), p.run):
+            labels[i] = InstanceLabel(self._box_mask(p.boxes[i], height, width), 0.0, [])
+        if len(p.run):
+            rois = self._label_rois(p.image, p.boxes[p.run], p.classes[p.run], p.depth, p.image_id, p.run,
+                                    network_out)
+            for i, lab in zip(p.run, rois):
                 labels[i] = lab
         return labels
+
+    @torch.no_grad()
+    def _run_network(self, chunk: list[_Image]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The network's (mask_probs (N,G,G), features (N,C,g,g)) for the running boxes of each image, checked;
+        None per image when the unary does not use the network or the image has no box to run."""
+        if self.unary_mode == "box_prior":
+            return [None] * len(chunk)
+        todo = [k for k, p in enumerate(chunk) if len(p.run)]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunk)
+        if not todo:
+            return out
+        t = time.perf_counter()
+        dev = self.device
+        images = [torch.from_numpy(chunk[k].image).to(dev).permute(2, 0, 1).float().div_(255.0) for k in todo]
+        boxes = [torch.from_numpy(chunk[k].boxes[chunk[k].run]).to(dev) for k in todo]
+        classes = [torch.from_numpy(chunk[k].classes[chunk[k].run]).to(dev) for k in todo]
+        result = self.network(images, boxes, classes)
+        if not (isinstance(result, (tuple, list)) and len(result) == len(todo)):
+            raise ValueError(f"network must return one (mask_probs, features) pair per image ({len(todo)})")
+        for k, b, item in zip(todo, boxes, result):
+            out[k] = self._check_network_output(item, len(b))
+        self._tick("network", t)
+        return out
+
+    def _check_network_output(self, item: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError("network must return (mask_probs (N,G,G), features (N,C,g,g)) per image")
+        probs, features = (torch.as_tensor(o, device=self.device, dtype=torch.float32) for o in item)
+        if probs.dim() != 3 or probs.shape[0] != n or features.dim() != 4 or features.shape[0] != n:
+            raise ValueError(f"network returned mask_probs {tuple(probs.shape)} and features {tuple(features.shape)}; "
+                             f"expected ({n},G,G) and ({n},C,g,g)")
+        if not bool(torch.isfinite(probs).all()) or probs.min() < 0 or probs.max() > 1:
+            raise ValueError("network mask_probs must be finite probabilities in [0, 1]")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("network features must be finite")
+        return probs, features
 
     @staticmethod
     def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -214,7 +327,8 @@ class StructuredTeacher:
 
     @torch.no_grad()
     def _label_rois(self, image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, depth: np.ndarray | None,
-                    image_id: str, instance_ids: np.ndarray) -> list[InstanceLabel]:
+                    image_id: str, instance_ids: np.ndarray,
+                    network_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[InstanceLabel]:
         cfg = self.config
         dev = self.device
         height, width = image.shape[:2]
@@ -231,13 +345,7 @@ class StructuredTeacher:
             depth_c, depth_ok = crop_masked(d, (d > 0) & torch.isfinite(d), grid)
         t = self._tick("roi", t)
         # 2. unary and features
-        if self.network is None:
-            logits = box_prior_logits(lab, valid, grid, cfg.box_prior)
-            unary = torch.sigmoid(logits)
-            features = (lowlevel_features(lab, grid, depth_c, depth_ok, cfg.correspondence.grid)
-                        if self.uses_correspondence else None)
-        else:
-            unary, features = self._network_unary(image_t, boxes_t, grid)
+        unary, features = self._unary(lab, valid, grid, depth_c, depth_ok, network_out)
         unary = unary * grid.inside
         t = self._tick("unary", t)
         # 3. bank partners and correspondence
@@ -257,7 +365,7 @@ class StructuredTeacher:
         t = self._tick("refine", t)
         # 6. paste, score, push
         masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
-        scores = mask_score(prob, grid.inside)
+        scores = mask_score(prob, q, grid.inside)
         labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
         if self.uses_correspondence:
             for k in range(len(boxes)):
@@ -266,27 +374,32 @@ class StructuredTeacher:
         self.labelled += len(boxes)
         return labels
 
-    def _network_unary(self, image_t: torch.Tensor, boxes_t: torch.Tensor,
-                       grid: RoIGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network mask probabilities resampled onto the padded crops (N,1,R,R), and its features (N,C,g,g)."""
-        out = self.network(image_t[None] / 255.0, boxes_t)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise ValueError("network must return (mask_probs (N,G,G), features (N,C,g,g))")
-        probs, features = (torch.as_tensor(o, device=self.device, dtype=torch.float32) for o in out)
-        n = len(boxes_t)
-        if probs.dim() != 3 or probs.shape[0] != n or features.dim() != 4 or features.shape[0] != n:
-            raise ValueError(f"network returned mask_probs {tuple(probs.shape)} and features {tuple(features.shape)}; "
-                             f"expected ({n},G,G) and ({n},C,g,g)")
-        if not bool(torch.isfinite(probs).all()) or probs.min() < 0 or probs.max() > 1:
-            raise ValueError("network mask_probs must be finite probabilities in [0, 1]")
-        r = grid.size
-        gx = grid.u[:, None, :].expand(n, r, r)
-        gy = grid.v[:, :, None].expand(n, r, r)
-        unary = F.grid_sample(probs[:, None], torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros",
-                              align_corners=False)
-        if features.shape[-1] != self.config.correspondence.grid or features.shape[-2] != features.shape[-1]:
-            features = F.adaptive_avg_pool2d(features, self.config.correspondence.grid)
-        return unary, features
+    def _unary(self, lab: torch.Tensor, valid: torch.Tensor, grid: RoIGrid, depth_c: torch.Tensor | None,
+               depth_ok: torch.Tensor | None, network_out: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unary probabilities (N,1,R,R) over the padded crops and correspondence features (N,C,g,g) or None."""
+        cfg = self.config
+        mode = self.unary_mode
+        g = cfg.correspondence.grid
+        use_prior = mode == "box_prior" or (mode == "fused" and cfg.fusion.prior_weight > 0)
+        use_net = mode == "network" or (mode == "fused" and cfg.fusion.network_weight > 0)
+        logits = box_prior_logits(lab, valid, grid, cfg.box_prior) if use_prior else None
+        low = (lowlevel_features(lab, grid, depth_c, depth_ok, g) if use_prior and self.uses_correspondence
+               else None)
+        if mode == "box_prior" or not use_net:
+            return torch.sigmoid(logits), low
+        probs, net_features = network_out
+        net_logits = torch.logit(resample_box_grid(probs, grid).clamp(_PROB_FLOOR, 1 - _PROB_FLOOR))
+        if net_features.shape[-2:] != (g, g):
+            net_features = F.adaptive_avg_pool2d(net_features, g)
+        if mode == "network" or logits is None:
+            return torch.sigmoid(net_logits), net_features
+        w_n, w_p = cfg.fusion.network_weight, cfg.fusion.prior_weight
+        features = None
+        if self.uses_correspondence:
+            features = torch.cat([w_n ** 0.5 * relu_and_l2_norm_feat(net_features),
+                                  w_p ** 0.5 * relu_and_l2_norm_feat(low)], 1)
+        return torch.sigmoid(w_n * net_logits + w_p * logits), features
 
     def _cross_image(self, features: torch.Tensor, unary: torch.Tensor, boxes: np.ndarray, classes: np.ndarray,
                      image_id: str) -> tuple[torch.Tensor | None, list[list[Match]]]:

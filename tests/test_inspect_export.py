@@ -136,3 +136,49 @@ def test_overlay_blends_only_inside_masks():
     np.testing.assert_array_equal(out[5, 12], palette(1)[0])       # on the box edge
     with pytest.raises(ValueError, match="differ in number"):
         overlay(image, [mask], np.zeros((2, 4)), ["x"])
+
+
+def test_inspect_worst_draws_the_lowest_scored_labels_first(shard_dir, tmp_path, capsys):
+    import pyarrow.dataset as pads
+
+    from pipeline.commands.inspect import worst_rows
+    from pipeline.render import label_tile
+
+    out, root, masks, dataset = shard_dir
+    everything = sorted(pads.dataset(str(out), format="parquet").to_table().to_pylist(),
+                        key=lambda r: r["score"])
+    worst = worst_rows(out, 4)
+    assert [(r["image_id"], r["instance_id"]) for r in worst] == \
+        [(r["image_id"], r["instance_id"]) for r in everything[:4]]
+    png = tmp_path / "worst.png"
+    assert main(["inspect", str(out), "--worst", "4", "--png", str(png)]) == 0
+    sheet = cv2.imread(str(png))[:, :, ::-1]
+    tile = label_tile(np.zeros((50, 50, 3), np.uint8), np.zeros((50, 50), bool), np.array([5, 5, 20, 20]), "x")
+    th, tw = tile.shape[:2]
+    assert sheet.shape == (th + 8, 4 * (tw + 4) + 4, 3)
+    # The first tile is the lowest-scored label: its crop is taken around its own box.
+    r = worst[0]
+    image = cv2.imread(str(root / dataset.get(r["image_id"]).file_name))[:, :, ::-1]
+    first = label_tile(np.ascontiguousarray(image), masks[r["image_id"], r["instance_id"]],
+                       np.asarray(r["box"], np.float32), f"{r['score']:.2f} {r['category']} {r['image_id']}")
+    np.testing.assert_array_equal(sheet[4:4 + th, 4:4 + tw], first)
+    # More than there are rows: all of them; bad requests are one-line errors.
+    assert len(worst_rows(out, 10_000)) == len(everything)
+    assert main(["inspect", str(out), "--worst", "0", "--png", str(png)]) == 2
+    assert "--worst: expected a count >= 1" in capsys.readouterr().err
+    assert main(["inspect", str(out), "--worst", "3"]) == 2
+    assert "--worst: give --worst K with --png OUT" in capsys.readouterr().err
+
+
+def test_label_tile_crops_around_the_box_and_letterboxes():
+    from pipeline.render import label_tile
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    mask = np.zeros((100, 200), bool)
+    mask[40:60, 100:180] = True
+    tile = label_tile(image, mask, np.array([100, 40, 180, 60], np.float32), "car 0.10", size=120)
+    assert tile.shape == (138, 120, 3)
+    body = tile[:120]
+    # A wide crop (120 x 40 px grown box) is letterboxed: black bars above and below, mask colour in the middle.
+    assert body[:20].max() == 0 and body[-20:].max() == 0
+    assert body[60, 60].max() > 0

@@ -10,9 +10,9 @@ import torch
 
 from teacher import InstanceLabel, Match, StructuredTeacher
 from teacher.box_prior import colour_log_ratio, colour_bins, superellipse_logits
-from teacher.config import TeacherConfig
+from teacher.config import FusionConfig, TeacherConfig
 from teacher.roi import crop, paste, roi_grid
-from teacher.score import mask_score
+from teacher.score import agreement, certainty, mask_score
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -204,41 +204,102 @@ def test_bad_depth_is_a_clear_value_error():
 
 
 class PriorNetwork:
-    """Deterministic test network: box ellipse with seeded noise as the mask, image colour as the feature."""
+    """Deterministic test network (`teacher.network.TeacherNetwork`): box ellipse with seeded noise as the mask,
+    image colour as the feature."""
 
     def __init__(self, grid: int = 14, seed: int = 0):
         self.grid, self.gen = grid, torch.Generator().manual_seed(seed)
         self.calls = 0
+        self.classes = [0, 1]
+        self.training = True
 
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor):
+    def eval(self):
+        self.training = False
+        return self
+
+    def to(self, device):
+        return self
+
+    def __call__(self, images, boxes, classes):
         self.calls += 1
-        assert image.shape[:2] == (1, 3) and image.dtype == torch.float32 and float(image.max()) <= 1.0
-        t = (torch.arange(self.grid) + 0.5) / self.grid * 2 - 1
-        ell = ((t[None, :] ** 2 + t[:, None] ** 2) <= 1).float()
-        noise = torch.rand((len(boxes), self.grid, self.grid), generator=self.gen) * 0.2
-        probs = (0.1 + 0.8 * ell)[None] + noise - 0.1
-        grid = roi_grid(boxes, 7, 0.0)
-        feats, _ = crop(image[0], grid)
-        return probs.clamp(0, 1), feats
+        assert not self.training and not torch.is_grad_enabled()
+        out = []
+        for image, b, c in zip(images, boxes, classes):
+            assert image.shape[0] == 3 and image.dtype == torch.float32 and float(image.max()) <= 1.0
+            assert len(b) == len(c) and set(c.tolist()) <= set(self.classes)
+            t = (torch.arange(self.grid) + 0.5) / self.grid * 2 - 1
+            ell = ((t[None, :] ** 2 + t[:, None] ** 2) <= 1).float()
+            noise = torch.rand((len(b), self.grid, self.grid), generator=self.gen) * 0.2
+            probs = (0.1 + 0.8 * ell)[None] + noise - 0.1
+            feats, _ = crop(image, roi_grid(b, 7, 0.0))
+            out.append((probs.clamp(0, 1), feats))
+        return out
+
+
+def _run(teacher, seeds=range(6), batch=False):
+    scenes = [blob_scene(seed) for seed in seeds]
+    args = ([s[0] for s in scenes], [s[1] for s in scenes], [np.zeros(len(s[1]), np.int64) for s in scenes])
+    if batch:
+        return teacher.label_batch(*args, image_ids=list(seeds)), scenes
+    return [teacher.label(img, b, c, image_id=seed) for img, b, c, seed in zip(*args, seeds)], scenes
+
+
+def _same(a, b):
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert np.array_equal(x.mask, y.mask) and x.score == pytest.approx(y.score, abs=1e-6)
+            assert [(m.partner_image_id, m.partner_instance_id) for m in x.correspondences] == \
+                [(m.partner_image_id, m.partner_instance_id) for m in y.correspondences]
 
 
 def test_network_mode_uses_the_network_and_correspondence():
     net = PriorNetwork()
-    teacher = StructuredTeacher(net, TeacherConfig(correspondence=OFFICIAL))
-    assert teacher.uses_correspondence
-    for seed in range(6):
-        img, boxes, classes, gts = blob_scene(seed)
-        labels = teacher.label(img, boxes, np.zeros(2, np.int64), image_id=seed)
+    teacher = StructuredTeacher(net, TeacherConfig(correspondence=OFFICIAL, unary="network"))
+    assert teacher.uses_correspondence and not net.training
+    labels, scenes = _run(teacher)
     assert net.calls == 6
-    for lab, gt in zip(labels, gts):
+    for lab, gt in zip(labels[-1], scenes[-1][3]):
         assert iou(lab.mask, gt) > 0.8 and lab.correspondences
+
+
+def test_label_batch_runs_the_network_on_several_images_at_once_with_the_same_labels():
+    one = PriorNetwork()
+    singles, _ = _run(StructuredTeacher(one, TeacherConfig(network_batch=4)))
+    many = PriorNetwork()
+    batched, _ = _run(StructuredTeacher(many, TeacherConfig(network_batch=4)), batch=True)
+    assert one.calls == 6 and many.calls == 2
+    _same(singles, batched)
+
+
+def test_fused_unary_reduces_to_each_mode_when_the_other_weight_is_zero():
+    prior, _ = _run(StructuredTeacher.box_prior(TeacherConfig()))
+    no_net, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(network_weight=0.0))))
+    _same(prior, no_net)
+    network, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(unary="network")))
+    no_prior, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(prior_weight=0.0))))
+    _same(network, no_prior)
+    fused, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig()))
+    assert any(not np.array_equal(a.mask, b.mask) for la, lb in zip(fused, prior) for a, b in zip(la, lb))
+
+
+def test_box_prior_unary_never_runs_the_network():
+    net = PriorNetwork()
+    labels, _ = _run(StructuredTeacher(net, TeacherConfig(unary="box_prior")))
+    prior, _ = _run(StructuredTeacher.box_prior(TeacherConfig()))
+    assert net.calls == 0
+    _same(labels, prior)
 
 
 def test_network_with_wrong_outputs_is_rejected():
     img, boxes, classes, _ = blob_scene(0)
-    bad = StructuredTeacher(lambda image, b: (torch.zeros(len(b), 5), torch.zeros(len(b), 3, 7, 7)))
+    bad = StructuredTeacher(lambda images, b, c: [(torch.zeros(len(b[0]), 5), torch.zeros(len(b[0]), 3, 7, 7))])
     with pytest.raises(ValueError, match="network returned"):
         bad.label(img, boxes, classes)
+    short = StructuredTeacher(lambda images, b, c: [])
+    with pytest.raises(ValueError, match="one .mask_probs, features. pair per image"):
+        short.label(img, boxes, classes)
+    with pytest.raises(ValueError, match="TeacherConfig.unary"):
+        StructuredTeacher(PriorNetwork(), TeacherConfig(unary="prior"))
 
 
 def test_paste_matches_a_brute_force_box_clip():
@@ -262,7 +323,17 @@ def test_superellipse_prior_is_the_inscribed_ellipse_at_p2():
 def test_score_pieces():
     p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
     inside = torch.tensor([[[[True, True], [True, False]]]])
-    assert torch.allclose(mask_score(p, inside), torch.tensor([2 / 3]))
+    assert torch.allclose(certainty(p, inside), torch.tensor([2 / 3]))
+    q = torch.tensor([[[[0.5, 0.5], [0.5, 1.0]]]])
+    # inside pixels: min 0.5, 0, 0.5 = 1.0; max 1, 0.5, 0.5 = 2.0 (the outside pixel does not count)
+    assert torch.allclose(agreement(p, q, inside), torch.tensor([0.5]))
+    assert torch.allclose(mask_score(p, q, inside), torch.tensor([1 / 3]))
+    assert torch.equal(agreement(torch.zeros_like(p), torch.zeros_like(p), inside), torch.tensor([1.0]))
+    # The score ranks: a firm mask that the CRF agrees with beats a firm one it disagrees with, and a vague one.
+    firm, vague = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]]), torch.full((1, 1, 2, 2), 0.6)
+    all_in = torch.ones_like(inside)
+    assert mask_score(firm, firm, all_in) > mask_score(firm, 1 - firm, all_in)
+    assert mask_score(firm, firm, all_in) > mask_score(vague, vague, all_in)
 
 
 def test_colour_log_ratio_against_brute_force_histograms():
@@ -301,3 +372,32 @@ def test_depth_gradient_term_helps_where_colour_cannot():
     without = teacher.label(img, boxes, classes)[0].mask
     with_depth = teacher.label(img, boxes, classes, depth=depth)[0].mask
     assert iou(with_depth, gt) > iou(without, gt) + 0.04
+
+
+def test_label_batch_can_hand_back_one_images_failure_in_its_place():
+    scenes = [blob_scene(seed) for seed in range(3)]
+    images = [s[0] for s in scenes]
+    images[1] = images[1][:, :, :2]  # not RGB
+    boxes = [s[1] for s in scenes]
+    classes = [np.zeros(len(b), np.int64) for b in boxes]
+    teacher = StructuredTeacher.box_prior(TeacherConfig())
+    with pytest.raises(ValueError, match="must be .H,W,3. RGB"):
+        teacher.label_batch(images, boxes, classes)
+    out = StructuredTeacher.box_prior(TeacherConfig()).label_batch(images, boxes, classes, return_exceptions=True)
+    assert isinstance(out[1], ValueError) and "RGB" in str(out[1])
+    assert all(len(o) == len(b) and all(isinstance(lab, InstanceLabel) for lab in o)
+               for o, b in ((out[0], boxes[0]), (out[2], boxes[2])))
+    # A network that fails fails its chunk only.
+    calls = []
+    healthy = PriorNetwork().eval()
+
+    def flaky(imgs, b, c):
+        calls.append(len(imgs))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return healthy(imgs, b, c)
+
+    net = StructuredTeacher(flaky, TeacherConfig(network_batch=2))
+    out = net.label_batch([s[0] for s in scenes], boxes, classes, return_exceptions=True)
+    assert calls == [2, 1] and [type(o).__name__ for o in out[:2]] == ["RuntimeError"] * 2
+    assert isinstance(out[2], list) and len(out[2]) == len(boxes[2])

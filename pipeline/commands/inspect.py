@@ -1,4 +1,6 @@
-"""``pipeline inspect DIR``: what a shard directory holds; ``--image ID --png OUT`` draws one image's labels."""
+"""``pipeline inspect DIR``: what a shard directory holds; ``--image ID --png OUT`` draws one image's labels;
+``--worst K --png OUT`` draws the K lowest-scored labels as a contact sheet, so a person reviews the doubtful ones
+first."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..datasets.images import read_image_rgb
 from ..errors import PipelineError
-from ..render import overlay
+from ..render import contact_sheet, label_tile, overlay
 from ..shards import SCHEMA, decode_rle, read_manifest, read_rejects, read_shard, rle_area, sha256_file
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -125,16 +127,60 @@ def render_image(out_dir: str | Path, image_id: str, data_root: Optional[str] = 
     return overlay(image, masks, boxes, texts)
 
 
+def worst_rows(out_dir: str | Path, k: int) -> list[dict]:
+    """The ``k`` rows with the lowest score (ties by image and instance id), reading one shard at a time and
+    keeping at most ``k`` rows in memory."""
+    out_dir = Path(out_dir)
+    keep: list[dict] = []
+    columns = ["image_id", "instance_id", "file_name", "height", "width", "category", "box", "mask_rle", "score"]
+    for entry in read_manifest(out_dir)["shards"]:
+        rows = read_shard(out_dir / entry["file"], columns=columns).to_pylist()
+        keep = sorted(keep + rows, key=lambda r: (r["score"], r["image_id"], r["instance_id"]))[:k]
+    return keep
+
+
+def render_worst(out_dir: str | Path, k: int, data_root: Optional[str] = None, columns: int = 6) -> np.ndarray:
+    """(H,W,3) uint8 RGB contact sheet of the ``k`` lowest-scored labels, lowest first, each captioned
+    'score category image_id'."""
+    rows = worst_rows(out_dir, k)
+    if not rows:
+        raise PipelineError(out_dir, "no labels in the finished shards")
+    root = Path(data_root or read_manifest(out_dir)["meta"]["data_root"])
+    images: dict[str, np.ndarray] = {}
+    tiles = []
+    for r in rows:
+        if r["image_id"] not in images:
+            image = read_image_rgb(root / r["file_name"])
+            if image.shape[:2] != (r["height"], r["width"]):
+                raise PipelineError(root / r["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
+                                                           f"say {r['width']}x{r['height']} (wrong --data-root?)")
+            images = {r["image_id"]: image}  # rows of one image are often neighbours; keep one image only
+        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
+        tiles.append(label_tile(images[r["image_id"]], mask, np.asarray(r["box"], np.float32),
+                                f"{r['score']:.2f} {r['category']} {r['image_id']}"))
+    return contact_sheet(tiles, columns)
+
+
+def _write_png(path: str, drawn: np.ndarray) -> None:
+    png = Path(path)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(png), drawn[:, :, ::-1]):
+        raise PipelineError(png, "cannot write PNG")
+    print(f"wrote {png}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.worst is not None:
+        if args.worst < 1:
+            raise PipelineError("--worst", f"expected a count >= 1, got {args.worst}")
+        if args.png is None or args.image is not None:
+            raise PipelineError("--worst", "give --worst K with --png OUT (and without --image)")
+        _write_png(args.png, render_worst(args.dir, args.worst, args.data_root))
+        return 0
     if args.image is not None or args.png is not None:
         if args.image is None or args.png is None:
             raise PipelineError("--image/--png", "give both --image ID and --png OUT")
-        drawn = render_image(args.dir, args.image, args.data_root)
-        png = Path(args.png)
-        png.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(png), drawn[:, :, ::-1]):
-            raise PipelineError(png, "cannot write PNG")
-        print(f"wrote {png}")
+        _write_png(args.png, render_image(args.dir, args.image, args.data_root))
         return 0
     summary = summarize(args.dir)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
@@ -142,12 +188,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarise a pseudo-label shard directory, or draw one image's labels",
+    p = sub.add_parser("inspect", help="summarise a pseudo-label shard directory, draw one image's labels, or the worst-scored ones",
                        description="Schema, row and image counts, per-class counts, mask-area and score "
                                    "quantiles, rejects and shard integrity of a shard directory.")
     p.add_argument("dir", help="shard directory (written by 'pipeline label')")
     p.add_argument("--image", metavar="ID", help="image id to draw (with --png)")
-    p.add_argument("--png", metavar="OUT", help="write the drawing of --image here")
+    p.add_argument("--worst", type=int, metavar="K", help="draw the K lowest-scored labels as a contact sheet "
+                                                           "(with --png), lowest first")
+    p.add_argument("--png", metavar="OUT", help="write the drawing of --image or --worst here")
     p.add_argument("--data-root", metavar="DIR", help="dataset root (default: the one recorded in the shards)")
     p.add_argument("--json", action="store_true", help="print the summary as json")
     p.set_defaults(func=run)

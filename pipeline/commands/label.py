@@ -19,7 +19,8 @@ import os
 from tqdm import tqdm
 
 from ..datasets import build_dataset
-from ..label_service import LabelService, TeacherFactory, init_ray, label_digest, load_checkpoint
+from ..label_service import (LabelService, TeacherFactory, check_network_classes, init_ray, label_digest,
+                             load_checkpoint)
 from ..shards import BOX_PRIOR
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if at_least_one("--workers", args.workers) is not None:
         cfg.label.workers = args.workers
     at_least_one("--limit", args.limit)
-    teacher_id = load_checkpoint(args.checkpoint)[1] if args.checkpoint else BOX_PRIOR
+    # The network is built here once, so a bad checkpoint is refused before any data is made or worker starts.
+    network, teacher_id = load_checkpoint(args.checkpoint) if args.checkpoint else (None, BOX_PRIOR)
     # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
     # so the paths must not depend on the working directory of a worker process.
     if cfg.dataset.root:
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_dataset(cfg.dataset)
     log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
              len(dataset.categories), len(dataset.rejects))
+    if network is not None:
+        check_network_classes(network, [c.id for c in dataset.categories], args.checkpoint)
+        del network  # the workers build their own
     service = LabelService(cfg.label, args.out, dataset, TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
                            label_digest(cfg, teacher_id, args.round), round_=args.round,
                            device=cfg.teacher.device, overwrite=args.overwrite, limit=args.limit,
