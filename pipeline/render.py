@@ -62,11 +62,15 @@ def label_tile(image: np.ndarray, mask: np.ndarray, box: np.ndarray, caption: st
     c0, r0 = max(int(x1 - pad_x), 0), max(int(y1 - pad_y), 0)
     c1, r1 = min(int(np.ceil(x2 + pad_x)), width), min(int(np.ceil(y2 + pad_y)), height)
     c1, r1 = max(c1, c0 + 1), max(r1, r0 + 1)
-    crop = overlay(image[r0:r1, c0:c1], [mask[r0:r1, c0:c1]], np.array([[x1 - c0, y1 - r0, x2 - c0, y2 - r0]]),
-                   [""])
-    scale = size / max(crop.shape[:2])
-    new_w, new_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
-    resized = cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
+    # Scaled first, drawn after: outlines and box stay one or two pixels wide however small the object.
+    scale = size / max(r1 - r0, c1 - c0)
+    new_w, new_h = max(1, round((c1 - c0) * scale)), max(1, round((r1 - r0) * scale))
+    interp = cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA
+    crop = cv2.resize(np.ascontiguousarray(image[r0:r1, c0:c1]), (new_w, new_h), interpolation=interp)
+    small = cv2.resize(mask[r0:r1, c0:c1].astype(np.uint8), (new_w, new_h), interpolation=cv2.INTER_NEAREST) > 0
+    box_t = np.array([[(x1 - c0) * new_w / (c1 - c0), (y1 - r0) * new_h / (r1 - r0),
+                       (x2 - c0) * new_w / (c1 - c0), (y2 - r0) * new_h / (r1 - r0)]], np.float32)
+    resized = overlay(crop, [small], box_t, [""], alpha=0.4)
     tile = np.zeros((size + 18, size, 3), np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     tile[top:top + new_h, left:left + new_w] = resized

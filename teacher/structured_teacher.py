@@ -177,8 +177,9 @@ class StructuredTeacher:
             raise ValueError(f"TeacherConfig.unary: expected one of {', '.join(UNARY_MODES)}, got {self.config.unary!r}")
         if self.config.network_batch < 1:
             raise ValueError(f"TeacherConfig.network_batch must be >= 1, got {self.config.network_batch}")
-        if min(self.config.fusion.network_weight, self.config.fusion.prior_weight) < 0:
-            raise ValueError("TeacherConfig.fusion: weights must be >= 0")
+        weights = (self.config.fusion.network_weight, self.config.fusion.prior_weight)
+        if min(weights) < 0 or max(weights) <= 0:
+            raise ValueError(f"TeacherConfig.fusion: weights must be >= 0 and not both 0, got {weights}")
         self.device = _resolve_device(self.config.device)
         if network is not None and hasattr(network, "eval"):
             network.eval()
@@ -198,6 +199,15 @@ class StructuredTeacher:
     def unary_mode(self) -> str:
         """The unary actually used: "box_prior" without a network, else ``TeacherConfig.unary``."""
         return "box_prior" if self.network is None else self.config.unary
+
+    @property
+    def unary_weights(self) -> tuple[float, float]:
+        """(network weight, box-prior weight) of the unary's log-odds: (0, 1) in box-prior mode, (1, 0) in network
+        mode, ``TeacherConfig.fusion``'s when fused."""
+        mode = self.unary_mode
+        if mode == "fused":
+            return self.config.fusion.network_weight, self.config.fusion.prior_weight
+        return (1.0, 0.0) if mode == "network" else (0.0, 1.0)
 
     @classmethod
     def box_prior(cls, config: TeacherConfig | None = None) -> "StructuredTeacher":
@@ -278,7 +288,7 @@ class StructuredTeacher:
     def _run_network(self, chunk: list[_Image]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """The network's (mask_probs (N,G,G), features (N,C,g,g)) for the running boxes of each image, checked;
         None per image when the unary does not use the network or the image has no box to run."""
-        if self.unary_mode == "box_prior":
+        if self.unary_weights[0] <= 0:
             return [None] * len(chunk)
         todo = [k for k, p in enumerate(chunk) if len(p.run)]
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunk)
@@ -379,22 +389,20 @@ class StructuredTeacher:
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unary probabilities (N,1,R,R) over the padded crops and correspondence features (N,C,g,g) or None."""
         cfg = self.config
-        mode = self.unary_mode
         g = cfg.correspondence.grid
-        use_prior = mode == "box_prior" or (mode == "fused" and cfg.fusion.prior_weight > 0)
-        use_net = mode == "network" or (mode == "fused" and cfg.fusion.network_weight > 0)
+        w_n, w_p = self.unary_weights
+        use_prior, use_net = w_p > 0, w_n > 0
         logits = box_prior_logits(lab, valid, grid, cfg.box_prior) if use_prior else None
         low = (lowlevel_features(lab, grid, depth_c, depth_ok, g) if use_prior and self.uses_correspondence
                else None)
-        if mode == "box_prior" or not use_net:
-            return torch.sigmoid(logits), low
+        if not use_net:
+            return torch.sigmoid(w_p * logits), low
         probs, net_features = network_out
         net_logits = torch.logit(resample_box_grid(probs, grid).clamp(_PROB_FLOOR, 1 - _PROB_FLOOR))
         if net_features.shape[-2:] != (g, g):
             net_features = F.adaptive_avg_pool2d(net_features, g)
-        if mode == "network" or logits is None:
-            return torch.sigmoid(net_logits), net_features
-        w_n, w_p = cfg.fusion.network_weight, cfg.fusion.prior_weight
+        if not use_prior:
+            return torch.sigmoid(w_n * net_logits), net_features
         features = None
         if self.uses_correspondence:
             features = torch.cat([w_n ** 0.5 * relu_and_l2_norm_feat(net_features),

@@ -273,12 +273,17 @@ def test_label_batch_runs_the_network_on_several_images_at_once_with_the_same_la
 
 def test_fused_unary_reduces_to_each_mode_when_the_other_weight_is_zero():
     prior, _ = _run(StructuredTeacher.box_prior(TeacherConfig()))
-    no_net, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(network_weight=0.0))))
+    net = PriorNetwork()
+    no_net, _ = _run(StructuredTeacher(net, TeacherConfig(fusion=FusionConfig(network_weight=0.0, prior_weight=1.0))))
     _same(prior, no_net)
+    assert net.calls == 0
     network, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(unary="network")))
-    no_prior, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(prior_weight=0.0))))
+    no_prior, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(network_weight=1.0,
+                                                                                        prior_weight=0.0))))
     _same(network, no_prior)
     fused, _ = _run(StructuredTeacher(PriorNetwork(), TeacherConfig()))
+    with pytest.raises(ValueError, match="not both 0"):
+        StructuredTeacher(PriorNetwork(), TeacherConfig(fusion=FusionConfig(network_weight=0.0, prior_weight=0.0)))
     assert any(not np.array_equal(a.mask, b.mask) for la, lb in zip(fused, prior) for a, b in zip(la, lb))
 
 

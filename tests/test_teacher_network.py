@@ -168,7 +168,7 @@ def test_a_tampered_or_mismatched_checkpoint_is_refused_before_any_worker_starts
 
 def test_the_config_digest_covers_the_unary_mode_with_a_network_only():
     cfg = load_config(config_path_for("toy"), [])
-    fused = load_config(config_path_for("toy"), ["teacher.fusion.prior_weight=0.5"])
+    fused = load_config(config_path_for("toy"), ["teacher.fusion.prior_weight=0.25"])
     network = load_config(config_path_for("toy"), ["teacher.unary=network"])
     batch = load_config(config_path_for("toy"), ["teacher.network_batch=1"])
     assert len({label_digest(c, "abc", 1) for c in (cfg, fused, network)}) == 3
