@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import yaml
 
@@ -51,7 +51,7 @@ class DatasetConfig:
 class LabelConfig:
     """The Ray label service."""
 
-    workers: int = 2
+    workers: int | Literal["auto"] = "auto"  # auto: as many as the cluster's CPUs (GPUs, for a GPU teacher) allow
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = -1.0     # negative = auto: min(1, cluster GPUs / workers), 0 without GPUs or with
                                       # teacher.device=cpu; 0 or more is used as given

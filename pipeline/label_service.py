@@ -123,6 +123,25 @@ def resolve_gpus_per_worker(requested: float, cluster_gpus: float, workers: int,
     return math.floor(min(1.0, cluster_gpus / workers) * 10_000) / 10_000
 
 
+def resolve_workers(requested: int | str, resources: Mapping[str, float], cpus_per_worker: float,
+                    gpus_per_worker: float, device: str = "auto") -> int:
+    """The label worker count: ``requested`` as given, or for "auto" as many as the cluster's CPUs allow at
+    ``cpus_per_worker``, and with a GPU teacher (cluster GPUs, ``device`` not "cpu") no more than its GPUs allow
+    (one each when ``gpus_per_worker`` is auto). Raises ``PipelineError`` for a count below 1."""
+    if requested != "auto":
+        if int(requested) < 1:
+            raise PipelineError("label.workers", f"must be at least 1 or auto, got {requested}")
+        return int(requested)
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    n = int(math.floor(cpus / cpus_per_worker + 1e-9)) if cpus_per_worker > 0 else int(cpus)
+    if gpus > 0 and device != "cpu" and gpus_per_worker != 0:
+        n = min(n, int(math.floor(gpus / (gpus_per_worker if gpus_per_worker > 0 else 1.0) + 1e-9)))
+    if n < 1:
+        raise PipelineError("label.workers", f"auto: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, not enough "
+                                             f"for one worker at label.cpus_per_worker {cpus_per_worker:g}")
+    return n
+
+
 @dataclass
 class TeacherFactory:
     """Builds the structured teacher in a worker: box-prior mode without a checkpoint, else the checkpoint's
@@ -477,13 +496,14 @@ class LabelService:
     def _start_workers(self) -> list:
         import ray
 
-        n = self.cfg.workers
-        if n < 1:
-            raise PipelineError("label.workers", f"must be at least 1, got {n}")
         if self.cfg.batch_timeout_s <= 0:
             raise PipelineError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
         # Actors that do not fit would wait for resources forever: say so instead of hanging.
         resources = ray.cluster_resources()
+        n = resolve_workers(self.cfg.workers, resources, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker,
+                            self.device)
+        log.info("label workers: %d (label.workers %s, cluster %g CPUs, %g GPUs)", n, self.cfg.workers,
+                 resources.get("CPU", 0.0), resources.get("GPU", 0.0))
         self.gpus_per_worker = resolve_gpus_per_worker(self.cfg.gpus_per_worker, resources.get("GPU", 0.0), n,
                                                        self.device)
         for kind, per_worker, key in (("CPU", self.cfg.cpus_per_worker, "cpus_per_worker"),

@@ -11,7 +11,8 @@ from pycocotools.coco import COCO
 import labelkit
 from pipeline.cli import main
 from pipeline.commands.export_coco import export_coco
-from pipeline.commands.inspect import render_image, summarize
+from pipeline.commands.inspect import summarize
+from pipeline.errors import PipelineError
 from pipeline.render import overlay, palette
 from pipeline.shards import ShardMeta, ShardWriter, encode_rle, rows_to_table
 
@@ -113,16 +114,64 @@ def test_inspect_draws_an_image(shard_dir, tmp_path, capsys):
     out, root, masks, dataset = shard_dir
     png = tmp_path / "im001.png"
     assert main(["inspect", str(out), "--image", "im001", "--png", str(png)]) == 0
-    drawn = cv2.imread(str(png))[:, :, ::-1]
+    drawn = cv2.imread(str(png))[:, :, ::-1].astype(np.int32)
     s = dataset.get("im001")
-    np.testing.assert_array_equal(drawn, render_image(out, "im001"))
+    original = cv2.imread(str(root / s.file_name))[:, :, ::-1].astype(np.int32)
     assert drawn.shape == (s.height, s.width, 3)
-    assert not np.array_equal(drawn, cv2.imread(str(root / s.file_name))[:, :, ::-1])
+    # Checked against the shard's own masks and boxes, not the drawing code: pixels away from every mask, box
+    # and caption are the image's; a pixel of exactly one mask is that mask's palette colour (its outline) or the
+    # image blended half-way with it.
+    k = len(s.boxes)
+    inst = [masks["im001", i] for i in range(k)]
+    near = np.zeros(original.shape[:2], bool)
+    for b in s.boxes:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in b)
+        near[max(y1 - 3, 0):y2 + 3, max(x1 - 3, 0):x2 + 3] = True  # box and its stroke
+        near[max(y1 - 18, 0):max(y1, 12) + 2, max(x1 - 3, 0):x1 + 110] = True  # the caption above it
+    untouched = ~near & ~np.any(inst, 0)
+    assert untouched.any()
+    np.testing.assert_array_equal(drawn[untouched], original[untouched])
+    colours = palette(k).astype(np.int32)
+    for i, m in enumerate(inst):
+        others = np.any([inst[j] for j in range(k) if j != i], 0) if k > 1 else np.zeros_like(m)
+        own = m & ~others & ~near
+        c = colours[i]
+        outline = np.all(drawn[own] == c, 1)                                 # contour pixels: the colour itself
+        blended = np.abs(2 * drawn[own] - original[own] - c).max(1) <= 1     # 0.5 x + 0.5 c, rounded
+        assert own.any() and (outline | blended).all()
+        assert (drawn[own] != original[own]).any(1).mean() > 0.9
     # --data-root overrides the recorded root; a wrong one is a one-line error naming the file.
     assert main(["inspect", str(out), "--image", "im001", "--png", str(png), "--data-root", str(tmp_path)]) == 2
     assert "img-001.png: file not found" in capsys.readouterr().err
     assert main(["inspect", str(out), "--image", "nope", "--png", str(png)]) == 2
     assert "nope: image id is not in the finished shards" in capsys.readouterr().err
+
+
+def test_inspect_finds_an_image_by_its_file_name_and_suggests_close_ids(shard_dir, capsys):
+    from pipeline.commands.inspect import resolve_image_id
+
+    out, root, masks, dataset = shard_dir
+    assert resolve_image_id(out, "im001") == "im001"
+    assert resolve_image_id(out, "img-001.png") == "im001"       # the file name the user sees
+    assert resolve_image_id(out, "img-001") == "im001"           # its stem
+    with pytest.raises(PipelineError, match=r"im01: image id is not in the finished shards .*close matches: .*im001"):
+        resolve_image_id(out, "im01")
+
+
+def test_inspect_finds_a_coco_image_by_its_zero_padded_file_stem(tmp_path):
+    """COCO ids are stored as numbers; users copy the zero-padded file name."""
+    from pipeline.commands.inspect import resolve_image_id
+
+    meta = ShardMeta(dataset="coco", split="train", data_root=str(tmp_path), classes=[{"id": 1, "name": "a"}],
+                     config_digest="x", teacher="box-prior", round=0)
+    row = {"image_id": "90122", "file_name": "images/000000090122.jpg", "height": 4, "width": 4, "instance_id": 1,
+           "category_id": 1, "category": "a", "box": [0.0, 0.0, 2.0, 2.0],
+           "mask_rle": encode_rle(np.ones((4, 4), bool)), "score": 0.5, "round": 0, "teacher": "box-prior",
+           "correspondences": []}
+    with ShardWriter(tmp_path / "out", meta) as w:
+        w.add("90122", rows_to_table([row]), None)
+    for asked in ("90122", "000000090122", "000000090122.jpg", "images/000000090122.jpg"):
+        assert resolve_image_id(tmp_path / "out", asked) == "90122"
 
 
 def test_overlay_blends_only_inside_masks():

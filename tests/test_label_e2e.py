@@ -128,3 +128,23 @@ def test_export_coco_round_trips_the_masks_bit_exactly(labeled, tmp_path, capsys
         assert ann["category_id"] == r["category_id"] and ann["area"] == int(shard_mask.sum())
         x1, y1, x2, y2 = r["box"]
         assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+
+
+COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
+
+
+@pytest.mark.skipif(not (COCO_TINY / "annotations.json").is_file(), reason="../shared/devdata/coco_tiny not here")
+def test_the_readmes_coco_example_runs_as_written_on_this_machine(tmp_path, capsys):
+    """README: ``pipeline label --dataset coco --data-root D --ann A.json --out shards/ --limit 100`` with the coco
+    config as shipped (label.workers auto), on coco_tiny with a smaller limit."""
+    from pipeline.cli import main
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        rc = main(["label", "--dataset", "coco", "--data-root", str(COCO_TINY), "--ann",
+                   str(COCO_TINY / "annotations.json"), "--out", str(tmp_path / "shards"), "--limit", "6"])
+    finally:
+        ray.shutdown()
+    assert rc == 0, capsys.readouterr().err
+    assert "labeled 6 images" in capsys.readouterr().out

@@ -305,6 +305,21 @@ def test_label_help_documents_retry_rejects(capsys):
     assert "--retry-rejects" in text and "dataset-level rejects stay" in text
 
 
+def test_auto_worker_count_fits_the_cluster():
+    from pipeline.label_service import resolve_workers
+
+    assert resolve_workers("auto", {"CPU": 2.0}, 1.0, -1.0) == 2
+    assert resolve_workers("auto", {"CPU": 16.0}, 3.0, -1.0) == 5
+    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, -1.0) == 2          # one GPU each
+    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, 0.5) == 4           # half a GPU each
+    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, -1.0, "cpu") == 16  # CPU teacher
+    assert resolve_workers(3, {"CPU": 2.0}, 1.0, -1.0) == 3   # as given; the resource check names the shortfall
+    with pytest.raises(PipelineError, match="label.workers: auto: the Ray cluster has 1 CPUs"):
+        resolve_workers("auto", {"CPU": 1.0}, 2.0, -1.0)
+    with pytest.raises(PipelineError, match="at least 1 or auto"):
+        resolve_workers(0, {"CPU": 2.0}, 1.0, -1.0)
+
+
 def test_gpus_per_worker_defaults_to_an_equal_share_of_the_cluster_gpus():
     assert LabelConfig().gpus_per_worker < 0                               # auto
     assert resolve_gpus_per_worker(-1.0, 0.0, 2) == 0.0                    # no GPU in the cluster

@@ -137,11 +137,14 @@ def test_thread_count_does_not_change_the_result():
     assert torch.equal(one, two)
 
 
-def test_non_cpu_backends_route_to_the_reference():
+def test_the_reference_backend_never_loads_the_extension_and_matches_a_per_pixel_loop(monkeypatch):
+    def no_extension():
+        raise AssertionError("backend='reference' loaded the C++ extension")
+
+    monkeypatch.setattr(extension, "load_meanfield_cpu", no_extension)
     theta, kernel, allowed = random_problem(2, 10, 11, torch.float64, seed=5)
-    ref = meanfield_sweeps_reference(theta, kernel, allowed, 1, 3, 0.0)
-    torch.testing.assert_close(meanfield_sweeps(theta, kernel, allowed, 1, 3, 0.0, backend="reference"), ref,
-                               rtol=0, atol=0)
+    got = meanfield_sweeps(theta, kernel, allowed, 1, 3, 0.0, backend="reference")
+    torch.testing.assert_close(got, sweep_bruteforce(theta, kernel, allowed, 1, 3), rtol=1e-10, atol=1e-10)
 
 
 def test_fallback_without_compiler_warns_once_and_stays_correct(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import json
 from pathlib import Path
 from typing import Optional
@@ -100,9 +101,39 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional[dict]]:
-    """The rows of one image, and its manifest entry for an image without instances."""
+def resolve_image_id(out_dir: str | Path, wanted: str) -> str:
+    """The stored image id a user means: the id as stored, the image's file name or its stem (COCO file
+    ``000000090122.jpg`` holds id ``90122``), or that number without leading zeros. Otherwise a one-line error
+    listing close matches."""
     out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    ids = [i for e in manifest["shards"] for i in e["image_ids"]]
+    if wanted in ids:
+        return wanted
+    if wanted.isdigit() and str(int(wanted)) in ids:
+        return str(int(wanted))
+    names: dict[str, str] = {}
+    for entry in manifest["shards"]:
+        for e in entry["empty_images"]:
+            names[e["file_name"]] = e["image_id"]
+        cols = read_shard(out_dir / entry["file"], columns=["image_id", "file_name"]).to_pydict()
+        names.update(zip(cols["file_name"], cols["image_id"]))
+    by_name = {}
+    for file_name, image_id in names.items():
+        path = Path(file_name)
+        by_name.update({file_name: image_id, path.name: image_id, path.stem: image_id})
+    if wanted in by_name:
+        return by_name[wanted]
+    close = difflib.get_close_matches(wanted, list(dict.fromkeys(ids + list(by_name))), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise PipelineError(wanted, f"image id is not in the finished shards of {out_dir}{hint}")
+
+
+def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional[dict]]:
+    """The rows of one image (``resolve_image_id`` finds it), and its manifest entry for an image without
+    instances."""
+    out_dir = Path(out_dir)
+    image_id = resolve_image_id(out_dir, image_id)
     manifest = read_manifest(out_dir)
     for entry in manifest["shards"]:
         if image_id in entry["image_ids"]:
@@ -192,7 +223,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Schema, row and image counts, per-class counts, mask-area and score "
                                    "quantiles, rejects and shard integrity of a shard directory.")
     p.add_argument("dir", help="shard directory (written by 'pipeline label')")
-    p.add_argument("--image", metavar="ID", help="image id to draw (with --png)")
+    p.add_argument("--image", metavar="ID", help="image to draw (with --png): its id as stored, or its file name or "
+                                                 "stem")
     p.add_argument("--worst", type=int, metavar="K", help="draw the K lowest-scored labels as a contact sheet "
                                                            "(with --png), lowest first")
     p.add_argument("--png", metavar="OUT", help="write the drawing of --image or --worst here")

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="shard directory to write (or resume)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="teacher network checkpoint (default: box-prior mode, no network)")
-    p.add_argument("--workers", type=int, metavar="N", help="label workers (default: label.workers)")
+    p.add_argument("--workers", type=int, metavar="N", help="label workers (default: label.workers, auto = as many as the cluster's "
+                        "CPUs allow)")
     p.add_argument("--address", metavar="ADDR",
                    help="existing Ray cluster (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--limit", type=int, metavar="N", help="label only the first N images")
