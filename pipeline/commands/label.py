@@ -1,6 +1,8 @@
 """``pipeline label``: boxes -> pseudo masks now, with Ray label workers writing Parquet shards.
 
-Without --checkpoint the structured teacher runs in box-prior mode (no network). Re-running the same
+Without --checkpoint the structured teacher runs in box-prior mode (no network); with --checkpoint (a teacher.pt
+written by 'pipeline train') it runs in network mode, fused with the box prior by default (teacher.unary,
+teacher.fusion). Re-running the same
 command after an interruption resumes: finished images are skipped and nothing is written twice. Images
 an earlier run rejected (listed in DIR/_rejects.jsonl) count as finished too, unless --retry-rejects is
 given. A directory written with another config (dataset, split, COCO annotation file content, teacher
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataset_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="shard directory to write (or resume)")
     p.add_argument("--checkpoint", metavar="FILE",
-                   help="teacher network checkpoint (default: box-prior mode, no network)")
+                   help="teacher.pt of a trained student: network mode (default: box-prior mode, "
+                        "no network)")
     p.add_argument("--workers", type=int, metavar="N", help="label workers (default: label.workers, auto = as many as the cluster's "
                         "CPUs allow)")
     p.add_argument("--address", metavar="ADDR",
