@@ -245,7 +245,7 @@ def sample_rows(sample: Sample, labels: list, category_names: dict[int, str], ro
 def label_images(teacher, loaded: list[tuple[Sample, np.ndarray, Optional[np.ndarray]]]) -> list:
     """The teacher's labels of each (sample, image, depth), or the exception that image failed with. A teacher
     with ``label_batch`` labels them in one call (its network batches the images); others image by image."""
-    if hasattr(teacher, "label_batch") and len(loaded) > 1:
+    if hasattr(teacher, "label_batch"):
         return teacher.label_batch([im for _, im, _ in loaded], [s.boxes for s, _, _ in loaded],
                                    [s.classes for s, _, _ in loaded], [d for _, _, d in loaded],
                                    [s.image_id for s, _, _ in loaded], return_exceptions=True)

@@ -44,7 +44,7 @@ class StudentTeacherNetwork(nn.Module):
                 classes: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         model = self.model
         heads = model.roi_heads
-        batch, _ = model.transform([im for im in images])
+        batch, _ = model.transform(list(images))
         scaled = []
         for im, b, (h, w) in zip(images, boxes, batch.image_sizes):
             ratio = b.new_tensor([w / im.shape[-1], h / im.shape[-2]]).repeat(2)

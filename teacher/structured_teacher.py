@@ -241,14 +241,12 @@ class StructuredTeacher:
         step = self.config.network_batch
         for start in range(0, n, step):
             chunk = prepared[start:start + step]
-            ok = [p for p in chunk if isinstance(p, _Image)]
-            network_out = attempt(self._run_network, ok)
+            network_out = attempt(self._run_network, chunk)
             if isinstance(network_out, Exception):
                 out.extend(p if isinstance(p, Exception) else network_out for p in chunk)
                 continue
-            by_image = dict(zip(map(id, ok), network_out))
-            out.extend(p if isinstance(p, Exception) else attempt(self._label_image, p, by_image[id(p)])
-                       for p in chunk)
+            out.extend(p if isinstance(p, Exception) else attempt(self._label_image, p, o)
+                       for p, o in zip(chunk, network_out))
         return out
 
     def label(self, image, boxes, classes, depth=None, image_id=None) -> list[InstanceLabel]:
@@ -285,12 +283,13 @@ class StructuredTeacher:
         return labels
 
     @torch.no_grad()
-    def _run_network(self, chunk: list[_Image]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def _run_network(self, chunk: list[_Image | Exception]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """The network's (mask_probs (N,G,G), features (N,C,g,g)) for the running boxes of each image, checked;
-        None per image when the unary does not use the network or the image has no box to run."""
+        None in the place of an image that failed to prepare or has no box to run, and everywhere when the unary
+        does not use the network."""
         if self.unary_weights[0] <= 0:
             return [None] * len(chunk)
-        todo = [k for k, p in enumerate(chunk) if len(p.run)]
+        todo = [k for k, p in enumerate(chunk) if isinstance(p, _Image) and len(p.run)]
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunk)
         if not todo:
             return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import collections
 import difflib
+import heapq
 import json
 from pathlib import Path
 from typing import Optional
@@ -143,15 +144,24 @@ def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional
     raise PipelineError(image_id, f"image id is not in the finished shards of {out_dir}")
 
 
-def render_image(out_dir: str | Path, image_id: str, data_root: Optional[str] = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the image with its pseudo masks, boxes and 'category score' captions."""
-    rows, empty = image_rows(out_dir, image_id)
-    info = rows[0] if rows else empty
-    root = Path(data_root or read_manifest(out_dir)["meta"]["data_root"])
+def _data_root(out_dir: str | Path, data_root: Optional[str]) -> Path:
+    return Path(data_root or read_manifest(out_dir)["meta"]["data_root"])
+
+
+def _read_image(root: Path, info: dict) -> np.ndarray:
+    """The (H,W,3) uint8 RGB image a row (or an empty-image entry) names; a one-line error when it does not match
+    the size the shards recorded."""
     image = read_image_rgb(root / info["file_name"])
     if image.shape[:2] != (info["height"], info["width"]):
         raise PipelineError(root / info["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
                                                       f"say {info['width']}x{info['height']} (wrong --data-root?)")
+    return image
+
+
+def render_image(out_dir: str | Path, image_id: str, data_root: Optional[str] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the image with its pseudo masks, boxes and 'category score' captions."""
+    rows, empty = image_rows(out_dir, image_id)
+    image = _read_image(_data_root(out_dir, data_root), rows[0] if rows else empty)
     masks = [decode_rle(r["mask_rle"], r["height"], r["width"]) for r in rows]
     boxes = np.array([r["box"] for r in rows], np.float32).reshape(-1, 4)
     texts = [f"{r['category']} {r['score']:.2f}" for r in rows]
@@ -166,7 +176,7 @@ def worst_rows(out_dir: str | Path, k: int) -> list[dict]:
     columns = ["image_id", "instance_id", "file_name", "height", "width", "category", "box", "mask_rle", "score"]
     for entry in read_manifest(out_dir)["shards"]:
         rows = read_shard(out_dir / entry["file"], columns=columns).to_pylist()
-        keep = sorted(keep + rows, key=lambda r: (r["score"], r["image_id"], r["instance_id"]))[:k]
+        keep = heapq.nsmallest(k, keep + rows, key=lambda r: (r["score"], r["image_id"], r["instance_id"]))
     return keep
 
 
@@ -176,18 +186,14 @@ def render_worst(out_dir: str | Path, k: int, data_root: Optional[str] = None, c
     rows = worst_rows(out_dir, k)
     if not rows:
         raise PipelineError(out_dir, "no labels in the finished shards")
-    root = Path(data_root or read_manifest(out_dir)["meta"]["data_root"])
-    images: dict[str, np.ndarray] = {}
+    root = _data_root(out_dir, data_root)
+    image_id, image = None, None  # rows of one image are often neighbours: keep the last image read
     tiles = []
     for r in rows:
-        if r["image_id"] not in images:
-            image = read_image_rgb(root / r["file_name"])
-            if image.shape[:2] != (r["height"], r["width"]):
-                raise PipelineError(root / r["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
-                                                           f"say {r['width']}x{r['height']} (wrong --data-root?)")
-            images = {r["image_id"]: image}  # rows of one image are often neighbours; keep one image only
+        if r["image_id"] != image_id:
+            image_id, image = r["image_id"], _read_image(root, r)
         mask = decode_rle(r["mask_rle"], r["height"], r["width"])
-        tiles.append(label_tile(images[r["image_id"]], mask, np.asarray(r["box"], np.float32),
+        tiles.append(label_tile(image, mask, np.asarray(r["box"], np.float32),
                                 f"{r['score']:.2f} {r['category']} {r['image_id']}"))
     return contact_sheet(tiles, columns)
 
