@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.cli import main as cli  # noqa: E402
 from pipeline.commands.common import config_path_for  # noqa: E402
-from pipeline.commands.train import build_job  # noqa: E402
 from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.evaluation import gt_masks  # noqa: E402  (the plain baseline trains on real masks)
 from pipeline.label_service import init_ray  # noqa: E402
+from pipeline.training import build_job  # noqa: E402
 from student.data import TrainImages, collate  # noqa: E402
 from student.model import build_backbone, build_model  # noqa: E402
 from student.train import TRAIN_LOG, fit  # noqa: E402
@@ -55,8 +55,8 @@ def plain_maskrcnn(cfg, num_classes: int):
     """torchvision's own Mask R-CNN (its RoIHeads and mask loss) on the same backbone and sizes."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     backbone = build_backbone(cfg)

@@ -69,14 +69,25 @@ class LabelConfig:
 
 @dataclass
 class EvalConfig:
-    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """The evaluate stage of ``pipeline run`` (and the split ``pipeline eval`` defaults to)."""
+
+    split: str = "val"                # split the student's mask AP is measured on
+    ann: str = ""                     # COCO: annotation json of that split; "" = the training file (not held out)
+    limit: int = 0                    # evaluate the student on the first N images only (0 = all)
+    min_box_side: float = 8.0         # pseudo-label IoU leaves out instances with a box side under this (px)
+    gallery: int = 12                 # best and worst pseudo labels (by IoU) drawn in the report
 
 
 @dataclass
 class RunConfig:
-    name: str = "default"
+    """``pipeline run``: the self-training rounds (DESIGN.md section 2)."""
+
+    name: str = "default"             # the run folder is <root>/<name> unless --out names one
     root: str = "runs"
-    rounds: int = 3
+    rounds: int = 3                   # trained rounds after the box-prior round 0
+    warm_start: bool = True           # round r >= 2 trains from round r-1's teacher weights (false: fresh init)
+    finetune_iterations: int = 0      # steps of a warm-started round (0 = student.iterations); warm-up, lr steps
+                                      # and ramps shrink in proportion
     address: str = ""                 # Ray address; empty = $RAY_ADDRESS or a local cluster
     dashboard_host: str = "127.0.0.1"
 

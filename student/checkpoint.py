@@ -96,15 +96,32 @@ def model_from_export(data: dict[str, Any], where: str | os.PathLike):
         cfg.norm = "frozen_bn" if cfg.weights else "bn"
     cfg.weights = ""
     model = build_model(cfg, len(data["classes"]))
+    _load_exact(model, data["state_dict"], where, "the recorded config")
+    return model.eval()
+
+
+def _load_exact(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], where: str | os.PathLike,
+                target: str) -> None:
+    """Every key and shape of ``state_dict`` into ``model``; ``StudentError`` naming the first mismatch."""
     try:
-        missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise StudentError(where, f"weights do not fit the recorded config ({first[:200]})") from None
+        raise StudentError(where, f"weights do not fit {target} ({first[:200]})") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise StudentError(where, f"weights do not fit the recorded config (first mismatched key {key!r})")
-    return model.eval()
+        raise StudentError(where, f"weights do not fit {target} (first mismatched key {key!r})")
+
+
+def warm_start(model: torch.nn.Module, path: str | os.PathLike, classes: list[dict]) -> None:
+    """Start ``model`` from an export's weights (a round starting from the previous round's teacher): the export
+    must hold the same classes, in the same order, and fit the model exactly."""
+    data = load_export(path)
+    have = [int(c["id"]) for c in data["classes"]]
+    want = [int(c["id"]) for c in classes]
+    if have != want:
+        raise StudentError(path, f"classes {have} differ from the training classes {want}")
+    _load_exact(model, data["state_dict"], path, "this run's student config")
 
 
 def load_model(path: str | os.PathLike):

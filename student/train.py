@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import export, weights_digest
+from .checkpoint import export, warm_start, weights_digest
 from .config import StudentConfig
 from .data import TrainImages, collate
 from .ema import ModelEMA
@@ -57,6 +57,8 @@ class TrainJob:
     out: str                          # run folder: checkpoints, log, exports
     dataset: str = ""
     labels_dir: str = ""              # shard directory of pseudo labels ("" = boxes only)
+    init_from: str = ""               # export (student.pt / teacher.pt) whose weights start the run ("" = cfg.weights
+                                      # or random init); a resumed run continues from its checkpoint instead
     fault: dict = field(default_factory=dict)  # tests only: {"kill_at": it, "marker": path} / {"nan_at": it, "term": name}
 
 
@@ -183,7 +185,10 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    model = build_model(cfg, len(job.classes)).to(device)
+    model = build_model(cfg, len(job.classes))
+    if job.init_from:
+        warm_start(model, job.init_from, job.classes)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=effective_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
@@ -322,6 +327,8 @@ def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | 
                                 f"over {cfg.workers} workers")
     if job.labels_dir:
         PseudoLabels.from_dir(job.labels_dir)  # a bad shard directory fails here, not in every restarted worker
+    if job.init_from:
+        warm_start(build_model(cfg, len(job.classes)), job.init_from, job.classes)  # likewise a bad export
     for stale in ("student.pt", "teacher.pt"):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "replicas", ignore_errors=True)

@@ -36,7 +36,7 @@ def test_set_nested_keys_and_coercion():
         "dataset.min_box_side=2",               # int -> float field
         "dataset.strict=true",
         "run.name=123",                          # number -> str field
-        "evaluation.iou_thresholds=[0.5, 0.9]",
+        "student.min_size=[128, 160]",
         "teacher.objectives.lambda_depth=1e-2",  # YAML 1.1 reads this as a string; the float field parses it
         "dataset.toy.size=64x128",
     ])
@@ -45,7 +45,7 @@ def test_set_nested_keys_and_coercion():
     assert cfg.dataset.min_box_side == 2.0 and isinstance(cfg.dataset.min_box_side, float)
     assert cfg.dataset.strict is True
     assert cfg.run.name == "123"
-    assert cfg.evaluation.iou_thresholds == [0.5, 0.9]
+    assert cfg.student.min_size == [128, 160]
     assert cfg.teacher.objectives.lambda_depth == 0.01
     assert cfg.dataset.toy.size == "64x128"
 
@@ -120,7 +120,7 @@ def test_dataset_and_split_flags_default_to_none_with_effective_defaults_in_help
 @pytest.mark.parametrize("item, message", [
     ("label.workers=abc", "label.workers: expected an integer, got 'abc'"),
     ("dataset.strict=maybe", "dataset.strict: expected true or false, got 'maybe'"),
-    ("evaluation.iou_thresholds=0.5", "evaluation.iou_thresholds: expected a list"),
+    ("student.min_size=128", "student.min_size: expected a list"),
     ("teacher.crf=5", "teacher.crf: expected a mapping of CRFConfig fields"),
 ])
 def test_set_bad_type_names_the_override(item, message):

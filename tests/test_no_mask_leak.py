@@ -21,9 +21,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from coco_helpers import two_image_coco
 from pycocotools import mask as mask_utils
 
-from coco_helpers import two_image_coco
 from pipeline.datasets.base import Dataset, Sample
 from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.coco import CocoDataset
@@ -33,8 +33,8 @@ from pipeline.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "teacher", "student", "pipeline")
 # What labeling and training run: whole packages, and the pipeline modules of the label path.
-LABELING_ROOTS = ("kernels", "teacher", "student", "pipeline.label_service", "pipeline.shards",
-                  "pipeline.datasets", "pipeline.commands.label", "pipeline.commands.train")
+LABELING_ROOTS = ("kernels", "teacher", "student", "pipeline.label_service", "pipeline.labeling", "pipeline.training",
+                  "pipeline.shards", "pipeline.datasets", "pipeline.commands.label", "pipeline.commands.train")
 EVALUATION = "pipeline.evaluation"
 GT_HOOKS = {"_gt_masks", "_gt_ignore_masks"}
 # Public dataset methods that take arguments, with how to call them.
@@ -399,8 +399,8 @@ def test_no_ground_truth_mask_reaches_training(tmp_path, monkeypatch):
     import torch
 
     from pipeline.commands.common import config_path_for
-    from pipeline.commands.train import build_job
     from pipeline.config import load_config
+    from pipeline.training import build_job
     from student.data import TrainImages, collate
     from student.model import build_model
 

@@ -12,9 +12,9 @@ import torch
 
 from pipeline.cli import main
 from pipeline.commands.common import config_path_for
-from pipeline.commands.train import build_job
 from pipeline.config import RunConfig, load_config
 from pipeline.label_service import init_ray
+from pipeline.training import build_job
 from student.data import TrainImages, collate
 from student.model import build_model
 from student.train import TRAIN_LOG, NonFiniteLoss, fit, latest_checkpoint

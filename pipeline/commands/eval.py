@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-from pycocotools import mask as mask_utils
-from tqdm import tqdm
-
-from student.checkpoint import load_model
-from student.model import StudentError
-from student.predict import predict
-
-from ..datasets import build_dataset
-from ..datasets.base import box_to_mask
-from ..errors import InputError, PipelineError
-from ..evaluation import CocoMaskEvaluator, CocoMaskResult, cityscapes_table
+from ..evaluation import CocoMaskResult, cityscapes_table
+from ..model_eval import eval_dataset_config, evaluate_checkpoint
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,53 +51,20 @@ def per_class(results: dict[str, CocoMaskResult]) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     at_least_one("--limit", args.limit)
-    if args.split is None and cfg.dataset.split == "train":
-        cfg.dataset.split = "val"  # evaluation defaults to the held-out split
-    try:
-        model, meta = load_model(args.checkpoint)
-    except StudentError as exc:
-        raise PipelineError(exc.where, exc.problem) from None
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = build_dataset(cfg.dataset)
-    ids = [int(c["id"]) for c in meta["classes"]]
-    known = {c.id for c in dataset.categories}
-    if not set(ids) <= known:
-        raise PipelineError(args.checkpoint, f"checkpoint classes {sorted(set(ids) - known)} are not categories "
-                                             f"of {dataset.name}")
-    samples = list(dataset)[: args.limit] if args.limit else list(dataset)
-    evaluators = {"mask": CocoMaskEvaluator(dataset), "box": CocoMaskEvaluator(dataset, "bbox"),
-                  "box-as-mask": CocoMaskEvaluator(dataset)}
-    records = []
-    for sample in tqdm(samples, unit="img", desc="eval", dynamic_ncols=True):
-        try:
-            image = sample.load_image()
-        except InputError as exc:
-            log.warning("skipped %s", exc)
-            continue
-        pred = predict(model, image, ids)
-        evaluators["mask"].process(sample, pred)
-        evaluators["box"].process(sample, pred)
-        filled = np.stack([box_to_mask(b, sample.height, sample.width) for b in pred["boxes"]]) \
-            if len(pred["boxes"]) else np.zeros((0, sample.height, sample.width), bool)
-        evaluators["box-as-mask"].process(sample, {**pred, "masks": filled})
-        for box, score, cat, mask in zip(pred["boxes"], pred["scores"], pred["classes"], pred["masks"]):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            x1, y1, x2, y2 = (float(v) for v in box)
-            image_id = int(sample.image_id) if sample.image_id.isdigit() else sample.image_id
-            records.append({"image_id": image_id, "file_name": sample.file_name, "category_id": int(cat),
-                            "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
-    results = {name: ev.evaluate() for name, ev in evaluators.items()}
-    print(f"{args.checkpoint} ({meta.get('kind', '?')}, iteration {meta['iteration']}) on {cfg.dataset.name} "
-          f"{dataset.split}: {results['mask'].num_images} images, {len(records)} detections")
+    if args.split is None:
+        cfg = eval_dataset_config(cfg)  # evaluation defaults to the held-out split
+    ev = evaluate_checkpoint(cfg, args.checkpoint, args.limit)
+    results = ev.results
+    print(f"{args.checkpoint} ({ev.meta.get('kind', '?')}, iteration {ev.meta['iteration']}) on {cfg.dataset.name} "
+          f"{ev.dataset.split}: {results['mask'].num_images} images, {len(ev.records)} detections")
     print(table(results))
     print()
     print(per_class(results))
     print()
     print(cityscapes_table({"mask": results["mask"], "box-as-mask": results["box-as-mask"]}))
-    out = Path(args.out or f"{args.checkpoint}.{dataset.split}.predictions.json")
+    out = Path(args.out or f"{args.checkpoint}.{ev.dataset.split}.predictions.json")
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(records))
+    tmp.write_text(json.dumps(ev.records))
     os.replace(tmp, out)
     print(f"predictions: {out}")
     if args.json:

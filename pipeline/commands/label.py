@@ -15,18 +15,10 @@ its GPU, unless label.gpus_per_worker (0 for none) or teacher.device=cpu says ot
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 
-from tqdm import tqdm
-
-from ..datasets import build_dataset
-from ..label_service import (LabelService, TeacherFactory, check_network_classes, init_ray, label_digest,
-                             load_checkpoint)
-from ..shards import BOX_PRIOR
+from ..label_service import init_ray
+from ..labeling import prepare_label, run_label
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,42 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if at_least_one("--workers", args.workers) is not None:
         cfg.label.workers = args.workers
     at_least_one("--limit", args.limit)
-    # The network is built here once, so a bad checkpoint is refused before any data is made or worker starts.
-    network, teacher_id = load_checkpoint(args.checkpoint) if args.checkpoint else (None, BOX_PRIOR)
-    # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
-    # so the paths must not depend on the working directory of a worker process.
-    if cfg.dataset.root:
-        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
-    dataset = build_dataset(cfg.dataset)
-    log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
-             len(dataset.categories), len(dataset.rejects))
-    if network is not None:
-        check_network_classes(network, [c.id for c in dataset.categories], args.checkpoint)
-        del network  # the workers build their own
-    service = LabelService(cfg.label, args.out, dataset, TeacherFactory(cfg.teacher, args.checkpoint), teacher_id,
-                           label_digest(cfg, teacher_id, args.round), round_=args.round,
-                           device=cfg.teacher.device, overwrite=args.overwrite, limit=args.limit,
-                           strict=cfg.dataset.strict, dataset_name=cfg.dataset.name,
-                           retry_rejects=args.retry_rejects)
-    service.check_out_dir()
+    service = prepare_label(cfg, args.out, args.checkpoint, args.round, limit=args.limit, overwrite=args.overwrite,
+                            retry_rejects=args.retry_rejects)
     url = init_ray(cfg.run, args.address)
     print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
-    bar = None
-
-    def on_start(todo: int, skipped: int) -> None:
-        nonlocal bar
-        if skipped:
-            print(f"resuming: {skipped} images already finished in {args.out}", flush=True)
-        bar = tqdm(total=todo, unit="img", desc="label", dynamic_ncols=True)
-
-    def progress(event: dict) -> None:
-        bar.update(event["images"] + event["rejects"])
-
-    try:
-        summary = service.run(progress, on_start)
-    finally:
-        if bar is not None:
-            bar.close()
+    summary = run_label(service, args.out)
     print(summary.line())
     print(f"inspect with: pipeline inspect {args.out}")
     return 0

@@ -8,22 +8,12 @@ teacher), both loadable with torch.load(weights_only=True), and train_log.jsonl 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 
-from tqdm import tqdm
+from student.train import effective_lr
 
-from student.model import StudentError
-from student.train import TrainJob, effective_lr, fit
-
-from ..config import Config
-from ..datasets import build_dataset
-from ..errors import PipelineError
 from ..label_service import init_ray
-from ..shards import read_manifest
+from ..training import build_job, run_training
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,32 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_labels(labels: str, dataset_name: str, split: str) -> None:
-    """The shard directory exists and was written for this dataset and split."""
-    meta = read_manifest(labels)["meta"]
-    for key, want in (("dataset", dataset_name), ("split", split)):
-        have = meta.get(key) if isinstance(meta, dict) else None
-        if have is not None and str(have) != want:
-            raise PipelineError(labels, f"shards were written for {key} {have!r}, training uses {want!r}")
-
-
-def build_job(cfg: Config, out: str, labels: str | None = None) -> TrainJob:
-    """The training job of a config: the split's samples (boxes, classes, depth; never masks), its classes and
-    the pseudo-label shards, with every path absolute (workers may run elsewhere)."""
-    if labels:
-        check_labels(labels, cfg.dataset.name, cfg.dataset.split)
-    if cfg.dataset.root:
-        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
-    dataset = build_dataset(cfg.dataset)
-    if len(dataset) == 0:
-        raise PipelineError(cfg.dataset.name, f"split {cfg.dataset.split} has no usable images")
-    classes = [{"id": c.id, "name": c.name} for c in dataset.categories]
-    cfg.student.correspondence_grid = cfg.teacher.correspondence.grid
-    cfg.student.correspondence_pad = cfg.teacher.box_prior.pad
-    return TrainJob(cfg=cfg.student, samples=list(dataset), classes=classes, out=os.path.abspath(out),
-                    dataset=cfg.dataset.name, labels_dir=os.path.abspath(labels) if labels else "")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if at_least_one("--workers", args.workers) is not None:
@@ -82,20 +46,7 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     url = init_ray(cfg.run, args.address)
     print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
-    bar = tqdm(total=s.iterations, unit="it", desc="train", dynamic_ncols=True)
-
-    def progress(rec: dict) -> None:
-        bar.update(rec["iteration"] - bar.n)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2g}")
-        terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(rec.items()) if k.startswith("loss_"))
-        log.info("iter %d loss %.4f %s", rec["iteration"], rec["loss"], terms)
-
-    try:
-        result = fit(job, resume=args.resume, progress=progress)
-    except StudentError as exc:
-        raise PipelineError(exc.where, exc.problem) from None
-    finally:
-        bar.close()
+    result = run_training(job, resume=args.resume)
     print(f"student: {result['student']}\nteacher: {result['teacher']}")
     print(f"evaluate with: pipeline eval --dataset {cfg.dataset.name} --checkpoint {result['teacher']}")
     return 0

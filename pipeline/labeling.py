@@ -1,0 +1,70 @@
+"""The label stage, shared by ``pipeline label`` and ``pipeline run``: a label service with every input checked
+before Ray is needed, and a run of it with a progress bar. Neither starts Ray (the caller connects once with
+``init_ray``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from tqdm import tqdm
+
+from .config import Config
+from .datasets import build_dataset
+from .label_service import (
+    LabelService,
+    LabelSummary,
+    TeacherFactory,
+    check_network_classes,
+    label_digest,
+    load_checkpoint,
+)
+from .shards import BOX_PRIOR
+
+log = logging.getLogger(__name__)
+
+
+def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str] = None, round_: int = 0, *,
+                  limit: Optional[int] = None, overwrite: bool = False, retry_rejects: bool = False
+                  ) -> LabelService:
+    """A label service for ``cfg``'s split into ``out``, every input checked before Ray is needed: the checkpoint
+    is built once here (a bad one is refused before any data is made or worker starts) and the shard directory
+    must hold nothing of another config. ``checkpoint``: a student export for network mode; None: box prior."""
+    network, teacher_id = load_checkpoint(checkpoint) if checkpoint else (None, BOX_PRIOR)
+    # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
+    # so the paths must not depend on the working directory of a worker process.
+    if cfg.dataset.root:
+        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
+    dataset = build_dataset(cfg.dataset)
+    log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
+             len(dataset.categories), len(dataset.rejects))
+    if network is not None:
+        check_network_classes(network, [c.id for c in dataset.categories], checkpoint)
+        del network  # the workers build their own
+    service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, checkpoint), teacher_id,
+                           label_digest(cfg, teacher_id, round_), round_=round_, device=cfg.teacher.device,
+                           overwrite=overwrite, limit=limit, strict=cfg.dataset.strict,
+                           dataset_name=cfg.dataset.name, retry_rejects=retry_rejects)
+    service.check_out_dir()
+    return service
+
+
+def run_label(service: LabelService, out: str | os.PathLike) -> LabelSummary:
+    """Run a prepared label service (Ray connected) with a progress bar over the images still to do."""
+    bar = None
+
+    def on_start(todo: int, skipped: int) -> None:
+        nonlocal bar
+        if skipped:
+            print(f"resuming: {skipped} images already finished in {out}", flush=True)
+        bar = tqdm(total=todo, unit="img", desc="label", dynamic_ncols=True)
+
+    def progress(event: dict) -> None:
+        bar.update(event["images"] + event["rejects"])
+
+    try:
+        return service.run(progress, on_start)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,69 @@
+"""The train stage, shared by ``pipeline train`` and ``pipeline run``: the training job of a config (samples,
+classes, pseudo-label shards, a warm start) and a run of it on Ray Train with a progress bar. The caller connects
+to Ray first (``init_ray``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from tqdm import tqdm
+
+from student.model import StudentError
+from student.train import TrainJob, fit
+
+from .config import Config
+from .datasets import build_dataset
+from .errors import PipelineError
+from .shards import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def check_labels(labels: str | os.PathLike, dataset_name: str, split: str) -> None:
+    """The shard directory exists and was written for this dataset and split."""
+    meta = read_manifest(labels)["meta"]
+    for key, want in (("dataset", dataset_name), ("split", split)):
+        have = meta.get(key) if isinstance(meta, dict) else None
+        if have is not None and str(have) != want:
+            raise PipelineError(labels, f"shards were written for {key} {have!r}, training uses {want!r}")
+
+
+def build_job(cfg: Config, out: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
+              init_from: Optional[str | os.PathLike] = None) -> TrainJob:
+    """The training job of a config: the split's samples (boxes, classes, depth; never masks), its classes and
+    the pseudo-label shards, with every path absolute (workers may run elsewhere). ``init_from``: an export whose
+    weights start the run (the previous round's teacher)."""
+    if labels:
+        check_labels(labels, cfg.dataset.name, cfg.dataset.split)
+    if cfg.dataset.root:
+        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
+    dataset = build_dataset(cfg.dataset)
+    if len(dataset) == 0:
+        raise PipelineError(cfg.dataset.name, f"split {cfg.dataset.split} has no usable images")
+    classes = [{"id": c.id, "name": c.name} for c in dataset.categories]
+    cfg.student.correspondence_grid = cfg.teacher.correspondence.grid
+    cfg.student.correspondence_pad = cfg.teacher.box_prior.pad
+    return TrainJob(cfg=cfg.student, samples=list(dataset), classes=classes, out=os.path.abspath(out),
+                    dataset=cfg.dataset.name, labels_dir=os.path.abspath(labels) if labels else "",
+                    init_from=os.path.abspath(init_from) if init_from else "")
+
+
+def run_training(job: TrainJob, resume: bool = False) -> dict:
+    """``student.train.fit`` with a progress bar (loss, lr, ETA) and per-term loss lines in the log; returns its
+    result ({"student", "teacher", "iteration"})."""
+    bar = tqdm(total=job.cfg.iterations, unit="it", desc="train", dynamic_ncols=True)
+
+    def progress(rec: dict) -> None:
+        bar.update(rec["iteration"] - bar.n)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2g}")
+        terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(rec.items()) if k.startswith("loss_"))
+        log.info("iter %d loss %.4f %s", rec["iteration"], rec["loss"], terms)
+
+    try:
+        return fit(job, resume=resume, progress=progress)
+    except StudentError as exc:
+        raise PipelineError(exc.where, exc.problem) from None
+    finally:
+        bar.close()
