@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -288,6 +289,42 @@ class PseudoLabelEvaluator:
     def evaluate(self, min_box_side: float | None = None) -> PseudoLabelResult:
         side = self.min_box_side if min_box_side is None else float(min_box_side)
         return summarize_ious(self._records, self.dataset, side, no_gt_mask=self._no_gt)
+
+
+@dataclass
+class ShardQuality:
+    """Pseudo labels of a shard directory against ground truth (``evaluate_shards``)."""
+
+    labels: PseudoLabelResult         # the shards' masks (an instance without a row scores IoU 0)
+    box_as_mask: PseudoLabelResult    # the filled boxes, the baseline every labeler must beat
+    score_spearman: float             # rank correlation of the rows' score with their IoU (nan under 3 rows)
+    scores: dict[tuple[str, int], float]  # (image_id, instance_id) -> the row's score
+
+    def to_dict(self) -> dict:
+        return {"labels": self.labels.to_dict(), "box_as_mask": self.box_as_mask.to_dict(),
+                "score_spearman": self.score_spearman}
+
+
+def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side: float = 0.0) -> ShardQuality:
+    """Every image of ``dataset`` against the finished shards of ``shard_dir`` (read one shard at a time)."""
+    from scipy.stats import spearmanr
+
+    from .shards import iter_shard_tables
+
+    masks: dict[str, dict[int, str]] = {}
+    scores: dict[tuple[str, int], float] = {}
+    for table in iter_shard_tables(shard_dir, columns=["image_id", "instance_id", "mask_rle", "score"]):
+        for image_id, iid, rle, score in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            masks.setdefault(image_id, {})[int(iid)] = rle
+            scores[(image_id, int(iid))] = float(score)
+    labels, boxes = PseudoLabelEvaluator(dataset, min_box_side), PseudoLabelEvaluator(dataset, min_box_side)
+    for sample in dataset:
+        labels.process(sample, masks.get(sample.image_id, {}))
+        boxes.process(sample, box_mask_predictions(sample))
+    result = labels.evaluate()
+    pairs = [(scores[(r.image_id, r.instance_id)], r.iou) for r in result.instances if r.predicted]
+    rho = float(spearmanr(*zip(*pairs)).statistic) if len(pairs) > 2 else float("nan")
+    return ShardQuality(result, boxes.evaluate(), rho, scores)
 
 
 def box_mask_predictions(sample: Sample) -> dict[int, np.ndarray]:

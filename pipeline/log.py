@@ -20,3 +20,11 @@ def setup_logging(level: str | None = None) -> None:
     # Ray and PIL are chatty at INFO; their warnings still come through.
     for name in ("ray", "PIL", "filelock"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def add_file_log(path: str | os.PathLike) -> logging.Handler:
+    """Also write every log line (INFO and up) to ``path``; returns the handler, for ``removeHandler``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return handler

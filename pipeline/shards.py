@@ -233,7 +233,7 @@ def _sigint_deferred():
                 raise KeyboardInterrupt
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -446,7 +446,7 @@ class ShardWriter:
             keep = [r for r in records if not self._retried(r)]
             if len(keep) < len(records):
                 self.retried = sorted({r["image_id"] for r in records if self._retried(r)})
-                _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+                atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
                 records = keep
         for rec in records:
             self._reject_keys.add((rec.get("stage"), rec.get("image_id"), rec.get("file"), rec.get("reason")))
@@ -529,7 +529,7 @@ class ShardWriter:
 
     def _write_manifest(self) -> None:
         data = {"meta": asdict(self.meta), "shards": [asdict(e) for e in self.entries]}
-        _atomic_write_bytes(self.out_dir / MANIFEST, json.dumps(data, indent=1).encode())
+        atomic_write_bytes(self.out_dir / MANIFEST, json.dumps(data, indent=1).encode())
 
     def has(self, image_id: str) -> bool:
         """Whether the image is finished or buffered for the next shard."""
