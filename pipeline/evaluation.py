@@ -323,7 +323,8 @@ def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side
         boxes.process(sample, box_mask_predictions(sample))
     result = labels.evaluate()
     pairs = [(scores[(r.image_id, r.instance_id)], r.iou) for r in result.instances if r.predicted]
-    rho = float(spearmanr(*zip(*pairs)).statistic) if len(pairs) > 2 else float("nan")
+    varied = len(pairs) > 2 and all(len(set(v)) > 1 for v in zip(*pairs))  # else the rank correlation is undefined
+    rho = float(spearmanr(*zip(*pairs)).statistic) if varied else float("nan")
     return ShardQuality(result, boxes.evaluate(), rho, scores)
 
 

@@ -2,10 +2,10 @@
 
 ::
 
-    round 0      label      box-prior teacher over the training split          -> round-0/labels
+    round 0      label      box-prior teacher over the training split    -> round-0/labels
                  evaluate   pseudo-label IoU against ground truth
-    round r>=1   train      student from boxes + round r-1's shards            -> round-r/checkpoint/{student,teacher}.pt
-                 label      network-mode teacher (fused unary), round r's EMA  -> round-r/labels
+    round r>=1   train      student from boxes + round r-1's shards      -> round-r/checkpoint/{student,teacher}.pt
+                 label      network-mode teacher (fused), round r's EMA  -> round-r/labels
                  evaluate   pseudo-label IoU; the EMA student's mask AP on the evaluation split
 
 Run folder::

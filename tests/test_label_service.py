@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import labelkit
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from interrupts import interrupt_when
 
-import labelkit
 from pipeline.config import Config, LabelConfig, RunConfig
 from pipeline.datasets.base import box_to_mask
 from pipeline.errors import PipelineError
@@ -388,20 +389,7 @@ def finished_images(out) -> set[str]:
 
 def interrupt(cmd, env, out, at_least: int, sig: int) -> subprocess.CompletedProcess:
     """Run ``cmd`` until ``out`` holds ``at_least`` finished images, then send ``sig`` to its process group."""
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None and len(finished_images(out)) < at_least:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"finished before the interrupt: {proc.communicate()[1][-3000:]}"
-        os.killpg(proc.pid, sig)      # the CLI's own group; Ray's processes belong to the test's cluster
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return interrupt_when(cmd, env, lambda: len(finished_images(out)) >= at_least, sig)
 
 
 @pytest.mark.slow

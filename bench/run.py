@@ -1,0 +1,132 @@
+"""`pipeline run` benchmark: wall time per stage and in all, pseudo-label mean IoU per round and student mask AP
+per round, for the Quickstart's `pipeline run --rounds 3 --dataset toy` and for COCO on coco_tiny (2 rounds, a
+small backbone).
+
+    .venv/bin/python bench/run.py                        # toy (about 15 minutes on 2 cores), then coco_tiny
+    .venv/bin/python bench/run.py --skip-coco            # toy only
+    .venv/bin/python bench/run.py --toy-run runs/toy     # report an existing run folder instead of running one
+
+Each run is the CLI in a subprocess, in a fresh run folder (under --work, default a temporary folder), with a
+fresh toy cache, so the toy wall time includes generating the data and starting Ray. Prints a readable table, then
+one JSON line with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
+# coco_tiny on 2 cores: a ResNet-18 student like the toy one, 300 steps per round.
+COCO_SETTINGS = ["student.backbone=resnet18", "student.fpn_channels=128", "student.box_head_dim=256",
+                 "student.anchor_sizes=[16,32,64,128,256]", "student.rpn_proposals=500", "student.rois_per_image=128",
+                 "student.mask_rois_per_image=32", "student.min_size=[320,352,384]", "student.max_size=640",
+                 "student.test_size=352", "student.crop=[]", "student.iterations=300", "student.batch_size=2",
+                 "student.lr_reference_batch=2", "student.warmup_iters=50", "student.steps=[240]",
+                 "student.ema_ramp=50", "student.grad_clip=5.0", "student.checkpoint_every=100",
+                 "student.objectives.warmup_iters=100", "student.workers=2", "run.finetune_iterations=150"]
+
+
+def run_cli(args: list[str], env: dict) -> float:
+    """Run ``pipeline`` with ``args``; returns its wall time in seconds."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"pipeline {' '.join(args)} failed with status {proc.returncode}")
+    return time.monotonic() - t0
+
+
+def read_run(folder: Path) -> list[dict]:
+    out, r = [], 0
+    while (folder / f"round-{r}" / "metrics.json").exists():
+        out.append(json.loads((folder / f"round-{r}" / "metrics.json").read_text()))
+        r += 1
+    if not out:
+        raise SystemExit(f"{folder}: no round has metrics.json")
+    return out
+
+
+def figures(name: str, metrics: list[dict], wall: float | None) -> dict:
+    fig: dict = {}
+    if wall is not None:
+        fig[f"{name}_wall_s"] = round(wall, 1)
+    stage_total = 0.0
+    for m in metrics:
+        r = m["round"]
+        fig[f"{name}_round{r}_label_iou"] = round(m["pseudo_labels"]["labels"]["overall"]["mean_iou"], 4)
+        rho = m["pseudo_labels"]["score_spearman"]
+        fig[f"{name}_round{r}_spearman"] = None if rho is None else round(rho, 3)
+        if m["student"]:
+            fig[f"{name}_round{r}_mask_ap"] = round(100 * m["student"]["mask"]["ap"], 2)
+            fig[f"{name}_round{r}_box_as_mask_ap"] = round(100 * m["student"]["box_as_mask"]["ap"], 2)
+        for stage, rec in m["stages"].items():
+            fig[f"{name}_round{r}_{stage}_s"] = rec["seconds"]
+            stage_total += rec["seconds"]
+    fig[f"{name}_box_as_mask_iou"] = round(metrics[0]["pseudo_labels"]["box_as_mask"]["overall"]["mean_iou"], 4)
+    fig[f"{name}_stages_s"] = round(stage_total, 1)
+    ious = [m["pseudo_labels"]["labels"]["overall"]["mean_iou"] for m in metrics]
+    fig[f"{name}_largest_drop"] = round(max([0.0, *(a - b for a, b in zip(ious, ious[1:]))]), 4)
+    # Issue 11's bars: no round loses more than 0.005 IoU, the last round beats round 0, and the last student's
+    # mask AP beats its box-as-mask AP.
+    last = metrics[-1]["student"]
+    fig[f"{name}_goals_met"] = bool(fig[f"{name}_largest_drop"] <= 0.005 and ious[-1] > ious[0] and last
+                                    and last["mask"]["ap"] > last["box_as_mask"]["ap"])
+    return fig
+
+
+def table(name: str, metrics: list[dict], wall: float | None) -> str:
+    lines = [f"{name}: " + (f"wall {wall / 60:.1f} min" if wall is not None else "existing run folder"),
+             f"{'round':>5s} {'label IoU':>9s} {'Spearman':>8s} {'mask AP':>7s} {'box-as-mask AP':>14s} "
+             f"{'train s':>7s} {'label s':>7s} {'eval s':>6s}"]
+    for m in metrics:
+        st = m["student"] or {}
+        ap = f"{100 * st['mask']['ap']:.1f}" if st else "-"
+        bam = f"{100 * st['box_as_mask']['ap']:.1f}" if st else "-"
+        secs = {k: f"{v['seconds']:.0f}" for k, v in m["stages"].items()}
+        rho = m["pseudo_labels"]["score_spearman"]
+        lines.append(f"{m['round']:5d} {m['pseudo_labels']['labels']['overall']['mean_iou']:9.4f} "
+                     f"{rho if rho is None else round(rho, 3)!s:>8s} {ap:>7s} {bam:>14s} "
+                     f"{secs.get('train', '-'):>7s} {secs.get('label', '-'):>7s} {secs.get('evaluate', '-'):>6s}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", metavar="DIR", help="folder for the runs and the toy cache (default: temporary)")
+    parser.add_argument("--toy-run", metavar="DIR", help="report this existing toy run folder instead of running")
+    parser.add_argument("--skip-coco", action="store_true", help="leave out the coco_tiny run")
+    parser.add_argument("--coco-rounds", type=int, default=2, metavar="N")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-run-"))
+    env = {**os.environ, "BOXMASK_CACHE": str(work / "cache")}
+    out: dict = {}
+    tables = []
+    if args.toy_run:
+        metrics, wall = read_run(Path(args.toy_run)), None
+    else:
+        wall = run_cli(["run", "--rounds", "3", "--dataset", "toy", "--out", str(work / "toy")], env)
+        metrics = read_run(work / "toy")
+    out.update(figures("toy", metrics, wall))
+    tables.append(table("pipeline run --rounds 3 --dataset toy", metrics, wall) +
+                  f"\nlargest IoU drop between rounds {out['toy_largest_drop']:.4f}; goals met: {out['toy_goals_met']}")
+    if not args.skip_coco and (COCO_TINY / "annotations.json").is_file():
+        sets = [a for s in COCO_SETTINGS for a in ("--set", s)]
+        wall = run_cli(["run", "--rounds", str(args.coco_rounds), "--dataset", "coco", "--data-root",
+                        str(COCO_TINY), "--ann", str(COCO_TINY / "annotations.json"), "--out", str(work / "coco"),
+                        *sets], env)
+        metrics = read_run(work / "coco")
+        out.update(figures("coco_tiny", metrics, wall))
+        tables.append(table(f"pipeline run --rounds {args.coco_rounds} --dataset coco (coco_tiny, ResNet-18; "
+                            f"mask AP on the training images, there is no held-out split)", metrics, wall))
+    print("\n\n".join(tables))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
