@@ -149,16 +149,16 @@ class RunFolder:
             r += 1
         return out
 
-    def open(self, cfg: Config, resume: bool) -> None:
-        """Create the folder with ``config.yaml``, or check an existing one against ``cfg``."""
+    def check(self, cfg: Config, resume: bool) -> None:
+        """Refuse, changing nothing, a folder this run must not use: one started with another config (naming the
+        differing keys), a missing run with ``resume``, or a non-empty folder that is not a run."""
         config_file = self.path / CONFIG_FILE
-        current = to_dict(cfg)
         if config_file.exists():
             try:
                 stored = yaml.safe_load(config_file.read_text()) or {}
             except yaml.YAMLError as exc:
                 raise PipelineError(config_file, f"unreadable ({str(exc).splitlines()[0]})") from None
-            diff = config_differences(stored, current)
+            diff = config_differences(stored, to_dict(cfg))
             if diff:
                 raise PipelineError(config_file, f"this run was started with another config; differing keys: "
                                                  f"{', '.join(diff)}. Use another --out, or the run's own config")
@@ -166,10 +166,12 @@ class RunFolder:
             raise PipelineError(self.path, "--resume: no run here (config.yaml is missing)")
         elif self.path.exists() and any(self.path.iterdir()):
             raise PipelineError(self.path, "exists and is not a run folder (no config.yaml); choose another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "logs").mkdir(exist_ok=True)
-        # Rewritten every time, so that execution keys (workers, rounds) show the latest invocation.
-        atomic_write_bytes(config_file, yaml.safe_dump(current, sort_keys=False).encode())
+
+    def write_config(self, cfg: Config) -> None:
+        """Create the folder and write ``config.yaml`` (after ``check``). Rewritten by every invocation, so that
+        the execution keys (workers, rounds) show the latest one."""
+        (self.path / "logs").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 @dataclasses.dataclass
@@ -203,6 +205,16 @@ class RoundRunner:
         print(text_table(*round_rows(metrics)))
         print(f"report: {self.folder.path / 'report.md'}")
         return metrics
+
+    def check_splits(self) -> None:
+        """Both splits load (call before ``run``): a missing evaluation split fails before anything is written or
+        Ray starts, not after round 1's training (``--dataset toy`` generates its data here)."""
+        for cfg, role in ((self.cfg, "training"), (eval_dataset_config(self.cfg), "evaluation")):
+            dataset = build_dataset(copy.deepcopy(cfg.dataset))
+            if len(dataset) == 0:
+                key = "dataset.split" if role == "training" else "evaluation.split"
+                raise PipelineError(dataset.root, f"the {role} split {cfg.dataset.split!r} has no usable images "
+                                                  f"(set {key})")
 
     # -- stages
     def _train(self, r: int) -> dict:
@@ -252,7 +264,7 @@ class RoundRunner:
         return record
 
     def _write_metrics(self, r: int, evaluate: dict) -> None:
-        stages = {s: {k: v for k, v in self.folder.done(r, s).items()} for s in stages_of(r) if s != "evaluate"}
+        stages = {s: self.folder.done(r, s) for s in stages_of(r) if s != "evaluate"}
         stages["evaluate"] = {"seconds": evaluate["seconds"]}
         metrics = {"round": r, "teacher": stages["label"]["teacher"], "pseudo_labels": evaluate.pop("pseudo_labels"),
                    "student": evaluate.pop("student"), "stages": stages}

@@ -29,6 +29,8 @@ from pipeline.shards import ShardMeta, ShardWriter, decode_rle, encode_rle, rows
 from student.config import StudentConfig
 from student.train import latest_checkpoint
 
+ray = pytest.importorskip("ray")
+
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
 
@@ -74,27 +76,39 @@ def test_json_safe_turns_non_finite_floats_into_null():
         {"a": [1.0, None], "b": {"c": None}}
 
 
-def test_a_run_folder_refuses_another_config_naming_the_keys(tmp_path, capsys):
+def test_a_run_folder_refuses_another_config_naming_the_keys(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BOXMASK_CACHE", str(tmp_path / "cache"))
+    small = ["dataset.toy.size=64x128", "dataset.toy.train=2", "dataset.toy.val=1"]
     folder = RunFolder(tmp_path / "run")
-    cfg = load_config(REPO / "configs" / "toy.yaml")
-    folder.open(cfg, resume=False)
-    folder.open(load_config(REPO / "configs" / "toy.yaml", ["label.workers=1", "run.rounds=5"]), resume=True)
+    folder.check(load_config(REPO / "configs" / "toy.yaml", small), resume=False)
+    folder.write_config(load_config(REPO / "configs" / "toy.yaml", small))
+    folder.check(load_config(REPO / "configs" / "toy.yaml", [*small, "label.workers=1", "run.rounds=5"]), resume=True)
     before = (tmp_path / "run" / "config.yaml").read_text()
     # Through the CLI: refused in one line before Ray starts, naming each differing key; nothing is changed.
-    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "run"), *sets("student.lr=0.02",
-                                                                                  "teacher.crf.iters=3")])
+    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "run"),
+               *sets(*small, "student.lr=0.02", "teacher.crf.iters=3")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "config.yaml: this run was started with another config" in err
-    assert "student.lr (0.01 -> 0.02)" in err and "teacher.crf.iters" in err
-    assert (tmp_path / "run" / "config.yaml").read_text() == before
-    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "none"), "--resume"])
+    assert "differing keys: student.lr (0.01 -> 0.02), teacher.crf.iters (10 -> 3)." in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before and not ray.is_initialized()
+    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "none"), "--resume", *sets(*small)])
     assert rc == 2 and "--resume: no run here" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("x")
-    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "other")])
+    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "other"), *sets(*small)])
     assert rc == 2 and "is not a run folder" in capsys.readouterr().err
     assert (tmp_path / "other" / "precious.txt").read_text() == "x"
+
+
+def test_a_missing_evaluation_split_fails_before_ray_starts(tmp_path, capsys):
+    root = generate_toy(tmp_path / "cs", train=2, val=0, seed=1, size=(64, 128))
+    rc = main(["run", "--dataset", "cityscapes", "--data-root", str(root), "--config",
+               str(REPO / "configs" / "toy.yaml"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "leftImg8bit/val: no such folder" in err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_run_help_documents_the_command(capsys):
@@ -197,7 +211,6 @@ def test_the_report_tabulates_every_round_and_draws_the_plots(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -266,17 +279,18 @@ def test_an_interrupted_run_resumes_to_the_content_of_an_uninterrupted_one(clust
     run = tmp_path / "split"
     folder = RunFolder(run)
     # Inside labeling: at least one image of round 0 is in the shards, not all of them.
-    a = interrupt_when(run_cmd(run, cluster, 1), env, lambda: finished_images(folder.labels(0)) >= 1, "in labeling")
+    a = interrupt_when(run_cmd(run, cluster, 1), env, lambda: finished_images(folder.labels(0)) >= 1,
+                       what="in labeling")
     assert a.returncode == 130 and "re-run the same command to resume" in a.stderr, a.stderr[-3000:]
     assert folder.done(0, "label") is None and 1 <= finished_images(folder.labels(0)) < 6
     # Between stages: round 0 finished.
     b = interrupt_when(run_cmd(run, cluster, 1), env, lambda: folder.done(0, "evaluate") is not None,
-                       "between stages")
+                       what="between stages")
     assert b.returncode == 130 and "resuming:" in b.stdout
     assert folder.done(1, "train") is None
     # Inside training: round 1 has a checkpoint and no finished training.
     c = interrupt_when(run_cmd(run, cluster, 1), env, lambda: latest_checkpoint(folder.checkpoint(1)) is not None,
-                       "in training")
+                       what="in training")
     assert c.returncode == 130 and folder.done(1, "train") is None
     # Resumed, one round; then a second round added by asking for more.
     d = subprocess.run(run_cmd(run, cluster, 1, "--resume"), env=env, capture_output=True, text=True, timeout=900)

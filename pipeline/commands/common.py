@@ -24,9 +24,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value; repeatable, e.g. --set teacher.crf.iters=5")
 
 
-def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None = "train") -> None:
+def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None = "train",
+                     split_key: str = "dataset.split") -> None:
     """``split_default``: what omitting ``--split`` means, for the help text. None: the command goes over
-    every split; a name: the config's ``dataset.split`` (that name in the shipped configs). Either way an
+    every split; a name: the config's ``split_key`` (that name in the shipped configs). Either way an
     omitted ``--split`` (or ``--dataset``) leaves the config file's value alone."""
     parser.add_argument("--dataset", choices=DATASETS, default=None,
                         help=f"dataset kind (default: dataset.name of the --config file, else "
@@ -35,7 +36,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None 
                         help="dataset root (cityscapes: default $CITYSCAPES_DATASET; coco: image folder root)")
     parser.add_argument("--ann", metavar="FILE", help="COCO instances json (coco only)")
     split_help = ("every split of the dataset" if split_default is None
-                  else f"dataset.split of the config, {split_default} in the shipped configs")
+                  else f"{split_key} of the config, {split_default} in the shipped configs")
     parser.add_argument("--split", default=None, help=f"split to use (default: {split_help})")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad input instead of skipping and recording it")

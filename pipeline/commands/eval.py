@@ -20,7 +20,7 @@ from .common import add_config_args, add_dataset_args, at_least_one, config_from
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="mask AP, box AP and box-as-mask AP of a student checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(p, split_default="val")
+    add_dataset_args(p, split_default="val", split_key="evaluation.split")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="student.pt or teacher.pt")
     p.add_argument("--out", metavar="FILE", help="predictions json (default: <checkpoint>.<split>.predictions.json)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as json")

@@ -59,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if cfg.evaluation.ann:
         cfg.evaluation.ann = os.path.abspath(cfg.evaluation.ann)
     folder = RunFolder(args.out or Path(cfg.run.root) / cfg.run.name)
-    folder.open(cfg, args.resume)
+    folder.check(cfg, args.resume)
+    runner = RoundRunner(cfg, folder, cfg.run.rounds, args.address)
+    runner.check_splits()
+    folder.write_config(cfg)
+    print(f"run folder {folder.path}: {cfg.dataset.name}, rounds 0-{cfg.run.rounds}", flush=True)
     handler = add_file_log(folder.path / "logs" / "run.log")
     try:
-        logging.getLogger(__name__).info("run %s: %s, %d rounds", folder.path, cfg.dataset.name, cfg.run.rounds)
-        RoundRunner(cfg, folder, cfg.run.rounds, args.address).run()
+        runner.run()
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
