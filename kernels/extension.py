@@ -1,10 +1,13 @@
-"""Build-on-first-use loader for the C++/OpenMP and CUDA extensions in `kernels/csrc`.
+"""Loader for the C++/OpenMP and CUDA extensions in `kernels/csrc`, built at install and loaded at run time.
 
-Each extension is compiled by `torch.utils.cpp_extension.load` the first time it is needed and cached in a per-user
-build directory (`$BOXMASK_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>-<cpu>`, else
-`~/.cache/...`); torch rebuilds only when the sources or flags change, and its file lock makes concurrent first uses
-safe. When a build fails (no compiler, no CUDA toolkit), the loader warns once and returns None, and callers fall
-back to the PyTorch reference.
+`scripts/setup.sh` runs `python -m kernels.extension`, which compiles every CPU extension (and the CUDA one where a
+CUDA toolkit is present and a GPU, or `TORCH_CUDA_ARCH_LIST`, says what to build for) with
+`torch.utils.cpp_extension.load` into a per-user build directory (`$BOXMASK_EXTENSIONS_DIR`, else
+`$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>-<cpu>`, else `~/.cache/...`). At run time the `load_*`
+functions import those builds; torch rebuilds only when the sources or flags change, and its file lock makes
+concurrent first uses safe. An extension not built at install is compiled on first use, after one warning saying
+so (a label worker does this while starting, not inside a batch). When a build fails (no compiler, no CUDA
+toolkit), the loader warns once and returns None, and callers fall back to the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ CUDA_MODULE = "boxmask_message_passing_cuda"
 MEANFIELD_CPU_MODULE = "boxmask_meanfield_cpu"
 SINKHORN_CPU_MODULE = "boxmask_sinkhorn_cpu"
 CUDA_EMULATION_MODULE = "boxmask_message_passing_cuda_emulation"
+# What an install builds (the CUDA emulation is for tests only).
+INSTALLED = (CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE, CUDA_MODULE)
 
 
 def _cpu_tag() -> str:
@@ -83,6 +88,10 @@ def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] =
     from torch.utils import cpp_extension
 
     build_dir = build_root() / name
+    if name in INSTALLED and not (build_dir / f"{name}.so").exists():
+        warnings.warn(f"kernels: the {name} extension was not built at install (./scripts/setup.sh, or python -m "
+                      f"kernels.extension, builds it into {build_root()}); compiling it now", RuntimeWarning,
+                      stacklevel=4)
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch decides whether to rebuild from the sources and flags alone: a digest of the shared headers in the
     # flags makes a header change rebuild every extension that may include it.
@@ -180,3 +189,53 @@ def load_sinkhorn_cpu() -> ModuleType | None:
 def load_cuda() -> ModuleType | None:
     """The CUDA message-passing module, or None (after one warning) when it cannot be built."""
     return _load_or_warn(CUDA_MODULE, build_cuda)
+
+
+def load_all(device: str = "cpu") -> dict[str, bool]:
+    """Load (building when needed) every extension ``device`` uses ("cpu", or "cuda" for the CUDA one too);
+    returns {module name: loaded}. Label workers call it while starting, so that no batch pays for a build."""
+    loaded = {CPU_MODULE: load_cpu(), MEANFIELD_CPU_MODULE: load_meanfield_cpu(),
+              SINKHORN_CPU_MODULE: load_sinkhorn_cpu()}
+    if device.startswith("cuda"):
+        loaded[CUDA_MODULE] = load_cuda()
+    return {name: module is not None for name, module in loaded.items()}
+
+
+def _cuda_targets() -> str:
+    """Why the CUDA extension can be built here ("" when it cannot): a toolkit and something to build for."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return ""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    return "the visible GPU" if torch.cuda.is_available() else ""
+
+
+def main() -> int:
+    """``python -m kernels.extension``: build every extension this machine can use (what scripts/setup.sh runs).
+    A failed build is reported and is not an error: the PyTorch reference runs instead."""
+    import time
+
+    targets = _cuda_targets()
+    jobs = [(CPU_MODULE, build_cpu), (MEANFIELD_CPU_MODULE, build_meanfield_cpu),
+            (SINKHORN_CPU_MODULE, build_sinkhorn_cpu)] + ([(CUDA_MODULE, build_cuda)] if targets else [])
+    print(f"kernels: C++ extensions in {build_root()} (built when missing or out of date)", file=sys.stderr)
+    for name, build in jobs:
+        t0 = time.monotonic()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # "not built at install": this is the install
+                build()
+            print(f"kernels: {name} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - reported; the reference is the fallback
+            print(f"kernels: {name} not built ({_first_error_line(exc)}); the PyTorch reference will run",
+                  file=sys.stderr)
+    if not targets:
+        print("kernels: CUDA extension not built (no CUDA toolkit, or no GPU and no TORCH_CUDA_ARCH_LIST); it is "
+              "built on first use on a GPU node", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,8 +157,12 @@ class TeacherFactory:
 
     def __call__(self, device: str):
         # Imported here: only worker processes build a teacher, the driver never needs torch models.
+        from kernels.extension import load_all
         from teacher import StructuredTeacher
 
+        # Load (on a node where the install did not build them: compile) the kernels while the worker starts, so
+        # that no labeling batch pays for a build or has to allow for one in label.batch_timeout_s.
+        load_all(device)
         cfg = dataclasses.replace(self.teacher_cfg, device=device)
         if self.checkpoint is None:
             return StructuredTeacher.box_prior(cfg)

@@ -4,13 +4,19 @@ the no-compiler fallback, and the CUDA extension build."""
 from __future__ import annotations
 
 import os
+import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import extension
-from kernels.message_passing import message_passing, message_passing_reference, neighbour_offsets
+from kernels.message_passing import (
+    message_passing,
+    message_passing_reference,
+    neighbour_offsets,
+)
 
 
 def brute_force(q: torch.Tensor, kernel: torch.Tensor, offsets) -> torch.Tensor:
@@ -206,3 +212,30 @@ def test_cuda_extension_compiles(monkeypatch):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # otherwise torch builds for every architecture it knows
     module = extension.build_cuda()
     assert callable(module.message_passing)
+
+
+def test_an_extension_not_built_at_install_warns_once_and_is_built_on_first_use(tmp_path, monkeypatch, capsys):
+    """Install builds every extension (`python -m kernels.extension`, run by scripts/setup.sh); a load that finds
+    no build says so once, then compiles. torch's compiler is replaced by a stand-in that writes the module file."""
+    from torch.utils import cpp_extension
+
+    builds = []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        builds.append(name)
+        Path(build_directory, f"{name}.so").write_bytes(b"")
+        return types.SimpleNamespace(name=name)
+
+    monkeypatch.setenv("BOXMASK_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with pytest.warns(RuntimeWarning, match="boxmask_message_passing_cpu extension was not built at install"):
+        extension.build_cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extension.build_cpu()                         # built: loaded without a word
+        extension.build_cuda_emulation()              # tests-only module: never announced
+    assert extension.main() == 0                      # what setup.sh runs: every CPU extension, quietly
+    err = capsys.readouterr().err
+    assert builds.count(extension.MEANFIELD_CPU_MODULE) == 1 and builds.count(extension.SINKHORN_CPU_MODULE) == 1
+    for name in (extension.CPU_MODULE, extension.MEANFIELD_CPU_MODULE, extension.SINKHORN_CPU_MODULE):
+        assert f"kernels: {name} ready" in err
