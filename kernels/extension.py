@@ -88,7 +88,7 @@ def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] =
     from torch.utils import cpp_extension
 
     build_dir = build_root() / name
-    if name in INSTALLED and not (build_dir / f"{name}.so").exists():
+    if name in INSTALLED and name in missing_builds("cuda"):
         warnings.warn(f"kernels: the {name} extension was not built at install (./scripts/setup.sh, or python -m "
                       f"kernels.extension, builds it into {build_root()}); compiling it now", RuntimeWarning,
                       stacklevel=4)
@@ -189,6 +189,13 @@ def load_sinkhorn_cpu() -> ModuleType | None:
 def load_cuda() -> ModuleType | None:
     """The CUDA message-passing module, or None (after one warning) when it cannot be built."""
     return _load_or_warn(CUDA_MODULE, build_cuda)
+
+
+def missing_builds(device: str = "cpu") -> list[str]:
+    """The extensions ``device`` uses that this machine has no build of (an install builds them all)."""
+    names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if device.startswith("cuda")
+                                                                       else [])
+    return [n for n in names if not (build_root() / n / f"{n}.so").exists()]
 
 
 def load_all(device: str = "cpu") -> dict[str, bool]:

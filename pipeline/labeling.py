@@ -10,6 +10,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from kernels.extension import missing_builds
+
 from .config import Config
 from .datasets import build_dataset
 from .label_service import (
@@ -42,6 +44,11 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
     if network is not None:
         check_network_classes(network, [c.id for c in dataset.categories], checkpoint)
         del network  # the workers build their own
+    missing = missing_builds("cuda" if cfg.teacher.device == "cuda" else "cpu")
+    if missing:
+        # The workers' own warning stays in their logs: say it where the user looks.
+        log.warning("kernels not built at install (%s): each label worker compiles them while starting, about a "
+                    "minute; ./scripts/setup.sh builds them once", ", ".join(missing))
     service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, checkpoint), teacher_id,
                            label_digest(cfg, teacher_id, round_), round_=round_, device=cfg.teacher.device,
                            overwrite=overwrite, limit=limit, strict=cfg.dataset.strict,
