@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.report import round_rows, text_table  # noqa: E402
+from pipeline.rounds import RunFolder  # noqa: E402
+
 COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
 # coco_tiny on 2 cores: a ResNet-18 student like the toy one, 300 steps per round.
 COCO_SETTINGS = ["student.backbone=resnet18", "student.fpn_channels=128", "student.box_head_dim=256",
@@ -43,13 +48,10 @@ def run_cli(args: list[str], env: dict) -> float:
 
 
 def read_run(folder: Path) -> list[dict]:
-    out, r = [], 0
-    while (folder / f"round-{r}" / "metrics.json").exists():
-        out.append(json.loads((folder / f"round-{r}" / "metrics.json").read_text()))
-        r += 1
-    if not out:
+    metrics = RunFolder(folder).metrics()
+    if not metrics:
         raise SystemExit(f"{folder}: no round has metrics.json")
-    return out
+    return metrics
 
 
 def figures(name: str, metrics: list[dict], wall: float | None) -> dict:
@@ -82,19 +84,9 @@ def figures(name: str, metrics: list[dict], wall: float | None) -> dict:
 
 
 def table(name: str, metrics: list[dict], wall: float | None) -> str:
-    lines = [f"{name}: " + (f"wall {wall / 60:.1f} min" if wall is not None else "existing run folder"),
-             f"{'round':>5s} {'label IoU':>9s} {'Spearman':>8s} {'mask AP':>7s} {'box-as-mask AP':>14s} "
-             f"{'train s':>7s} {'label s':>7s} {'eval s':>6s}"]
-    for m in metrics:
-        st = m["student"] or {}
-        ap = f"{100 * st['mask']['ap']:.1f}" if st else "-"
-        bam = f"{100 * st['box_as_mask']['ap']:.1f}" if st else "-"
-        secs = {k: f"{v['seconds']:.0f}" for k, v in m["stages"].items()}
-        rho = m["pseudo_labels"]["score_spearman"]
-        lines.append(f"{m['round']:5d} {m['pseudo_labels']['labels']['overall']['mean_iou']:9.4f} "
-                     f"{rho if rho is None else round(rho, 3)!s:>8s} {ap:>7s} {bam:>14s} "
-                     f"{secs.get('train', '-'):>7s} {secs.get('label', '-'):>7s} {secs.get('evaluate', '-'):>6s}")
-    return "\n".join(lines)
+    """The per-round table `pipeline run` prints, under a title with the wall time."""
+    title = f"{name}: " + (f"wall {wall / 60:.1f} min" if wall is not None else "existing run folder")
+    return f"{title}\n{text_table(*round_rows(metrics))}"
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] =
     from torch.utils import cpp_extension
 
     build_dir = build_root() / name
-    if name in INSTALLED and name in missing_builds("cuda"):
+    if name in INSTALLED and not _built(name):
         warnings.warn(f"kernels: the {name} extension was not built at install (./scripts/setup.sh, or python -m "
                       f"kernels.extension, builds it into {build_root()}); compiling it now", RuntimeWarning,
                       stacklevel=4)
@@ -191,11 +191,15 @@ def load_cuda() -> ModuleType | None:
     return _load_or_warn(CUDA_MODULE, build_cuda)
 
 
+def _built(name: str) -> bool:
+    return (build_root() / name / f"{name}.so").exists()
+
+
 def missing_builds(device: str = "cpu") -> list[str]:
     """The extensions ``device`` uses that this machine has no build of (an install builds them all)."""
     names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if device.startswith("cuda")
                                                                        else [])
-    return [n for n in names if not (build_root() / n / f"{n}.so").exists()]
+    return [n for n in names if not _built(n)]
 
 
 def load_all(device: str = "cpu") -> dict[str, bool]:

@@ -63,8 +63,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
     """Load a teacher checkpoint safely (``weights_only=True``) and build the network it names from the registry
     (``teacher.network``), on the CPU, so a bad file is refused before any worker starts.
 
-    Returns (network, teacher id): the export's weights digest where it records one, else the short sha256 of the file. Raises
-    ``PipelineError(path, ...)`` otherwise.
+    Returns (network, teacher id): the export's weights digest where it records one, else the short sha256 of the
+    file. Raises ``PipelineError(path, ...)`` otherwise.
     """
     import torch
 

@@ -42,7 +42,6 @@ from .config import Config, to_dict
 from .datasets import build_dataset
 from .errors import PipelineError
 from .evaluation import evaluate_shards
-from .label_service import init_ray
 from .labeling import prepare_label, run_label
 from .model_eval import eval_dataset_config, evaluate_checkpoint
 from .report import gallery, round_rows, text_table, write_png, write_report
@@ -176,16 +175,13 @@ class RunFolder:
 
 @dataclasses.dataclass
 class RoundRunner:
-    """Runs the rounds of one run folder (call ``run``)."""
+    """Runs the rounds of one run folder on the connected Ray cluster (call ``check_splits``, then ``run``)."""
 
     cfg: Config
     folder: RunFolder
     rounds: int
-    address: Optional[str] = None
 
     def run(self) -> list[dict]:
-        url = init_ray(self.cfg.run, self.address)
-        print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
         for r in range(self.rounds + 1):
             for stage in stages_of(r):
                 if self.folder.done(r, stage) is not None:

@@ -60,17 +60,21 @@ def config_from_dict(data: dict) -> StudentConfig:
     return StudentConfig(**values)
 
 
-def load_export(path: str | os.PathLike) -> dict[str, Any]:
-    """Load ``student.pt`` / ``teacher.pt`` safely and check its fields; ``StudentError`` naming the file otherwise."""
+def _read(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True; ``StudentError`` naming the file when it cannot (or may not) be loaded."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StudentError(path, "checkpoint file not found") from None
     except Exception as exc:  # noqa: BLE001 - an unpickling error means a payload we refuse to run
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StudentError(path, f"refused: not loadable with weights_only=True, it may carry a pickle payload "
                                  f"({first[:160]})") from None
-    return check_export(data, path)
+
+
+def load_export(path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``student.pt`` / ``teacher.pt`` safely and check its fields; ``StudentError`` naming the file otherwise."""
+    return check_export(_read(path), path)
 
 
 def check_export(data: Any, where: str | os.PathLike) -> dict[str, Any]:
@@ -125,6 +129,6 @@ def warm_start(model: torch.nn.Module, path: str | os.PathLike, classes: list[di
 
 
 def load_model(path: str | os.PathLike):
-    """(model in eval mode, export dict) from an export file."""
-    data = load_export(path)
+    """(model in eval mode, export dict) from an export file (checked once, by `model_from_export`)."""
+    data = _read(path)
     return model_from_export(data, path), data

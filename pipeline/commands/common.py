@@ -11,6 +11,7 @@ import argparse
 
 from ..config import Config, config_path_for, load_config
 from ..errors import PipelineError
+from ..label_service import init_ray
 
 DATASETS = ("toy", "cityscapes", "coco")
 DEFAULT_DATASET = "toy"
@@ -40,6 +41,17 @@ def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None 
     parser.add_argument("--split", default=None, help=f"split to use (default: {split_help})")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad input instead of skipping and recording it")
+
+
+def add_address_arg(parser: argparse.ArgumentParser, more: str = "") -> None:
+    parser.add_argument("--address", metavar="ADDR",
+                        help=f"existing Ray cluster (default: $RAY_ADDRESS, else a local cluster){more}")
+
+
+def connect_ray(cfg: Config, address: str | None) -> None:
+    """Join ``address`` (or start a local cluster) once for the command, and print where its dashboard is."""
+    url = init_ray(cfg.run, address)
+    print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
 
 
 def at_least_one(flag: str, value: int | None) -> int | None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..label_service import init_ray
 from ..labeling import prepare_label, run_label
-from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
+from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "no network)")
     p.add_argument("--workers", type=int, metavar="N", help="label workers (default: label.workers, auto = as many as the cluster's "
                         "CPUs allow)")
-    p.add_argument("--address", metavar="ADDR",
-                   help="existing Ray cluster (default: $RAY_ADDRESS, else a local cluster)")
+    add_address_arg(p)
     p.add_argument("--limit", type=int, metavar="N", help="label only the first N images")
     p.add_argument("--round", type=int, default=0, metavar="R",
                    help="round number written to the rows (default: 0, box-prior labeling)")
@@ -54,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     at_least_one("--limit", args.limit)
     service = prepare_label(cfg, args.out, args.checkpoint, args.round, limit=args.limit, overwrite=args.overwrite,
                             retry_rejects=args.retry_rejects)
-    url = init_ray(cfg.run, args.address)
-    print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
+    connect_ray(cfg, args.address)
     summary = run_label(service, args.out)
     print(summary.line())
     print(f"inspect with: pipeline inspect {args.out}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..log import add_file_log
 from ..rounds import RoundRunner, RunFolder
-from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
+from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (default: student.workers)")
     p.add_argument("--label-workers", type=int, metavar="N",
                    help="label workers (default: label.workers, auto = as many as the cluster's CPUs allow)")
-    p.add_argument("--address", metavar="ADDR",
-                   help="existing Ray cluster (default: $RAY_ADDRESS, else a local cluster); with more than one "
-                        "node --out must be on storage every node can read")
+    add_address_arg(p, "; with more than one node --out must be on storage every node can read")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (an error if there is none); re-running without it does the "
                         "same when the folder exists")
@@ -60,12 +58,13 @@ def run(args: argparse.Namespace) -> int:
         cfg.evaluation.ann = os.path.abspath(cfg.evaluation.ann)
     folder = RunFolder(args.out or Path(cfg.run.root) / cfg.run.name)
     folder.check(cfg, args.resume)
-    runner = RoundRunner(cfg, folder, cfg.run.rounds, args.address)
+    runner = RoundRunner(cfg, folder, cfg.run.rounds)
     runner.check_splits()
     folder.write_config(cfg)
     print(f"run folder {folder.path}: {cfg.dataset.name}, rounds 0-{cfg.run.rounds}", flush=True)
     handler = add_file_log(folder.path / "logs" / "run.log")
     try:
+        connect_ray(cfg, args.address)
         runner.run()
     finally:
         logging.getLogger().removeHandler(handler)

@@ -11,9 +11,8 @@ import argparse
 
 from student.train import effective_lr
 
-from ..label_service import init_ray
 from ..training import build_job, run_training
-from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
+from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (default: student.workers)")
     p.add_argument("--iterations", type=int, metavar="N", help="training steps (default: student.iterations)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--address", metavar="ADDR",
-                   help="existing Ray cluster (default: $RAY_ADDRESS, else a local cluster)")
+    add_address_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -44,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'pseudo labels from ' + args.labels if args.labels else 'boxes only'}; backbone {s.backbone}, "
           f"{s.iterations} iterations x {s.batch_size} images on {s.workers} workers, lr {effective_lr(s):g}",
           flush=True)
-    url = init_ray(cfg.run, args.address)
-    print(f"Ray dashboard: {url or 'not available on this cluster'}", flush=True)
+    connect_ray(cfg, args.address)
     result = run_training(job, resume=args.resume)
     print(f"student: {result['student']}\nteacher: {result['teacher']}")
     print(f"evaluate with: pipeline eval --dataset {cfg.dataset.name} --checkpoint {result['teacher']}")
