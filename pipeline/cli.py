@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disconnect_ray() -> None:
+    # Leave Ray while the interpreter is whole: interrupted just as Ray Train starts, its threads otherwise call
+    # into Python during finalization and the process aborts instead of exiting with 130.
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
+        _disconnect_ray()
         return 130
     except Exception:  # a bug, not bad input: keep the traceback for the report
         logging.getLogger("pipeline").exception("unexpected failure")
