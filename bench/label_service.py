@@ -55,7 +55,7 @@ def run_once(cfg, workers: int, out: Path) -> dict:
     cfg.label.workers = workers
     dataset = build_dataset(cfg.dataset)
     service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, None), BOX_PRIOR,
-                           label_digest(cfg, BOX_PRIOR, 0),
+                           label_digest(dataset.fingerprint(), cfg.teacher, BOX_PRIOR, 0),
                            device=cfg.teacher.device, dataset_name=cfg.dataset.name)
     rss_before = current_rss_mib()
     t0, c0 = time.monotonic(), time.process_time()

@@ -23,3 +23,11 @@ class ConfigError(PipelineError):
 
 class InputError(PipelineError):
     """Bad input data: unreadable image, malformed json, invalid box, missing depth or camera file."""
+
+
+def one_line(exc: BaseException, *, last: bool = False, limit: int = 300) -> str:
+    """``"<Type>: <line>"``: the first non-empty line of ``exc``'s message, or with ``last`` its last one (Ray's
+    errors end with their cause), at most ``limit`` characters, for a log line or a ``PipelineError``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[-1 if last else 0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -50,7 +50,8 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
         log.warning("kernels not built at install (%s): each label worker compiles them while starting, about a "
                     "minute; ./scripts/setup.sh builds them once", ", ".join(missing))
     service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, checkpoint), teacher_id,
-                           label_digest(cfg, teacher_id, round_), round_=round_, device=cfg.teacher.device,
+                           label_digest(dataset.fingerprint(), cfg.teacher, teacher_id, round_), round_=round_,
+                           device=cfg.teacher.device,
                            overwrite=overwrite, limit=limit, strict=cfg.dataset.strict,
                            dataset_name=cfg.dataset.name, retry_rejects=retry_rejects)
     service.check_out_dir()

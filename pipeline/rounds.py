@@ -40,7 +40,7 @@ from student.train import latest_checkpoint
 
 from .config import Config, to_dict
 from .datasets import build_dataset
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 from .evaluation import evaluate_shards
 from .labeling import prepare_label, run_label
 from .model_eval import eval_dataset_config, evaluate_checkpoint
@@ -156,7 +156,7 @@ class RunFolder:
             try:
                 stored = yaml.safe_load(config_file.read_text()) or {}
             except yaml.YAMLError as exc:
-                raise PipelineError(config_file, f"unreadable ({str(exc).splitlines()[0]})") from None
+                raise PipelineError(config_file, f"unreadable ({one_line(exc)})") from None
             diff = config_differences(stored, to_dict(cfg))
             if diff:
                 raise PipelineError(config_file, f"this run was started with another config; differing keys: "

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 
 SCHEMA_VERSION = "1"
 MANIFEST = "_manifest.json"
@@ -279,7 +279,7 @@ def read_shard(path: str | os.PathLike, columns: Optional[list[str]] = None,
     except FileNotFoundError:
         raise PipelineError(path, "shard file not found") from None
     except (OSError, pa.ArrowException) as exc:
-        raise PipelineError(path, f"unreadable shard ({str(exc).splitlines()[0]})") from None
+        raise PipelineError(path, f"unreadable shard ({one_line(exc)})") from None
 
 
 def shard_paths(out_dir: str | os.PathLike) -> list[Path]:

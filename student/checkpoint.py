@@ -19,7 +19,7 @@ import torch
 from teacher.config import ObjectiveConfig
 
 from .config import StudentConfig
-from .model import StudentError, build_model
+from .model import StudentError, build_model, first_line
 
 FORMAT = "boxmask-student/1"
 NETWORK = "maskrcnn-student"
@@ -67,9 +67,8 @@ def _read(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise StudentError(path, "checkpoint file not found") from None
     except Exception as exc:  # noqa: BLE001 - an unpickling error means a payload we refuse to run
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StudentError(path, f"refused: not loadable with weights_only=True, it may carry a pickle payload "
-                                 f"({first[:160]})") from None
+                                 f"({first_line(exc, 160)})") from None
 
 
 def load_export(path: str | os.PathLike) -> dict[str, Any]:

@@ -76,6 +76,12 @@ class StudentError(ValueError):
         super().__init__(f"{self.where}: {self.problem}")
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``exc``'s message (its type name when it has none), for a ``StudentError``."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels)
 
@@ -157,7 +163,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     except FileNotFoundError:
         raise StudentError(path, "weights file not found") from None
     except Exception as exc:  # noqa: BLE001 - pickle payloads, truncated files: all one-line errors
-        raise StudentError(path, f"cannot load weights with weights_only=True ({str(exc).splitlines()[0]})") from None
+        raise StudentError(path, f"cannot load weights with weights_only=True ({first_line(exc)})") from None
     for key in ("model", "state_dict"):  # a training checkpoint, or a student.pt / teacher.pt export
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .model import StudentError
+from .model import StudentError, first_line
 
 MANIFEST = "_manifest.json"
 COLUMNS = ["image_id", "instance_id", "height", "width", "mask_rle", "score", "correspondences"]
@@ -76,7 +76,7 @@ class PseudoLabels:
             except FileNotFoundError:
                 raise StudentError(file, "shard listed in the manifest is missing") from None
             except (OSError, pa.ArrowException) as exc:
-                raise StudentError(file, f"unreadable shard ({str(exc).splitlines()[0]})") from None
+                raise StudentError(file, f"unreadable shard ({first_line(exc)})") from None
         return cls(tables, os.fspath(path))
 
     def __len__(self) -> int:

@@ -37,7 +37,7 @@ from .checkpoint import export, warm_start, weights_digest
 from .config import StudentConfig
 from .data import TrainImages, collate
 from .ema import ModelEMA
-from .model import StudentError, build_model
+from .model import StudentError, build_model, first_line
 from .pseudo_labels import PseudoLabels
 
 log = logging.getLogger(__name__)
@@ -369,8 +369,7 @@ def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | 
                                              f"from it)")
     if "error" in outcome:
         exc = outcome["error"]
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StudentError(out, f"training failed after {cfg.max_failures} restarts: {first[:200]}")
+        raise StudentError(out, f"training failed after {cfg.max_failures} restarts: {first_line(exc)}")
     student, teacher = out / "student.pt", out / "teacher.pt"
     if not teacher.exists():
         raise StudentError(out, "training ended without exporting teacher.pt")

@@ -1,6 +1,6 @@
 """The label service on a local Ray cluster: exactly once across killed, hung and dying workers and killed
 drivers, rejects (and retrying them), named actors in the state API, workers without a dataset, and the real
-box-prior teacher through the CLI. Also the pure parts: GPU shares and the resume digest.
+box-prior teacher through the CLI.
 
 One local cluster is shared by the module (Ray takes 5-20 s to start on 2 cores); the driver-killed test
 points a subprocess CLI at it with ``--address``.
@@ -8,7 +8,6 @@ points a subprocess CLI at it with ``--address``.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import signal
@@ -23,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from interrupts import interrupt_when
 
-from pipeline.config import Config, LabelConfig, RunConfig
+from pipeline.config import LabelConfig, RunConfig
 from pipeline.datasets.base import box_to_mask
 from pipeline.errors import PipelineError
-from pipeline.label_service import NAMESPACE, LabelService, init_ray, label_digest, resolve_gpus_per_worker
-from pipeline.shards import ShardMeta, ShardWriter, check_resumable, decode_rle, read_manifest, read_rejects
+from pipeline.label_service import NAMESPACE, LabelService, init_ray
+from pipeline.shards import decode_rle, read_manifest, read_rejects
 
 ray = pytest.importorskip("ray")
 
@@ -168,32 +167,6 @@ def test_rejects_and_named_actors_while_running_on_workers_without_a_dataset(clu
     assert len(read_rejects(tmp_path / "out")) == 4
 
 
-def test_checkpoints_load_safely_or_fail_in_one_line(tmp_path, capsys):
-    import torch
-
-    from pipeline.cli import main
-    from pipeline.label_service import load_checkpoint
-
-    unknown = tmp_path / "unknown.pt"
-    torch.save({"network": "mystery-net", "state_dict": {"w": torch.zeros(2)}}, unknown)
-    with pytest.raises(PipelineError, match=r"unknown.pt: checkpoint names network 'mystery-net'"):
-        load_checkpoint(unknown)
-    torch.save({"state_dict": {}}, tmp_path / "anon.pt")
-    with pytest.raises(PipelineError, match="anon.pt: checkpoint does not name its network"):
-        load_checkpoint(tmp_path / "anon.pt")
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(PipelineError, match="junk.pt: cannot load checkpoint with weights_only=True"):
-        load_checkpoint(tmp_path / "junk.pt")
-    torch.save({"network": collections.OrderedDict, "x": object()}, tmp_path / "pickle.pt")  # not weights-only
-    with pytest.raises(PipelineError, match="pickle.pt: cannot load checkpoint with weights_only=True"):
-        load_checkpoint(tmp_path / "pickle.pt")
-    # The CLI refuses before generating data or starting Ray.
-    assert main(["label", "--out", str(tmp_path / "out"), "--checkpoint", str(unknown)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown.pt: checkpoint names network 'mystery-net'" in err[0]
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.slow
 def test_limit_labels_a_prefix_and_strict_stops_at_the_first_bad_input(cluster, tmp_path):
     root = labelkit.write_folder_dataset(tmp_path / "data", n=8, corrupt=(5,))
@@ -241,13 +214,53 @@ def test_an_image_that_kills_its_worker_is_rejected_and_reaches_the_progress_cal
     root = labelkit.write_folder_dataset(tmp_path / "data", n=8)
     out, events = tmp_path / "out", []
     summary = service(out, root, labelkit.BoxLabelerFactory(die_on=("im003",)), max_task_retries=0,
-                      max_restarts=5, max_attempts=2, max_inflight=1).run(events.append)
+                      max_restarts=5, max_attempts=2).run(events.append)
     assert_exactly_once(out, labelkit.FolderDataset(str(root)), rejected=("im003",))
     assert [r for r in read_rejects(out) if r["stage"] == "label"] == [
         {"image_id": "im003", "file": "img-003.png", "stage": "label",
          "reason": "lost 2 times while labeling it (last time: its label worker died)"}]
     assert (summary.images_labeled, summary.rejects, summary.dataset_rejects) == (7, 1, 1)
     assert sum(e["images"] + e["rejects"] for e in events) == 8        # the progress bar reaches its total
+
+
+@pytest.mark.slow
+def test_the_scheduler_hands_each_image_once_to_the_sink_it_is_given(cluster, tmp_path):
+    """The scheduler alone, with a recording sink and no shard writer: every image reaches the sink once, as
+    rows, a reject, or lost (im003 kills each worker that takes it)."""
+    from pipeline.label_service import LabelWorker, Scheduler
+
+    class Recording:
+        def __init__(self):
+            self.labeled, self.rejected, self.lost_ = [], [], []
+
+        def finished(self, image_id):
+            return image_id in self.labeled or image_id in self.rejected
+
+        def add(self, results, worker, keep_rejects=True):
+            for res in results:
+                if "table" in res and not self.finished(res["image_id"]):
+                    self.labeled.append(res["image_id"])
+                elif "table" not in res and keep_rejects:
+                    self.rejected.append(res["image_id"])
+
+        def lost(self, sample, attempts, why, worker):
+            self.lost_.append((sample.image_id, attempts, why))
+
+    dataset = labelkit.FolderDataset(str(labelkit.write_folder_dataset(tmp_path / "data", n=8, corrupt=(5,))))
+    remote = ray.remote(LabelWorker).options(num_cpus=1, max_restarts=5, max_task_retries=0)
+    workers = [remote.remote(i, {24: "person", 26: "car"}, labelkit.BoxLabelerFactory(die_on=("im003",)), 0,
+                             "box-prior", "cpu") for i in range(2)]
+    try:
+        sink = Recording()
+        scheduler = Scheduler(workers, LabelConfig(batch_images=2, max_attempts=2), list(dataset), sink)
+        scheduler.run()
+    finally:
+        for w in workers:
+            ray.kill(w, no_restart=True)
+    assert sorted(sink.labeled) == sorted({s.image_id for s in dataset} - {"im003", "im005"})
+    assert sink.rejected == ["im005"]
+    assert sink.lost_ == [("im003", 2, "its label worker died")]
+    assert scheduler.batches_timed_out == 0 and not scheduler.hung()
 
 
 @pytest.mark.slow
@@ -304,69 +317,6 @@ def test_label_help_documents_retry_rejects(capsys):
         main(["label", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--retry-rejects" in text and "dataset-level rejects stay" in text
-
-
-def test_auto_worker_count_fits_the_cluster():
-    from pipeline.label_service import resolve_workers
-
-    assert resolve_workers("auto", {"CPU": 2.0}, 1.0, -1.0) == 2
-    assert resolve_workers("auto", {"CPU": 16.0}, 3.0, -1.0) == 5
-    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, -1.0) == 2          # one GPU each
-    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, 0.5) == 4           # half a GPU each
-    assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, -1.0, "cpu") == 16  # CPU teacher
-    assert resolve_workers(3, {"CPU": 2.0}, 1.0, -1.0) == 3   # as given; the resource check names the shortfall
-    with pytest.raises(PipelineError, match="label.workers: auto: the Ray cluster has 1 CPUs"):
-        resolve_workers("auto", {"CPU": 1.0}, 2.0, -1.0)
-    with pytest.raises(PipelineError, match="at least 1 or auto"):
-        resolve_workers(0, {"CPU": 2.0}, 1.0, -1.0)
-
-
-def test_gpus_per_worker_defaults_to_an_equal_share_of_the_cluster_gpus():
-    assert LabelConfig().gpus_per_worker < 0                               # auto
-    assert resolve_gpus_per_worker(-1.0, 0.0, 2) == 0.0                    # no GPU in the cluster
-    assert resolve_gpus_per_worker(-1.0, 8.0, 2) == 1.0                    # at most one each
-    assert resolve_gpus_per_worker(-1.0, 2.0, 2) == 1.0
-    assert resolve_gpus_per_worker(-1.0, 1.0, 2) == 0.5
-    share = resolve_gpus_per_worker(-1.0, 1.0, 3)
-    assert share == 0.3333 and 3 * share <= 1.0                            # the shares fit
-    assert resolve_gpus_per_worker(-1.0, 4.0, 2, device="cpu") == 0.0      # teacher pinned to the CPU
-    assert resolve_gpus_per_worker(-1.0, 4.0, 2, device="cuda") == 1.0
-    assert resolve_gpus_per_worker(0.0, 4.0, 2) == 0.0                     # an explicit value wins
-    assert resolve_gpus_per_worker(0.25, 0.0, 2) == 0.25
-
-
-def test_resume_digest_identifies_coco_annotations_by_content(tmp_path, monkeypatch):
-    import json
-
-    def write(path, box):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 9, "width": 9}],
-                                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}],
-                                    "categories": [{"id": 1, "name": "a"}]}))
-
-    def digest(ann):
-        cfg = Config()
-        cfg.dataset.name, cfg.dataset.root, cfg.dataset.ann = "coco", str(tmp_path), str(ann)
-        return label_digest(cfg, "box-prior", 0)
-
-    write(tmp_path / "A.json", [1, 1, 4, 4])
-    monkeypatch.chdir(tmp_path)
-    first = digest("A.json")
-    assert digest("./A.json") == first and digest(tmp_path / "A.json") == first
-    write(tmp_path / "moved" / "B.json", [1, 1, 4, 4])
-    assert digest(tmp_path / "moved" / "B.json") == first                  # same bytes elsewhere: same run
-    meta = ShardMeta(dataset="coco", split="train", data_root=str(tmp_path), classes=[{"id": 1, "name": "a"}],
-                     config_digest=first, teacher="box-prior", round=0)
-    with ShardWriter(tmp_path / "out", meta):
-        pass
-    assert check_resumable(tmp_path / "out", meta) is not None
-    write(tmp_path / "A.json", [1, 1, 4, 5])                                # a box edited in place
-    edited = digest("A.json")
-    assert edited != first
-    with pytest.raises(PipelineError, match="holds shards of another config"):
-        check_resumable(tmp_path / "out", dataclasses.replace(meta, config_digest=edited))
-    with pytest.raises(PipelineError, match="missing.json: cannot read the annotation file"):
-        digest("missing.json")
 
 
 N_TOY = 8
@@ -438,59 +388,3 @@ def test_driver_killed_then_interrupted_then_resumed_with_the_box_prior_teacher(
         outside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = False
         assert not (mask & outside).any()                # teacher masks stay inside their box
         assert 0.0 <= r["score"] <= 1.0
-
-
-def test_workers_keep_instance_ids_only_of_images_in_the_teachers_bank():
-    """``_bank_image_ids`` reads the real memory bank (the worker prunes its image -> instance ids map to it)."""
-    import torch
-
-    from pipeline.label_service import _bank_image_ids
-    from teacher import StructuredTeacher
-    from teacher.config import TeacherConfig
-
-    teacher = StructuredTeacher.box_prior(TeacherConfig(device="cpu"))
-    teacher.bank = type(teacher.bank)(dataclasses.replace(teacher.config.bank, capacity=2))
-    assert _bank_image_ids(teacher) == set()
-    for k, image_id in enumerate(["a", "b", "c"]):
-        teacher.bank.push(24, torch.zeros(4, 7, 7), torch.zeros(56, 56), torch.tensor([0.0, 0.0, 40.0, 40.0]),
-                          image_id, k)
-    assert _bank_image_ids(teacher) == {"b", "c"}                 # "a" left the FIFO
-    assert _bank_image_ids(labelkit.BoxLabeler()) == set()
-    assert _bank_image_ids(object()) is None                     # a labeler without a bank: keep everything
-
-
-def test_label_images_batches_a_teacher_that_can_and_isolates_a_failing_image():
-    import types
-
-    from pipeline.label_service import label_images, sample_rows
-    from teacher import StructuredTeacher
-    from teacher.config import TeacherConfig
-
-    rng = np.random.default_rng(0)
-    loaded = []
-    for k in range(3):
-        image = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
-        sample = types.SimpleNamespace(image_id=f"im{k}", file_name=f"im{k}.png", height=40, width=50,
-                                       boxes=np.array([[5, 5, 30, 35]], np.float32), classes=np.array([1]),
-                                       instance_ids=np.array([7]))
-        loaded.append((sample, image, None))
-    loaded[1] = (loaded[1][0], loaded[1][1][:, :, :2], None)  # a 2-channel image: the teacher refuses it
-    calls = []
-
-    class Counting(StructuredTeacher):
-        def label_batch(self, *args, **kwargs):
-            calls.append(len(args[0]))
-            return super().label_batch(*args, **kwargs)
-
-    out = label_images(Counting(None, TeacherConfig(network_batch=4)), loaded)
-    assert calls == [3] and isinstance(out[1], ValueError) and "RGB" in str(out[1])
-    table = sample_rows(loaded[2][0], out[2], {1: "thing"}, 0, "box-prior")
-    assert table.column("instance_id").to_pylist() == [7] and table.column("category").to_pylist() == ["thing"]
-    # A teacher without label_batch (the tests' simple labelers) goes image by image, with the same isolation.
-    plain = types.SimpleNamespace(label=lambda image, boxes, classes, depth=None, image_id=None: (
-        [types.SimpleNamespace(mask=np.zeros(image.shape[:2], bool), score=0.5)] if image.shape[2] == 3
-        else 1 / 0))
-    out = label_images(plain, loaded)
-    assert isinstance(out[1], ZeroDivisionError) and len(out[0]) == len(out[2]) == 1
-    with pytest.raises(RuntimeError, match="teacher returned 2 labels for 1 boxes"):
-        sample_rows(loaded[0][0], out[0] * 2, {}, 0, "box-prior")

@@ -171,9 +171,13 @@ def test_the_config_digest_covers_the_unary_mode_with_a_network_only():
     fused = load_config(config_path_for("toy"), ["teacher.fusion.prior_weight=0.25"])
     network = load_config(config_path_for("toy"), ["teacher.unary=network"])
     batch = load_config(config_path_for("toy"), ["teacher.network_batch=1"])
-    assert len({label_digest(c, "abc", 1) for c in (cfg, fused, network)}) == 3
-    assert label_digest(batch, "abc", 1) == label_digest(cfg, "abc", 1)
-    assert label_digest(network, "box-prior", 0) == label_digest(cfg, "box-prior", 0)
+    def digest(c, teacher_id, round_):
+        return label_digest("d", c.teacher, teacher_id, round_)
+
+    assert len({digest(c, "abc", 1) for c in (cfg, fused, network)}) == 3
+    assert digest(batch, "abc", 1) == digest(cfg, "abc", 1)
+    assert digest(network, "box-prior", 0) == digest(cfg, "box-prior", 0)
+    assert len({label_digest(d, cfg.teacher, "abc", r) for d in ("d", "e") for r in (0, 1)}) == 4
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -5,6 +5,8 @@ Ground-truth masks are reachable only through ``pipeline.evaluation`` (which cal
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
@@ -136,6 +138,21 @@ class Dataset:
             if c.id == int(category_id):
                 return c.name
         return str(category_id)
+
+    def fingerprint(self) -> str:
+        """Digest (16 hex) of what labeling reads from this dataset: its kind, split and categories, and each
+        sample's id, file name (relative to the root), size, boxes, classes, instance ids, ignore regions and
+        whether it has depth. The root path is left out (the same data moved elsewhere has the same
+        fingerprint) and so are the pixels (hashing every image would cost a read of the dataset); an edited box
+        or another toy generation gives another fingerprint."""
+        h = hashlib.sha256(json.dumps([self.name, self.split, [[c.id, c.name] for c in self.categories]]).encode())
+        for s in self._samples:
+            h.update(json.dumps([s.image_id, s.file_name, int(s.height), int(s.width), bool(s.has_depth)]).encode())
+            for values, dtype in ((s.boxes, np.float32), (s.classes, np.int64), (s.instance_ids, np.int64),
+                                  (s.ignore_boxes, np.float32), (s.ignore_classes, np.int64)):
+                array = np.ascontiguousarray(values, dtype)
+                h.update(repr(array.shape).encode() + array.tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def has_depth(self) -> bool:

@@ -1,0 +1,243 @@
+"""One labeling run into a shard directory: ``LabelService`` starts the workers, runs the ``Scheduler`` with a
+``ShardSink`` that streams results into a ``ShardWriter``, and stops the workers. Exactly once across
+interruptions: the writer drops a result for an image already finished, and a re-run skips finished images."""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..config import LabelConfig
+from ..datasets.base import Dataset, Sample
+from ..errors import PipelineError, one_line
+from ..shards import ShardMeta, ShardWriter, check_resumable
+from .cluster import NAMESPACE, actor_name, check_fits, resolve_gpus_per_worker, resolve_workers
+from .scheduler import Scheduler
+from .worker import LabelWorker
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class LabelSummary:
+    images_total: int = 0             # images of the dataset (after --limit)
+    images_skipped: int = 0           # finished by an earlier run
+    images_labeled: int = 0           # labeled by this run
+    instances: int = 0
+    rejects: int = 0                  # images rejected by this run ("load" and "label" stages)
+    dataset_rejects: int = 0          # items the dataset loader rejected ("dataset" stage; every run)
+    images_retried: int = 0           # earlier rejects retried by this run (--retry-rejects)
+    batches_timed_out: int = 0        # batches re-issued after label.batch_timeout_s
+    shards: int = 0                   # shards written by this run
+    seconds: float = 0.0
+    labeling_seconds: float = 0.0     # from all workers ready to the last result (no startup)
+    worker_stats: list[dict] = field(default_factory=list)
+    driver_peak_rss_mib: float = 0.0
+
+    def line(self) -> str:
+        rate = self.images_labeled / self.seconds if self.seconds > 0 else 0.0
+        retried = f" ({self.images_retried} earlier rejects retried)" if self.images_retried else ""
+        return (f"labeled {self.images_labeled} images ({self.instances} instances, {rate:.2f} images/s), "
+                f"{self.rejects} rejected{retried}, {self.dataset_rejects} rejected by the dataset loader, "
+                f"{self.images_skipped} already done, {self.shards} shards written in {self.seconds:.1f} s")
+
+
+class ShardSink:
+    """The ``ResultSink`` of a run: rows and rejects into ``writer``, counts into ``summary``, and after each
+    batch (and each lost image) ``progress({"images", "instances", "rejects", "worker"})``. With ``strict`` the
+    first image the teacher or the loader rejects stops the run."""
+
+    def __init__(self, writer: ShardWriter, summary: LabelSummary, progress: Optional[Progress] = None,
+                 strict: bool = False):
+        self.writer = writer
+        self.summary = summary
+        self.progress = progress
+        self.strict = strict
+
+    def finished(self, image_id: str) -> bool:
+        return self.writer.has(image_id)
+
+    def add(self, results: list[dict], worker: int, keep_rejects: bool = True) -> None:
+        images = instances = rejects = 0
+        for res in results:
+            image_id = res["image_id"]
+            if "table" in res:
+                if self.writer.add(image_id, res["table"], res.get("empty")):
+                    images += 1
+                    instances += res["table"].num_rows
+            elif keep_rejects and not self.writer.has(image_id):
+                self.writer.reject(image_id, res["file"], res["reason"], res["stage"])
+                rejects += 1
+                if self.strict:
+                    raise PipelineError(res["file"] or image_id, f"{res['reason']} (--strict stops at the first "
+                                                                  f"bad input)")
+        self._count(images, instances, rejects, worker)
+
+    def lost(self, sample: Sample, attempts: int, why: str, worker: int) -> None:
+        self.writer.reject(sample.image_id, sample.file_name,
+                           f"lost {attempts} times while labeling it (last time: {why})", "label")
+        self._count(0, 0, 1, worker)
+
+    def _count(self, images: int, instances: int, rejects: int, worker: int) -> None:
+        self.summary.images_labeled += images
+        self.summary.instances += instances
+        self.summary.rejects += rejects
+        if self.progress is not None:
+            self.progress({"images": images, "instances": instances, "rejects": rejects, "worker": worker})
+
+
+class LabelService:
+    """Driver of one labeling run into ``out_dir`` (call ``init_ray`` first).
+
+    ``dataset`` is read in the driver only; its samples travel to the workers in the batches.
+    ``retry_rejects``: images an earlier run rejected at the "load" or "label" stage are labeled again
+    (their reject lines are dropped; a new failure is recorded again).
+    """
+
+    def __init__(self, label_cfg: LabelConfig, out_dir: str | os.PathLike, dataset: Dataset,
+                 teacher_factory: Callable[[str], Any], teacher_id: str, config_digest: str, round_: int = 0,
+                 device: str = "auto", overwrite: bool = False, limit: Optional[int] = None,
+                 strict: bool = False, dataset_name: Optional[str] = None, retry_rejects: bool = False):
+        self.cfg = label_cfg
+        self.out_dir = Path(out_dir)
+        self.dataset = dataset
+        self.teacher_factory = teacher_factory
+        self.teacher_id = teacher_id
+        self.round = round_
+        self.device = device
+        self.overwrite = overwrite
+        self.limit = limit
+        self.strict = strict
+        self.retry_rejects = retry_rejects
+        self.category_names = {int(c.id): c.name for c in dataset.categories}
+        self.meta = ShardMeta(
+            dataset=dataset_name or dataset.name, split=dataset.split, data_root=str(Path(dataset.root).resolve()),
+            classes=[{"id": int(c.id), "name": c.name} for c in dataset.categories],
+            config_digest=config_digest, teacher=teacher_id, round=round_)
+        self.workers: list = []
+        self.gpus_per_worker = 0.0
+
+    def check_out_dir(self) -> None:
+        """Fail before any Ray work when ``out_dir`` holds shards this run must not add to."""
+        if not self.overwrite:
+            check_resumable(self.out_dir, self.meta)
+
+    # -- actors
+    def _start_workers(self) -> list:
+        import ray
+
+        if self.cfg.batch_timeout_s <= 0:
+            raise PipelineError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
+        resources = ray.cluster_resources()
+        n = resolve_workers(self.cfg.workers, resources, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker,
+                            self.device)
+        log.info("label workers: %d (label.workers %s, cluster %g CPUs, %g GPUs)", n, self.cfg.workers,
+                 resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        self.gpus_per_worker = resolve_gpus_per_worker(self.cfg.gpus_per_worker, resources.get("GPU", 0.0), n,
+                                                       self.device)
+        check_fits(n, resources, self.cfg.cpus_per_worker, self.gpus_per_worker)
+        remote = ray.remote(LabelWorker)
+        actors = []
+        for i in range(n):
+            actors.append(self._create_actor(remote, i))
+        self.workers = actors
+        try:
+            infos = ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayActorError as exc:
+            raise PipelineError("label worker", f"failed to start: {one_line(exc, last=True)}") from None
+        for info in infos:
+            log.info("%s: pid %d on %s (%g CPUs, %g GPUs)", actor_name(info["index"]), info["pid"],
+                     info["device"], self.cfg.cpus_per_worker, self.gpus_per_worker)
+        return actors
+
+    def _create_actor(self, remote, i: int):
+        options = dict(name=actor_name(i), namespace=NAMESPACE, num_cpus=self.cfg.cpus_per_worker,
+                       num_gpus=self.gpus_per_worker, max_restarts=self.cfg.max_restarts,
+                       max_task_retries=self.cfg.max_task_retries)
+        deadline = time.monotonic() + 15.0
+        while True:
+            try:
+                return remote.options(**options).remote(
+                    i, self.category_names, self.teacher_factory, self.round, self.teacher_id,
+                    self.device, max(1, int(self.cfg.cpus_per_worker)))
+            except ValueError as exc:
+                # The name of a worker from a run that just ended is released asynchronously.
+                if "already taken" not in str(exc) or time.monotonic() > deadline:
+                    raise PipelineError(actor_name(i), f"actor name taken in namespace {NAMESPACE!r}: is another "
+                                                       f"label run using this Ray cluster?") from None
+                time.sleep(0.5)
+
+    def _stop_workers(self, hung: set[int] = frozenset()) -> list[dict]:
+        """Kill the workers; returns the stats of those that answer (``hung`` ones are not asked: their
+        answer would queue behind the batch they are stuck in)."""
+        import ray
+
+        stats = []
+        if self.workers:
+            refs = [a.stats.remote() for i, a in enumerate(self.workers) if i not in hung]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
+            for ref in ready:
+                try:
+                    stats.append(ray.get(ref))
+                except ray.exceptions.RayError:
+                    pass
+        for a in self.workers:
+            ray.kill(a, no_restart=True)
+        self.workers = []
+        return sorted(stats, key=lambda s: s["index"])
+
+    # -- the run
+    def run(self, progress: Optional[Progress] = None,
+            on_start: Optional[Callable[[int, int], None]] = None) -> LabelSummary:
+        """Label every unfinished image. ``on_start(todo, skipped)`` is called once the shard directory is
+        open; ``progress`` after each batch, and for images rejected after being lost too often, with
+        ``{"images", "instances", "rejects", "worker"}`` (``images`` + ``rejects`` over a run add up
+        to ``todo``; the callback may inspect or even kill workers: the run survives it)."""
+        t0 = time.monotonic()
+        summary = LabelSummary()
+        samples = list(self.dataset)
+        if self.limit is not None:
+            samples = samples[: self.limit]
+        summary.images_total = len(samples)
+        retry = {s.image_id for s in samples} if self.retry_rejects else False
+        with ShardWriter(self.out_dir, self.meta, self.cfg.shard_rows, overwrite=self.overwrite,
+                         retry_rejects=retry) as writer:
+            if writer.removed:
+                log.info("removed unfinished files of an interrupted run: %s", ", ".join(writer.removed))
+            summary.images_retried = len(writer.retried)
+            if writer.retried:
+                log.info("retrying %d images rejected by an earlier run", len(writer.retried))
+            for rej in self.dataset.rejects:
+                writer.reject(None, rej.where, rej.problem, "dataset")
+            summary.dataset_rejects = len(self.dataset.rejects)
+            shards_before = len(writer.entries)
+            todo = [s for s in samples if s.image_id not in writer.done]
+            summary.images_skipped = len(samples) - len(todo)
+            if on_start is not None:
+                on_start(len(todo), summary.images_skipped)
+            if todo:
+                self._start_workers()
+                hung: set[int] = set()
+                try:
+                    t_ready = time.monotonic()
+                    scheduler = Scheduler(self.workers, self.cfg, todo,
+                                          ShardSink(writer, summary, progress, self.strict))
+                    try:
+                        scheduler.run()
+                    finally:
+                        hung = scheduler.hung()
+                        summary.batches_timed_out = scheduler.batches_timed_out
+                    summary.labeling_seconds = time.monotonic() - t_ready
+                    writer.flush()
+                finally:
+                    summary.worker_stats = self._stop_workers(hung)
+            summary.shards = len(writer.entries) - shards_before
+        summary.seconds = time.monotonic() - t0
+        summary.driver_peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return summary
