@@ -1,25 +1,29 @@
-"""Loader for the C++/OpenMP and CUDA extensions in `kernels/csrc`, built at install and loaded at run time.
+"""The C++/OpenMP and CUDA extensions in `kernels/csrc`: built at install, loaded at run time.
 
-`scripts/setup.sh` runs `python -m kernels.extension`, which compiles every CPU extension (and the CUDA one where a
-CUDA toolkit is present and a GPU, or `TORCH_CUDA_ARCH_LIST`, says what to build for) with
-`torch.utils.cpp_extension.load` into a per-user build directory (`$BOXMASK_EXTENSIONS_DIR`, else
-`$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>-<cpu>`, else `~/.cache/...`). At run time the `load_*`
-functions import those builds; torch rebuilds only when the sources or flags change, and its file lock makes
-concurrent first uses safe. An extension not built at install is compiled on first use, after one warning saying
-so (a label worker does this while starting, not inside a batch). When a build fails (no compiler, no CUDA
-toolkit), the loader warns once and returns None, and callers fall back to the PyTorch reference.
+`pip install` (which `scripts/setup.sh` runs) compiles every CPU extension, and the CUDA one where a CUDA toolkit
+is present and a GPU or `TORCH_CUDA_ARCH_LIST` says what to build for, into this package as `kernels.<name>`
+(`setup.py` takes the list and flags from `SPECS` here). Each build carries the digest of its sources, flags, torch
+version and CPU kind (`source_digest`), and the `load_*` functions use it only while it matches. Otherwise (not
+built at install, csrc/ edited since, another torch or CPU) the extension is compiled on first use, after one
+warning saying why, with `torch.utils.cpp_extension.load` into a per-user directory (`$BOXMASK_EXTENSIONS_DIR`,
+else `$XDG_CACHE_HOME/boxmask/torch_extensions/<python>-<torch>-<cpu>`, else `~/.cache/...`); torch's file lock
+makes concurrent first uses safe, and a label worker does this while starting, not inside a batch. When a build
+fails (no compiler, no CUDA toolkit), the loader warns once and returns None, and callers fall back to the
+PyTorch reference.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -31,8 +35,6 @@ CUDA_MODULE = "boxmask_message_passing_cuda"
 MEANFIELD_CPU_MODULE = "boxmask_meanfield_cpu"
 SINKHORN_CPU_MODULE = "boxmask_sinkhorn_cpu"
 CUDA_EMULATION_MODULE = "boxmask_message_passing_cuda_emulation"
-# What an install builds (the CUDA emulation is for tests only).
-INSTALLED = (CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE, CUDA_MODULE)
 
 
 def _cpu_tag() -> str:
@@ -81,33 +83,93 @@ def _nvcc_library_dirs(cuda_home: str | None) -> list[str]:
     return [d for d in dirs if any(Path(d).glob("libcudart.so*"))]
 
 
-def _build(name: str, sources: list[Path], cuda: bool, cflags: tuple[str, ...] = ()) -> ModuleType:
-    """Compile (or reuse the cached build of) one extension and import it; raises when the build fails.
+@dataclass(frozen=True)
+class Spec:
+    """One extension: its sources under csrc/, whether nvcc builds part of it, and its own host-compiler flags."""
 
-    cflags: extra host-compiler flags for this extension only."""
+    name: str
+    sources: tuple[str, ...]
+    cuda: bool = False
+    cflags: tuple[str, ...] = ()
+    installed: bool = True              # built by an install (the CUDA emulation is for tests only)
+
+
+SPECS = {spec.name: spec for spec in (
+    Spec(CPU_MODULE, ("message_passing_cpu.cpp",)),
+    # -fno-trapping-math lets their exp and selects vectorise (nothing reads the floating-point exception flags).
+    Spec(MEANFIELD_CPU_MODULE, ("meanfield_cpu.cpp",), cflags=("-fno-trapping-math",)),
+    Spec(SINKHORN_CPU_MODULE, ("sinkhorn_cpu.cpp",), cflags=("-fno-trapping-math",)),
+    Spec(CUDA_MODULE, ("message_passing_cuda.cpp", "message_passing_cuda.cu"), cuda=True),
+    Spec(CUDA_EMULATION_MODULE, ("message_passing_cuda_emulation.cpp",), installed=False),
+)}
+# Built on the machine that runs it: -march=native lets the loops use its widest vectors.
+BASE_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def source_digest(spec: Spec) -> str:
+    """Digest (16 hex) of what a build of ``spec`` depends on: its sources, the shared headers, its flags, torch's
+    version and this CPU's kind (-march=native). Compiled into the module (``source_digest``), so an installed
+    build that no longer matches is not used, and in the fallback build's flags, so torch rebuilds it."""
+    h = hashlib.sha256(repr((spec.sources, spec.cflags, BASE_CFLAGS, torch.__version__, _cpu_tag())).encode())
+    for path in [CSRC / s for s in spec.sources] + sorted(CSRC.glob("*.h")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _flags(spec: Spec) -> tuple[list[str], list[str], list[str] | None]:
+    """(host-compiler flags, linker flags, nvcc flags): the same for the install build and the fallback build."""
     from torch.utils import cpp_extension
 
-    build_dir = build_root() / name
-    if name in INSTALLED and not _built(name):
-        warnings.warn(f"kernels: the {name} extension was not built at install (./scripts/setup.sh, or python -m "
-                      f"kernels.extension, builds it into {build_root()}); compiling it now", RuntimeWarning,
-                      stacklevel=4)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # torch decides whether to rebuild from the sources and flags alone: a digest of the shared headers in the
-    # flags makes a header change rebuild every extension that may include it.
-    headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
-    cflags = (*cflags, f"-DBOXMASK_HEADERS_{headers}")
+    cflags = [*BASE_CFLAGS, *spec.cflags, f"-DBOXMASK_SOURCE_DIGEST=d{source_digest(spec)}"]
     ldflags = ["-fopenmp"]
-    if cuda:
+    if spec.cuda:
         ldflags += [f"-L{d}" for d in _nvcc_library_dirs(cpp_extension.CUDA_HOME)]
+    return cflags, ldflags, (["-O3"] if spec.cuda else None)
+
+
+def _installed(spec: Spec) -> tuple[ModuleType | None, str]:
+    """The build an install put in this package (``kernels.<name>``), or None and why it cannot be used."""
+    try:
+        module = importlib.import_module(f"{__package__ or 'kernels'}.{spec.name}")
+    except ModuleNotFoundError:
+        return None, "was not built at install"
+    except Exception as exc:  # noqa: BLE001 - e.g. built against another torch: undefined symbols
+        return None, f"has an install build that does not load ({_first_error_line(exc)})"
+    if getattr(module, "source_digest", "") != f"d{source_digest(spec)}":
+        return None, "has an install build older than its sources, torch or this CPU"
+    return module, ""
+
+
+def _cached(spec: Spec) -> bool:
+    """Whether the fallback build directory holds a build of the current sources and flags."""
+    build_dir = build_root() / spec.name
+    ninja = build_dir / "build.ninja"
+    return ((build_dir / f"{spec.name}.so").exists() and ninja.exists()
+            and f"d{source_digest(spec)}" in ninja.read_text(errors="replace"))
+
+
+def _build(name: str) -> ModuleType:
+    """The install build of one extension when it matches its sources, else the fallback build (compiled, with one
+    warning, when missing or out of date); raises when the build fails."""
+    from torch.utils import cpp_extension
+
+    spec = SPECS[name]
+    module, why = _installed(spec) if spec.installed else (None, "")
+    if module is not None:
+        return module
+    build_dir = build_root() / name
+    if spec.installed and not _cached(spec):
+        warnings.warn(f"kernels: the {name} extension {why}; compiling it now into {build_dir} (about a minute; "
+                      f"./scripts/setup.sh or pip install builds it once)", RuntimeWarning, stacklevel=4)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cflags, ldflags, nvcc = _flags(spec)
     return cpp_extension.load(
         name=name,
-        sources=[str(s) for s in sources],
-        # Built on first use on the machine that runs it: -march=native lets the loops use its widest vectors.
-        extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
+        sources=[str(CSRC / s) for s in spec.sources],
+        extra_cflags=cflags,
         extra_ldflags=ldflags,
-        extra_cuda_cflags=["-O3"] if cuda else None,
-        with_cuda=cuda,
+        extra_cuda_cflags=nvcc,
+        with_cuda=spec.cuda,
         build_directory=str(build_dir),
         verbose=False,
     )
@@ -123,21 +185,18 @@ def _first_error_line(exc: BaseException) -> str:
 
 def build_cpu() -> ModuleType:
     """Compile (or reuse) the C++/OpenMP message-passing extension; raises when it cannot be built."""
-    return _build(CPU_MODULE, [CSRC / "message_passing_cpu.cpp"], cuda=False)
+    return _build(CPU_MODULE)
 
 
 def build_meanfield_cpu() -> ModuleType:
-    """Compile (or reuse) the fused C++/OpenMP soft mean-field extension; raises when it cannot be built.
-
-    -fno-trapping-math lets its exp and selects vectorise (nothing reads the floating-point exception flags).
-    """
-    return _build(MEANFIELD_CPU_MODULE, [CSRC / "meanfield_cpu.cpp"], cuda=False, cflags=("-fno-trapping-math",))
+    """Compile (or reuse) the fused C++/OpenMP soft mean-field extension; raises when it cannot be built."""
+    return _build(MEANFIELD_CPU_MODULE)
 
 
 def build_sinkhorn_cpu() -> ModuleType:
     """Compile (or reuse) the C++/OpenMP Sinkhorn extension (absorbed kernel, scaling iterations); raises when it
-    cannot be built. -fno-trapping-math: see `build_meanfield_cpu`."""
-    return _build(SINKHORN_CPU_MODULE, [CSRC / "sinkhorn_cpu.cpp"], cuda=False, cflags=("-fno-trapping-math",))
+    cannot be built."""
+    return _build(SINKHORN_CPU_MODULE)
 
 
 def build_cuda() -> ModuleType:
@@ -145,13 +204,13 @@ def build_cuda() -> ModuleType:
 
     Without a visible GPU, torch compiles for every architecture it knows unless TORCH_CUDA_ARCH_LIST is set.
     """
-    return _build(CUDA_MODULE, [CSRC / "message_passing_cuda.cpp", CSRC / "message_passing_cuda.cu"], cuda=True)
+    return _build(CUDA_MODULE)
 
 
 def build_cuda_emulation() -> ModuleType:
     """Compile (or reuse) the CPU emulation of the CUDA message-passing kernel (tests only: it checks the
     kernel's per-thread code without a GPU); raises when it cannot be built."""
-    return _build(CUDA_EMULATION_MODULE, [CSRC / "message_passing_cuda_emulation.cpp"], cuda=False)
+    return _build(CUDA_EMULATION_MODULE)
 
 
 def _load_or_warn(name: str, build) -> ModuleType | None:
@@ -191,15 +250,16 @@ def load_cuda() -> ModuleType | None:
     return _load_or_warn(CUDA_MODULE, build_cuda)
 
 
-def _built(name: str) -> bool:
-    return (build_root() / name / f"{name}.so").exists()
+def _ready(name: str) -> bool:
+    spec = SPECS[name]
+    return _installed(spec)[0] is not None or _cached(spec)
 
 
 def missing_builds(device: str = "cpu") -> list[str]:
-    """The extensions ``device`` uses that this machine has no build of (an install builds them all)."""
+    """The extensions ``device`` uses that neither the install nor the fallback directory has a current build of."""
     names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if device.startswith("cuda")
                                                                        else [])
-    return [n for n in names if not _built(n)]
+    return [n for n in names if not _ready(n)]
 
 
 def load_all(device: str = "cpu") -> dict[str, bool]:
@@ -223,22 +283,57 @@ def _cuda_targets() -> str:
     return "the visible GPU" if torch.cuda.is_available() else ""
 
 
+def setuptools_extensions() -> tuple[list, dict]:
+    """``ext_modules`` and ``cmdclass`` for setup.py: every installed extension this machine can build, as
+    ``kernels.<name>``, with the flags of the fallback build. A build that fails leaves its extension out of the
+    install (compiled on first use, or the PyTorch reference runs) instead of failing the install."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    class BuildOptional(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - setuptools skips copying an optional extension not built
+                self.warn(f"kernels: {ext.name} not built ({_first_error_line(exc)}); it is compiled on first use, "
+                          f"or the PyTorch reference runs")
+
+    targets = _cuda_targets()
+    modules = []
+    for spec in SPECS.values():
+        if not spec.installed or (spec.cuda and not targets):
+            continue
+        cflags, ldflags, nvcc = _flags(spec)
+        sources = [f"kernels/csrc/{s}" for s in spec.sources]
+        if spec.cuda:
+            modules.append(CUDAExtension(f"kernels.{spec.name}", sources, extra_link_args=ldflags, optional=True,
+                                         extra_compile_args={"cxx": cflags, "nvcc": nvcc}))
+        else:
+            modules.append(CppExtension(f"kernels.{spec.name}", sources, extra_compile_args=cflags,
+                                        extra_link_args=ldflags, optional=True))
+    return modules, {"build_ext": BuildOptional}
+
+
 def main() -> int:
-    """``python -m kernels.extension``: build every extension this machine can use (what scripts/setup.sh runs).
-    A failed build is reported and is not an error: the PyTorch reference runs instead."""
+    """``python -m kernels.extension``: say which extensions are ready, and build any this machine can use that
+    the install did not (e.g. after an edit of csrc/) into the fallback directory. A failed build is reported and
+    is not an error: the PyTorch reference runs instead."""
     import time
 
     targets = _cuda_targets()
-    jobs = [(CPU_MODULE, build_cpu), (MEANFIELD_CPU_MODULE, build_meanfield_cpu),
-            (SINKHORN_CPU_MODULE, build_sinkhorn_cpu)] + ([(CUDA_MODULE, build_cuda)] if targets else [])
-    print(f"kernels: C++ extensions in {build_root()} (built when missing or out of date)", file=sys.stderr)
-    for name, build in jobs:
+    names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if targets else [])
+    for name in names:
         t0 = time.monotonic()
+        module, why = _installed(SPECS[name])
+        if module is not None:
+            print(f"kernels: {name} ready (installed in {Path(module.__file__).parent})", file=sys.stderr)
+            continue
         try:
+            done = "ready in" if _cached(SPECS[name]) else "built into"
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # "not built at install": this is the install
-                build()
-            print(f"kernels: {name} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+                warnings.simplefilter("ignore", RuntimeWarning)  # said here, once
+                _build(name)
+            print(f"kernels: {name} {why}: {done} {build_root() / name} ({time.monotonic() - t0:.0f} s)",
+                  file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - reported; the reference is the fallback
             print(f"kernels: {name} not built ({_first_error_line(exc)}); the PyTorch reference will run",
                   file=sys.stderr)

@@ -14,16 +14,19 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
 
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+# Reinstalled (and the C++ extensions rebuilt) when the dependencies, this script or the kernels' sources change.
+want=$(cat pyproject.toml setup.py scripts/setup.sh kernels/extension.py kernels/csrc/* | sha256sum | cut -c1-16)
 if ! [ -x .venv/bin/python ] || [ "$(cat .venv/.deps-hash 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing dependencies into .venv (first run takes a few minutes)" >&2
+  echo "setup: installing dependencies into .venv and building the C++ extensions (first run takes a few minutes)" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # The build requirements (torch among them) first, then the project without build isolation: setup.py compiles
+  # the extensions against the torch they will run with, not a second copy downloaded for the build.
+  .venv/bin/python -m pip install -q $(.venv/bin/python -c 'import tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
   echo "$want" > .venv/.deps-hash
 fi
 
-# The C++ (and, with a CUDA toolkit and a GPU or TORCH_CUDA_ARCH_LIST, CUDA) extensions, built here rather than
-# inside the first labeling batch. They live in a per-user cache keyed by Python, torch and CPU, so this runs every
-# time: a build that is up to date costs about a second per extension.
+# Says which extensions are ready; builds any the install could not (a second or so when all are installed).
 .venv/bin/python -m kernels.extension

@@ -214,28 +214,72 @@ def test_cuda_extension_compiles(monkeypatch):
     assert callable(module.message_passing)
 
 
-def test_an_extension_not_built_at_install_warns_once_and_is_built_on_first_use(tmp_path, monkeypatch, capsys):
-    """Install builds every extension (`python -m kernels.extension`, run by scripts/setup.sh); a load that finds
-    no build says so once, then compiles. torch's compiler is replaced by a stand-in that writes the module file."""
+def test_the_install_build_is_used_while_it_matches_its_sources(capsys):
+    """pip install (run by scripts/setup.sh) builds each CPU extension into the package as kernels.<name>, with the
+    digest of its sources and flags inside; the loader uses it without a word, and so does the setup's check."""
+    for name in (extension.CPU_MODULE, extension.MEANFIELD_CPU_MODULE, extension.SINKHORN_CPU_MODULE):
+        spec = extension.SPECS[name]
+        module, why = extension._installed(spec)
+        if module is None:
+            pytest.skip(f"{name} {why}: ./scripts/setup.sh builds it")
+        assert module.__name__ == f"kernels.{name}" and module.source_digest == f"d{extension.source_digest(spec)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert extension._build(name) is module
+    assert extension.missing_builds("cpu") == []
+    assert extension.main() == 0
+    err = capsys.readouterr().err
+    assert f"kernels: {extension.CPU_MODULE} ready (installed in" in err
+
+
+@pytest.mark.parametrize("installed", ["missing", "stale"])
+def test_an_extension_without_a_current_install_build_warns_once_and_is_compiled_on_first_use(
+        tmp_path, monkeypatch, capsys, installed):
+    """No install build, or one older than its sources (csrc/ edited since the install): the first load says why,
+    once, and compiles into the fallback directory; the next load reuses that build. torch's compiler is replaced by
+    a stand-in that writes the module file and the build file as torch does."""
+    import importlib
+
     from torch.utils import cpp_extension
 
     builds = []
 
-    def fake_load(name, sources, build_directory, **kwargs):
+    def fake_load(name, sources, build_directory, extra_cflags, **kwargs):
         builds.append(name)
         Path(build_directory, f"{name}.so").write_bytes(b"")
+        Path(build_directory, "build.ninja").write_text("cflags = " + " ".join(extra_cflags))
         return types.SimpleNamespace(name=name)
+
+    real_import = importlib.import_module
+
+    def import_module(name, *args):
+        if name.startswith("kernels.boxmask_"):
+            if installed == "missing":
+                raise ModuleNotFoundError(name)
+            return types.SimpleNamespace(source_digest="d0000000000000000")   # built from older sources
+        return real_import(name, *args)
 
     monkeypatch.setenv("BOXMASK_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    with pytest.warns(RuntimeWarning, match="boxmask_message_passing_cpu extension was not built at install"):
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    why = ("was not built at install" if installed == "missing"
+           else "has an install build older than its sources, torch or this CPU")
+    assert extension.missing_builds("cpu") == [extension.CPU_MODULE, extension.MEANFIELD_CPU_MODULE,
+                                               extension.SINKHORN_CPU_MODULE]
+    with pytest.warns(RuntimeWarning, match=f"boxmask_message_passing_cpu extension {why}.*compiling it now"):
         extension.build_cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         extension.build_cpu()                         # built: loaded without a word
         extension.build_cuda_emulation()              # tests-only module: never announced
-    assert extension.main() == 0                      # what setup.sh runs: every CPU extension, quietly
+    assert extension.missing_builds("cpu") == [extension.MEANFIELD_CPU_MODULE, extension.SINKHORN_CPU_MODULE]
+    assert extension.main() == 0                      # what setup.sh runs: builds what the install did not
     err = capsys.readouterr().err
     assert builds.count(extension.MEANFIELD_CPU_MODULE) == 1 and builds.count(extension.SINKHORN_CPU_MODULE) == 1
-    for name in (extension.CPU_MODULE, extension.MEANFIELD_CPU_MODULE, extension.SINKHORN_CPU_MODULE):
-        assert f"kernels: {name} ready" in err
+    for name in (extension.MEANFIELD_CPU_MODULE, extension.SINKHORN_CPU_MODULE):
+        assert f"kernels: {name} {why}: built into {tmp_path / name}" in err
+    assert extension.missing_builds("cpu") == []
+    # A source edit (another digest in the flags) makes the fallback build out of date again.
+    monkeypatch.setattr(extension, "source_digest", lambda spec: "f" * 16)
+    assert extension.missing_builds("cpu") == [extension.CPU_MODULE, extension.MEANFIELD_CPU_MODULE,
+                                               extension.SINKHORN_CPU_MODULE]

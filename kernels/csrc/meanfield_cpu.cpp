@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include "source_digest.h"
 
 namespace {
 
@@ -192,6 +193,7 @@ std::vector<torch::Tensor> meanfield_sweeps(const torch::Tensor& theta, const to
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("source_digest") = BOXMASK_SOURCE_DIGEST_STRING;
   m.def("meanfield_sweeps", &meanfield_sweeps, "Fused soft mean-field sweeps (CPU, OpenMP)", pybind11::arg("theta"),
         pybind11::arg("kernel"), pybind11::arg("allowed"), pybind11::arg("dilation"), pybind11::arg("iters"),
         pybind11::arg("tol"), pybind11::arg("num_threads"));

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+#include "source_digest.h"
 
 namespace {
 
@@ -84,6 +85,7 @@ torch::Tensor message_passing(const torch::Tensor& q, const torch::Tensor& kerne
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("source_digest") = BOXMASK_SOURCE_DIGEST_STRING;
   m.def("message_passing", &message_passing, "Mean-field message passing (CPU, OpenMP)", pybind11::arg("q"),
         pybind11::arg("kernel"), pybind11::arg("offsets"), pybind11::arg("num_threads"));
 }

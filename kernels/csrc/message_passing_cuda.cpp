@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <vector>
+#include "source_digest.h"
 
 torch::Tensor message_passing_cuda(const torch::Tensor& q, const torch::Tensor& kernel,
                                    const std::vector<int>& offsets);
@@ -30,6 +31,7 @@ torch::Tensor message_passing(const torch::Tensor& q, const torch::Tensor& kerne
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("source_digest") = BOXMASK_SOURCE_DIGEST_STRING;
   m.def("message_passing", &message_passing, "Mean-field message passing (CUDA, one thread per output pixel)",
         pybind11::arg("q"), pybind11::arg("kernel"), pybind11::arg("offsets"));
 }

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#include "source_digest.h"
 
 namespace {
 
@@ -201,6 +202,7 @@ std::vector<torch::Tensor> sinkhorn_scale(const torch::Tensor& kern, const torch
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("source_digest") = BOXMASK_SOURCE_DIGEST_STRING;
   m.def("sinkhorn_kernel", &sinkhorn_kernel, "exp((f_i + g_j - C_ij) / eps) (CPU, OpenMP)", pybind11::arg("cost"),
         pybind11::arg("f"), pybind11::arg("g"), pybind11::arg("eps"), pybind11::arg("num_threads"));
   m.def("sinkhorn_scale", &sinkhorn_scale, "Sinkhorn scaling iterations per pair (CPU, OpenMP)",
