@@ -6,7 +6,7 @@ A sample is any object with the pipeline dataset API's fields (``image_id``, ``b
 never imports the pipeline and never sees a ground-truth mask.
 
 Geometry per image, in this order: resize so the short side is a random choice of ``min_size`` (long side at most
-``max_size``; the training loop draws one per step, the same on every rank), horizontal flip with probability ``flip``, random ``crop`` (H, W) when the image is larger.
+``max_size``), horizontal flip with probability ``flip``, random ``crop`` (H, W) when the image is larger.
 Image, boxes, depth, pseudo masks and correspondences move together: depth is resampled nearest (0 stays
 invalid), pseudo masks bilinearly as floats; a flip mirrors each instance's correspondence cells (x -> g - 1 - x);
 an instance cut by the crop keeps its clipped box but loses its correspondences and does not enter the feature
@@ -58,9 +58,7 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int | tuple[int, int]):
-        """``index``, or (``index``, short side) to resize to that short side instead of a random one."""
-        index, short = index if isinstance(index, tuple) else (index, None)
+    def __getitem__(self, index: int):
         s = self.samples[index]
         image = s.load_image()
         depth = s.load_depth()
@@ -83,15 +81,14 @@ class TrainImages(Dataset):
             weight = np.array([lab.score if lab is not None else 0.0 for lab in labels], np.float32)
             corr = [[(c.partner, c.grid, c.src, c.dst, c.weight) for c in lab.correspondences]
                     if lab is not None else [] for lab in labels]
-        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr, short)
+        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr)
 
-    def augment(self, image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr, short=None):
+    def augment(self, image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr):
         """Resize, flip, crop (module docstring). masks (N,H,W) float32, weight (N,) and corr (N lists) are None
-        when training from boxes only; ``short`` None draws the short side from ``min_size``."""
+        when training from boxes only."""
         cfg = self.cfg
         h, w = image.shape[:2]
-        if short is None:
-            short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))])
+        short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))])
         scale = scale_for(h, w, short, cfg.max_size)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         if (nh, nw) != (h, w):

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from .checkpoint import export, warm_start, weights_digest
@@ -166,18 +165,10 @@ def _restore(config: dict, run_name: str, model, optimizer, scheduler, ema: Mode
     return 0
 
 
-def _batches(sampler, epoch: int, batch: int, cfg: StudentConfig) -> list[list[tuple[int, int]]]:
-    """This rank's batches of epoch ``epoch``: (dataset index, short side) per image. The short side is drawn once
-    per step from ``cfg.min_size``, from (seed, epoch, step) alone, so every rank resizes to the same scale in a
-    step: with a scale of its own, every step would wait for the rank that drew the largest."""
+def _batches(sampler, epoch: int, batch: int) -> list[list[int]]:
     sampler.set_epoch(epoch)
     order = list(sampler)
-    out = []
-    for step, start in enumerate(range(0, len(order) - batch + 1, batch)):
-        rng = np.random.default_rng([cfg.seed, epoch, step])
-        short = int(cfg.min_size[int(rng.integers(len(cfg.min_size)))])
-        out.append([(index, short) for index in order[start:start + batch]])
-    return out
+    return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
 
 
 def train_loop(config: dict) -> None:
@@ -208,10 +199,7 @@ def train_loop(config: dict) -> None:
     if rank:
         # Every rank draws its own augmentation and proposal samples (rank 0 keeps the restored RNG state).
         torch.manual_seed(cfg.seed + 1000 * rank + iteration)
-    # One synchronisation per step, the gradient all-reduce: BatchNorm statistics stay per rank (rank 0's are
-    # exported) instead of a broadcast before every forward, which made each rank wait for the slower one twice.
-    net = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
-           if world > 1 else model)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     pseudo = PseudoLabels.from_dir(job.labels_dir) if job.labels_dir else None
     data = TrainImages(job.samples, [c["id"] for c in job.classes], cfg, pseudo)
@@ -223,8 +211,8 @@ def train_loop(config: dict) -> None:
     stopped = ""
     while iteration < cfg.iterations and not stopped:
         epoch, skip = divmod(iteration, per_epoch)
-        loader = DataLoader(data, batch_sampler=_batches(sampler, epoch, per_worker, cfg)[skip:],
-                            collate_fn=collate, num_workers=cfg.loader_workers)
+        loader = DataLoader(data, batch_sampler=_batches(sampler, epoch, per_worker)[skip:], collate_fn=collate,
+                            num_workers=cfg.loader_workers)
         for images, targets in loader:
             if iteration >= cfg.iterations:
                 break
@@ -241,18 +229,15 @@ def train_loop(config: dict) -> None:
                 losses[job.fault["term"]] = losses[job.fault["term"]] * float("nan")
             terms = torch.stack([losses[k].detach().float() for k in sorted(losses)])
             bad = (~torch.isfinite(terms)).float()
-            # Every rank must learn of a non-finite term on any rank before it steps. The flag's all-reduce runs
-            # while backward does (its result is read after), so it adds no wait of its own.
-            flag = torch.distributed.all_reduce(bad, async_op=True) if world > 1 else None
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if flag is not None:
-                flag.wait()
+            if world > 1:
+                torch.distributed.all_reduce(bad)
             if bad.any():
                 term = sorted(losses)[int(torch.nonzero(bad)[0])]
                 stopped = f"non-finite loss {term} at iteration {iteration}"
                 break
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

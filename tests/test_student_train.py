@@ -17,7 +17,7 @@ from pipeline.label_service import init_ray
 from pipeline.training import build_job
 from student.data import TrainImages, collate
 from student.model import build_model
-from student.train import TRAIN_LOG, NonFiniteLoss, _batches, fit, latest_checkpoint
+from student.train import TRAIN_LOG, NonFiniteLoss, fit, latest_checkpoint
 
 ray = pytest.importorskip("ray")
 
@@ -66,31 +66,6 @@ def test_a_short_training_run_lowers_the_total_loss(toy_cache, tmp_path):
         opt.step()
         totals.append(float(total.detach()))
     assert np.mean(totals[-5:]) < 0.7 * np.mean(totals[:5]), totals
-
-
-def test_each_step_resizes_every_rank_to_one_short_side_drawn_from_min_size():
-    """Ranks see different images but the same scale in a step (none waits for a larger one); over steps the
-    scale is drawn from min_size, and a dataset item given as (index, short) is resized to that short side."""
-    from torch.utils.data import DistributedSampler
-
-    cfg = tiny_config("student.min_size=[96,128,160]").student
-    items = list(range(40))
-    ranks = [_batches(DistributedSampler(items, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True), 3, 2,
-                      cfg) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 10
-    assert {i for b in ranks[0] for i, _ in b}.isdisjoint({i for b in ranks[1] for i, _ in b})
-    shorts = []
-    for b0, b1 in zip(*ranks):
-        assert len({short for _, short in b0 + b1}) == 1
-        shorts.append(b0[0][1])
-    assert set(shorts) <= {96, 128, 160} and len(set(shorts)) > 1
-    assert ranks[0] == _batches(DistributedSampler(items, num_replicas=2, rank=0, shuffle=True, seed=0,
-                                                   drop_last=True), 3, 2, cfg)          # resume draws the same
-    job = build_job(tiny_config(), "unused")
-    data = TrainImages(job.samples[:1], [c["id"] for c in job.classes], cfg)
-    for short in (96, 160):
-        image, _ = data[(0, short)]
-        assert min(image.shape[-2:]) == short
 
 
 @pytest.fixture(scope="module")
