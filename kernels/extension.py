@@ -250,16 +250,15 @@ def load_cuda() -> ModuleType | None:
     return _load_or_warn(CUDA_MODULE, build_cuda)
 
 
-def _ready(name: str) -> bool:
-    spec = SPECS[name]
-    return _installed(spec)[0] is not None or _cached(spec)
+def _install_names(cuda: bool) -> list[str]:
+    """The extensions an install builds: the CPU ones, and with ``cuda`` the CUDA one."""
+    return [spec.name for spec in SPECS.values() if spec.installed and (cuda or not spec.cuda)]
 
 
 def missing_builds(device: str = "cpu") -> list[str]:
     """The extensions ``device`` uses that neither the install nor the fallback directory has a current build of."""
-    names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if device.startswith("cuda")
-                                                                       else [])
-    return [n for n in names if not _ready(n)]
+    return [name for name in _install_names(device.startswith("cuda"))
+            if _installed(SPECS[name])[0] is None and not _cached(SPECS[name])]
 
 
 def load_all(device: str = "cpu") -> dict[str, bool]:
@@ -297,11 +296,8 @@ def setuptools_extensions() -> tuple[list, dict]:
                 self.warn(f"kernels: {ext.name} not built ({_first_error_line(exc)}); it is compiled on first use, "
                           f"or the PyTorch reference runs")
 
-    targets = _cuda_targets()
     modules = []
-    for spec in SPECS.values():
-        if not spec.installed or (spec.cuda and not targets):
-            continue
+    for spec in (SPECS[name] for name in _install_names(bool(_cuda_targets()))):
         cflags, ldflags, nvcc = _flags(spec)
         sources = [f"kernels/csrc/{s}" for s in spec.sources]
         if spec.cuda:
@@ -320,8 +316,7 @@ def main() -> int:
     import time
 
     targets = _cuda_targets()
-    names = [CPU_MODULE, MEANFIELD_CPU_MODULE, SINKHORN_CPU_MODULE] + ([CUDA_MODULE] if targets else [])
-    for name in names:
+    for name in _install_names(bool(targets)):
         t0 = time.monotonic()
         module, why = _installed(SPECS[name])
         if module is not None:

@@ -47,8 +47,9 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
     missing = missing_builds("cuda" if cfg.teacher.device == "cuda" else "cpu")
     if missing:
         # The workers' own warning stays in their logs: say it where the user looks.
-        log.warning("kernels not built at install (%s): each label worker compiles them while starting, about a "
-                    "minute; ./scripts/setup.sh builds them once", ", ".join(missing))
+        log.warning("no current build of the kernels %s (not built at install, or older than their sources): each "
+                    "label worker compiles them while starting, about a minute; ./scripts/setup.sh builds them once",
+                    ", ".join(missing))
     service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, checkpoint), teacher_id,
                            label_digest(dataset.fingerprint(), cfg.teacher, teacher_id, round_), round_=round_,
                            device=cfg.teacher.device,

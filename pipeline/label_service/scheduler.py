@@ -196,23 +196,26 @@ class Scheduler:
             self.inflight[pending[0]].started = time.monotonic()
 
     def _worker_died(self, i: int, ref, flight: _Flight, cause: str) -> None:
-        """Ray gave up on batch ``ref`` of worker ``i``: the worker died in the first batch of its queue (an actor
-        runs its tasks one at a time, in order), whichever failure Ray reports first. That batch's images count a
-        loss and go back one per batch; the batches behind it never began and go back as they were."""
+        """Ray gave up on batch ``ref`` of worker ``i``. An actor runs its tasks one at a time, in order, so the
+        worker died in the first batch of its queue, whichever failure Ray reports first (a batch not timed out is
+        always in its worker's queue)."""
         import ray
 
-        refs = list(self.pending[i]) if ref in self.pending[i] else [ref]
-        if ref in self.pending[i]:
-            self.pending[i].clear()
+        refs = list(self.pending[i])
+        self.pending[i].clear()
         flights = [flight if r == ref else self.inflight.pop(r) for r in refs]
-        for r, queued in zip(reversed(refs[1:]), reversed(flights[1:])):
-            if r != ref:
-                ray.cancel(r)                 # a restarted actor would otherwise run it as well
-            self.queue.appendleft(queued.samples)
-        head = flights[0]
-        log.warning("%s lost batch %d (%s) to %s; redoing its images", actor_name(i), head.batch_id,
-                    _ids(head.samples), cause)
-        self._requeue(head.samples, "its label worker died", i)
+        for r in refs[1:]:
+            ray.cancel(r)                     # a restarted actor would otherwise run it as well
+        log.warning("%s lost batch %d (%s) to %s; redoing its images", actor_name(i), flights[0].batch_id,
+                    _ids(flights[0].samples), cause)
+        self._lost_running(i, flights[0], flights[1:], "its label worker died")
+
+    def _lost_running(self, i: int, running: _Flight, queued: list[_Flight], why: str) -> None:
+        """Worker ``i`` lost the batch it was running: its images count a loss (``_requeue``); the batches queued
+        behind it never began and go back as they were."""
+        for flight in reversed(queued):
+            self.queue.appendleft(flight.samples)
+        self._requeue(running.samples, why, i)
 
     def _wait_s(self) -> float:
         """Seconds until the next batch deadline or re-probe (at most 5)."""
@@ -243,10 +246,8 @@ class Scheduler:
             for ref in refs:
                 ray.cancel(ref)           # a queued batch never runs; the running one stops before its next image
                 self.inflight[ref].stale = True
-            for flight in reversed(queued):   # never begun: back as they were, not counted as a loss
-                self.queue.appendleft(flight.samples)
-            self._requeue(head.samples, f"no result within label.batch_timeout_s = {self.cfg.batch_timeout_s:g} s",
-                          i)
+            self._lost_running(i, head, queued,
+                               f"no result within label.batch_timeout_s = {self.cfg.batch_timeout_s:g} s")
 
     def _restart_hung(self) -> None:
         """Work is waiting and every live worker is stuck in a timed-out batch: restart the one stuck longest
