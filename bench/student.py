@@ -1,6 +1,6 @@
 """Student benchmark: training speed on CPU (Ray Train, 1 and 2 workers), our step against a plain torchvision
-Mask R-CNN step with real mask targets, peak RSS per worker, and toy quality (mask AP vs box-as-mask AP, trained
-from boxes alone and from box-prior shards).
+Mask R-CNN step with real mask targets, peak RSS per worker, and toy quality (mask AP vs box-as-mask AP, and the
+mask head's IoU on ground-truth boxes vs the filled box's, trained from boxes alone and from box-prior shards).
 
     .venv/bin/python bench/student.py                    # everything (about 20 minutes on 2 cores)
     .venv/bin/python bench/student.py --skip-quality     # speed only
@@ -98,6 +98,8 @@ def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
     for name, model, tg in (("ours", build_model(cfg.student, len(job.classes)), targets),
                             ("plain", plain_maskrcnn(cfg.student, len(job.classes)), plain_targets)):
         model.train()
+        if name == "ours":
+            model.roi_heads.iteration = cfg.student.objectives.warmup_iters  # past the warm-up: every term computed
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times = []
         for _ in range(steps):
@@ -111,6 +113,42 @@ def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
     out["ratio"] = out["ours"] / out["plain"]
     out["image"] = f"{h}x{w}"
     return out
+
+
+def mask_head_on_gt_boxes(checkpoint: Path, min_side: float = 8.0) -> dict:
+    """The export's mask head run on toy val's ground-truth boxes (no detection involved): mean IoU of its masks
+    (probability > 0.5, pasted into the box) against the ground-truth masks, beside the filled box's IoU. It says
+    whether the mask head learned shape at all; mask AP against box-as-mask AP mixes that with detection noise."""
+    import cv2
+
+    from pipeline.datasets import build_dataset
+    from pipeline.datasets.base import box_to_mask
+    from pipeline.model_eval import eval_dataset_config
+    from student.checkpoint import load_model
+    from student.teacher_network import StudentTeacherNetwork
+
+    model, meta = load_model(checkpoint)
+    net = StudentTeacherNetwork(model.eval(), [int(c["id"]) for c in meta["classes"]]).eval()
+    dataset = build_dataset(eval_dataset_config(load_config(config_path_for("toy"))).dataset)
+    head, filled = [], []
+    for sample in dataset:
+        keep = np.minimum(sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]) >= min_side
+        if not keep.any():
+            continue
+        image = torch.from_numpy(sample.load_image()).permute(2, 0, 1).float().div_(255.0)
+        probs, _ = net([image], [torch.from_numpy(sample.boxes[keep])],
+                       [torch.from_numpy(sample.classes[keep].astype(np.int64))])[0]
+        truth = gt_masks(dataset, sample)
+        for box, prob, iid in zip(sample.boxes[keep], probs.numpy(), sample.instance_ids[keep]):
+            gt = truth[int(iid)].astype(bool)
+            box_mask = box_to_mask(box, sample.height, sample.width)
+            rows, cols = np.nonzero(box_mask.any(1))[0], np.nonzero(box_mask.any(0))[0]
+            mask = np.zeros_like(gt)
+            mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = cv2.resize(
+                prob, (len(cols), len(rows)), interpolation=cv2.INTER_LINEAR) > 0.5
+            head.append((mask & gt).sum() / max(1, (mask | gt).sum()))
+            filled.append((box_mask & gt).sum() / max(1, (box_mask | gt).sum()))
+    return {"mask_head_iou": float(np.mean(head)), "filled_box_iou": float(np.mean(filled)), "instances": len(head)}
 
 
 def quality(tmp: Path, iterations: int) -> dict:
@@ -127,7 +165,8 @@ def quality(tmp: Path, iterations: int) -> dict:
                         "--json", str(out / "eval.json")]) == 0
         figures = json.loads((out / "eval.json").read_text())
         res[name] = {"mask_ap": figures["mask"]["ap"], "mask_ap50": figures["mask"]["ap50"],
-                     "box_ap": figures["box"]["ap"], "box_as_mask_ap": figures["box-as-mask"]["ap"]}
+                     "box_ap": figures["box"]["ap"], "box_as_mask_ap": figures["box-as-mask"]["ap"],
+                     **mask_head_on_gt_boxes(out / "teacher.pt")}
     return res
 
 
@@ -166,19 +205,22 @@ def main() -> int:
             ray.shutdown()
         if not args.skip_quality:
             figures["quality"] = quality(tmp, args.iterations)
-    print(f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} {'ours/plain step':>16s} "
-          f"{'peak RSS/worker':>16s}")
-    for name in ("toy", "cityscapes-crop"):
-        if name in figures:
-            r = figures[name]
-            print(f"{name:16s} {r['w1']['images_per_s']:15.2f} {r['w2']['images_per_s']:16.2f} {r['scaling']:6.2f} "
-                  f"{r['step_vs_plain']['ratio']:16.2f} {max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
+    speed = [name for name in ("toy", "cityscapes-crop") if name in figures]
+    if speed:
+        print(f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} "
+              f"{'ours/plain step':>16s} {'peak RSS/worker':>16s}")
+    for name in speed:
+        r = figures[name]
+        print(f"{name:16s} {r['w1']['images_per_s']:15.2f} {r['w2']['images_per_s']:16.2f} {r['scaling']:6.2f} "
+              f"{r['step_vs_plain']['ratio']:16.2f} {max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
     if "quality" in figures:
         print()
-        print(f"{'toy val (300 it)':20s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} {'box AP':>7s}")
+        print(f"{f'toy val ({args.iterations} it)':20s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} "
+              f"{'box AP':>7s} {'head IoU on GT boxes':>21s} {'filled box IoU':>15s}")
         for name, q in figures["quality"].items():
             print(f"{'trained from ' + name:20s} {100 * q['mask_ap']:8.1f} {100 * q['mask_ap50']:6.1f} "
-                  f"{100 * q['box_as_mask_ap']:15.1f} {100 * q['box_ap']:7.1f}")
+                  f"{100 * q['box_as_mask_ap']:15.1f} {100 * q['box_ap']:7.1f} {q['mask_head_iou']:21.4f} "
+                  f"{q['filled_box_iou']:15.4f}")
     print(json.dumps(figures))
     return 0
 
