@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.cli import main as cli  # noqa: E402
 from pipeline.commands.common import config_path_for  # noqa: E402
 from pipeline.config import RunConfig, load_config  # noqa: E402
-from pipeline.evaluation import gt_masks  # noqa: E402  (the plain baseline trains on real masks)
+from pipeline.evaluation import gt_masks, paired_mask_iou  # noqa: E402  (the plain baseline trains on real masks)
 from pipeline.label_service import init_ray  # noqa: E402
 from pipeline.training import build_job  # noqa: E402
 from student.data import TrainImages, collate  # noqa: E402
@@ -95,11 +95,11 @@ def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
     plain_targets = [{"boxes": targets[0]["boxes"], "labels": targets[0]["labels"],
                       "masks": torch.from_numpy(masks)}]
     out = {}
-    for name, model, tg in (("ours", build_model(cfg.student, len(job.classes)), targets),
+    ours = build_model(cfg.student, len(job.classes))
+    ours.roi_heads.iteration = cfg.student.objectives.warmup_iters  # past the warm-up: every term computed
+    for name, model, tg in (("ours", ours, targets),
                             ("plain", plain_maskrcnn(cfg.student, len(job.classes)), plain_targets)):
         model.train()
-        if name == "ours":
-            model.roi_heads.iteration = cfg.student.objectives.warmup_iters  # past the warm-up: every term computed
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times = []
         for _ in range(steps):
@@ -139,15 +139,16 @@ def mask_head_on_gt_boxes(checkpoint: Path, min_side: float = 8.0) -> dict:
         probs, _ = net([image], [torch.from_numpy(sample.boxes[keep])],
                        [torch.from_numpy(sample.classes[keep].astype(np.int64))])[0]
         truth = gt_masks(dataset, sample)
-        for box, prob, iid in zip(sample.boxes[keep], probs.numpy(), sample.instance_ids[keep]):
-            gt = truth[int(iid)].astype(bool)
-            box_mask = box_to_mask(box, sample.height, sample.width)
+        gts = np.stack([truth[int(i)].astype(bool) for i in sample.instance_ids[keep]])
+        boxes = np.stack([box_to_mask(box, sample.height, sample.width) for box in sample.boxes[keep]])
+        masks = np.zeros_like(boxes)
+        for mask, box_mask, prob in zip(masks, boxes, probs.numpy()):
+            # The head's M x M probabilities resized onto the pixels the box touches (box-as-mask's pixels).
             rows, cols = np.nonzero(box_mask.any(1))[0], np.nonzero(box_mask.any(0))[0]
-            mask = np.zeros_like(gt)
             mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = cv2.resize(
                 prob, (len(cols), len(rows)), interpolation=cv2.INTER_LINEAR) > 0.5
-            head.append((mask & gt).sum() / max(1, (mask | gt).sum()))
-            filled.append((box_mask & gt).sum() / max(1, (box_mask | gt).sum()))
+        head.extend(paired_mask_iou(masks, gts))
+        filled.extend(paired_mask_iou(boxes, gts))
     return {"mask_head_iou": float(np.mean(head)), "filled_box_iou": float(np.mean(filled)), "instances": len(head)}
 
 
