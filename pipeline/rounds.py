@@ -46,7 +46,7 @@ from .labeling import prepare_label, run_label
 from .model_eval import eval_dataset_config, evaluate_checkpoint
 from .report import gallery, round_rows, text_table, write_png, write_report
 from .shards import atomic_write_bytes
-from .training import build_job, run_training
+from .training import build_job, check_student, run_training
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class RunFolder:
 
 @dataclasses.dataclass
 class RoundRunner:
-    """Runs the rounds of one run folder on the connected Ray cluster (call ``check_splits``, then ``run``)."""
+    """Runs the rounds of one run folder on the connected Ray cluster (call ``check_inputs``, then ``run``)."""
 
     cfg: Config
     folder: RunFolder
@@ -202,9 +202,11 @@ class RoundRunner:
         print(f"report: {self.folder.path / 'report.md'}")
         return metrics
 
-    def check_splits(self) -> None:
-        """Both splits load (call before ``run``): a missing evaluation split fails before anything is written or
-        Ray starts, not after round 1's training (``--dataset toy`` generates its data here)."""
+    def check_inputs(self) -> None:
+        """Both splits load and the student builds (call before ``run``): a missing evaluation split or a bad
+        ``student`` setting fails before anything is written or Ray starts, not after round 0's labeling or round
+        1's training (``--dataset toy`` generates its data here)."""
+        check_student(self.cfg.student)
         for cfg, role in ((self.cfg, "training"), (eval_dataset_config(self.cfg), "evaluation")):
             dataset = build_dataset(copy.deepcopy(cfg.dataset))
             if len(dataset) == 0:

@@ -10,7 +10,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from student.model import StudentError
+from student.config import StudentConfig
+from student.model import StudentError, build_model
 from student.train import TrainJob, fit
 
 from .config import Config
@@ -30,6 +31,15 @@ def check_labels(labels: str | os.PathLike, dataset_name: str, split: str) -> No
             raise PipelineError(labels, f"shards were written for {key} {have!r}, training uses {want!r}")
 
 
+def check_student(cfg: StudentConfig) -> None:
+    """The student builds from ``cfg`` (backbone, norm, projection, sizes, a named weights file), so a bad setting
+    fails in one line before data is generated or Ray starts, not inside every training worker."""
+    try:
+        build_model(cfg, 1)  # the class count only sizes the predictors, so any will do here
+    except StudentError as exc:
+        raise PipelineError(exc.where, exc.problem) from None
+
+
 def build_job(cfg: Config, out: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
               init_from: Optional[str | os.PathLike] = None) -> TrainJob:
     """The training job of a config: the split's samples (boxes, classes, depth; never masks), its classes and
@@ -37,6 +47,7 @@ def build_job(cfg: Config, out: str | os.PathLike, labels: Optional[str | os.Pat
     weights start the run (the previous round's teacher)."""
     if labels:
         check_labels(labels, cfg.dataset.name, cfg.dataset.split)
+    check_student(cfg.student)
     if cfg.dataset.root:
         cfg.dataset.root = os.path.abspath(cfg.dataset.root)
     dataset = build_dataset(cfg.dataset)

@@ -71,6 +71,11 @@ class StudentConfig:
     # (the projection forces 0 outside the box, the affinity carries it inside); a RoI equal to the box has none,
     # and early in training, before the RPN proposes jittered boxes, the positives are mostly the boxes themselves.
     context_scale: list[float] = field(default_factory=lambda: [1.2, 1.8])
+    # The box term of the mask loss: "dice" is BoxInst's projection Dice (the papers'); "bce" a log loss on the same
+    # row/column maxima (losses.projection_bce_loss); "dice+bce" their sum. Dice alone lets the logits saturate,
+    # after which the head's masks are its boxes (bench/RESULTS.md, "boxes-only mask head"); the log loss keeps them
+    # in range.
+    projection: str = "dice"
     detections_per_image: int = 100
     score_thresh: float = 0.05
     objectives: ObjectiveConfig = field(default_factory=_student_objectives)

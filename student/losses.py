@@ -5,7 +5,9 @@ module only expresses the student's RoIs in their terms:
 
 - ``roi_box_masks``: the matched box in each positive proposal's M x M frame (the projection loss's target);
 - ``roi_sample`` / ``roi_depth``: per-pixel maps (colour, pseudo masks, depth) RoI-aligned over the proposals;
-- ``color_term``, ``depth_term``: AsyInst asymmetric affinities (the projection loss is the teacher's as is);
+- ``projection_bce_loss``: BCE on the RoI's row and column logit maxima, a box term whose gradient survives
+  saturated logits (the projection Dice itself is the teacher's, as is);
+- ``color_term``, ``depth_term``: AsyInst asymmetric affinities;
 - ``consistency_loss``: L_con, BCE + Dice against the pseudo masks, weighted by the shard's score;
 - ``dense_nce_loss``: DiscoBox's dense contrastive loss over the shard's correspondences.
 
@@ -72,6 +74,26 @@ def roi_depth(depth: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tenso
     num, den = roi_sample(planes, rois, size).unbind(1)
     ok = den >= _VALID_SHARE
     return torch.where(ok, num / den.clamp(min=1e-6), torch.zeros_like(num))[:, None]
+
+
+def projection_bce_loss(mask_logits: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
+    """BCE of the row and column maxima of the logits against the box's projections (DiscoBox's MIL view of the
+    box, with a log loss where BoxInst uses Dice).
+
+    The projection Dice acts on sigmoid(max logit): once a row's maximum saturates its gradient vanishes, and a
+    mask head trained from boxes with an affinity term drifts to logits of +50 everywhere, so its mask is the whole
+    RoI. The log loss keeps a gradient of sigmoid(x) - t on every projected maximum, however saturated.
+
+    mask_logits (P,1,M,M); box_masks (P,1,M,M) bool / 0-1. Returns the mean BCE over the RoIs' M column maxima plus
+    that over their M row maxima, a sum over the two axes like the projection Dice's (0 for P = 0).
+    """
+    if mask_logits.shape != box_masks.shape:
+        raise ValueError(f"projection_bce_loss: box_masks shape {tuple(box_masks.shape)} != mask_logits shape "
+                         f"{tuple(mask_logits.shape)}")
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0.0
+    target = box_masks.to(mask_logits.dtype)
+    return sum(F.binary_cross_entropy_with_logits(mask_logits.amax(axis), target.amax(axis)) for axis in (2, 3))
 
 
 def color_term(mask_logits: torch.Tensor, rgb: torch.Tensor, valid: torch.Tensor, box_masks: torch.Tensor,

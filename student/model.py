@@ -33,7 +33,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import StudentConfig
-from .roi_heads import BoxSupervisedRoIHeads
+from .roi_heads import PROJECTIONS, BoxSupervisedRoIHeads
 from .transform import PixelAlignedTransform
 
 # name -> (block, layers). "small" is a ResNet-10 (one BasicBlock per stage): the toy backbone, about 3x
@@ -123,6 +123,9 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         raise StudentError("classes", "the student needs at least one class")
     if cfg.mask_size < 4 or cfg.mask_size % 2:
         raise StudentError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
+    if cfg.projection not in PROJECTIONS:
+        raise StudentError("student.projection", f"unknown projection {cfg.projection!r}; expected "
+                                                 f"{', '.join(PROJECTIONS)}")
     backbone = build_backbone(cfg)
     channels = backbone.out_channels
     if len(cfg.anchor_sizes) != 5:

@@ -15,7 +15,8 @@ correspondences     optional list (len N) of lists of ``(partner_key, grid, src,
 ==================  =====================================================================================
 
 Mask losses per positive proposal (at most ``mask_rois_per_image`` per image, sampled at random, to bound the
-per-step cost): projection against the matched box, asymmetric colour and depth affinity (weights warmed up
+per-step cost): the box term against the matched box (``cfg.projection``: the projection Dice, a log loss on
+the same projections, or both), asymmetric colour and depth affinity (weights warmed up
 linearly over ``objectives.warmup_iters``; ``iteration`` is set by the training loop), L_con where the matched
 instance has a pseudo mask and L_nce where it has correspondences whose partners are in the feature queue.
 """
@@ -25,17 +26,23 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
-from teacher.affinity import warmup_weight
+from teacher.affinity import projection_loss, warmup_weight
 
 from .config import StudentConfig
 from .feature_queue import FeatureQueue
-from teacher.affinity import projection_loss
-
-from .losses import (color_term, consistency_loss, dense_nce_loss, depth_term, roi_box_masks,
+from .losses import (color_term, consistency_loss, dense_nce_loss, depth_term, projection_bce_loss, roi_box_masks,
                      roi_depth, roi_in_image, roi_sample)
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_proj", "loss_color",
               "loss_depth", "loss_con", "loss_nce")
+
+
+# The box term of the mask loss (``StudentConfig.projection``): logits (P,1,M,M), box masks (P,1,M,M) -> scalar.
+PROJECTIONS = {
+    "dice": projection_loss,
+    "bce": projection_bce_loss,
+    "dice+bce": lambda logits, boxes: projection_loss(logits, boxes) + projection_bce_loss(logits, boxes),
+}
 
 
 def context_rois(boxes: torch.Tensor, scale: list[float], image_shape: tuple[int, int]) -> torch.Tensor:
@@ -124,7 +131,7 @@ class BoxSupervisedRoIHeads(RoIHeads):
                 weight.append(r.new_zeros(len(r)))
         weight = torch.cat(weight)
 
-        losses = {"loss_proj": projection_loss(logits, inside)}
+        losses = {"loss_proj": PROJECTIONS[cfg.projection](logits, inside)}
         lam_c = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_color)
         lam_d = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_depth)
         losses["loss_color"] = (lam_c * color_term(logits, torch.cat(rgb), torch.cat(valid), inside, obj)

@@ -111,6 +111,14 @@ def test_a_missing_evaluation_split_fails_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
+def test_a_bad_student_setting_fails_before_ray_starts(tmp_path, capsys):
+    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "run"), *sets(*TINY, "student.norm=batch")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "student.norm: unknown norm 'batch'" in err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
 def test_run_help_documents_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from student.config import StudentConfig
-from student.losses import (color_term, consistency_loss, dense_nce_loss, depth_term, roi_box_masks, roi_depth,
-                            roi_in_image, roi_sample)
-from student.model import build_model
+from student.losses import (color_term, consistency_loss, dense_nce_loss, depth_term, projection_bce_loss,
+                            roi_box_masks, roi_depth, roi_in_image, roi_sample)
+from student.model import StudentError, build_model
+from student.roi_heads import PROJECTIONS
+from teacher.affinity import projection_loss
 from teacher.color import rgb_to_lab
 from teacher.config import ObjectiveConfig
 
@@ -139,6 +141,59 @@ def test_consistency_loss_matches_a_loop():
     assert got == pytest.approx(total / 3, rel=1e-9)
 
 
+def test_projection_bce_loss_matches_a_loop():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64) * 3
+    boxes = torch.zeros(3, 1, 5, 5, dtype=torch.float64)
+    boxes[0, 0, 1:4, 2:5] = 1
+    boxes[1, 0, :, :] = 1
+    boxes[2, 0, 4, 0] = 1
+    got = float(projection_bce_loss(logits, boxes))
+
+    def bce(x, t):
+        p = 1 / (1 + math.exp(-x))
+        return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+
+    columns = rows = 0.0
+    for k in range(3):
+        for j in range(5):  # column j: its maximum over rows, against "the box covers column j"
+            columns += bce(float(logits[k, 0, :, j].max()), float(boxes[k, 0, :, j].max()))
+            rows += bce(float(logits[k, 0, j, :].max()), float(boxes[k, 0, j, :].max()))
+    assert got == pytest.approx(columns / 15 + rows / 15, rel=1e-9)
+    assert float(projection_bce_loss(logits[:0], boxes[:0])) == 0.0
+    with pytest.raises(ValueError, match="projection_bce_loss"):
+        projection_bce_loss(logits, boxes[:, :, :4])
+
+
+def test_the_log_projection_keeps_a_gradient_where_the_dice_projection_saturates():
+    # Logits near +40 everywhere: the mask is the whole RoI, wrong outside the box. The Dice projection's gradient
+    # there is sigmoid'(40), nil in float32; the log loss puts (sigmoid(40) - 0) / (P * M) on the maximum of each
+    # of the 12 projected rows and columns outside the box (3 + 3 per RoI), and nothing inside it.
+    boxes = torch.zeros(2, 1, 6, 6)
+    boxes[:, :, 1:4, 1:4] = 1
+    noise = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))  # unique maxima
+    grads = {}
+    for name, fn in (("dice", projection_loss), ("bce", projection_bce_loss)):
+        logits = (40.0 + noise).requires_grad_()
+        fn(logits, boxes).backward()
+        grads[name] = logits.grad
+    assert float(grads["dice"].abs().max()) < 1e-12
+    bce = grads["bce"]
+    assert float(bce.sum()) == pytest.approx(12 / 12, rel=1e-6)
+    assert (bce[boxes.bool()] == 0).all() and (bce >= 0).all()
+
+
+def test_projection_choices_are_dice_bce_and_their_sum():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1, 8, 8, generator=g)
+    boxes = torch.zeros(4, 1, 8, 8)
+    boxes[:, :, 2:6, 1:7] = 1
+    dice, bce = projection_loss(logits, boxes), projection_bce_loss(logits, boxes)
+    assert float(PROJECTIONS["dice"](logits, boxes)) == float(dice)
+    assert float(PROJECTIONS["bce"](logits, boxes)) == float(bce)
+    assert float(PROJECTIONS["dice+bce"](logits, boxes)) == pytest.approx(float(dice + bce), rel=1e-6)
+
+
 def test_dense_nce_loss_matches_a_loop():
     g = torch.Generator().manual_seed(3)
     k, cells, c = 5, 9, 4
@@ -196,6 +251,22 @@ def test_every_term_is_finite_and_has_gradients_on_a_tiny_model():
         value.backward(retain_graph=True)
         grads = [p.grad.abs().sum() for p in model.roi_heads.mask_head.parameters() if p.grad is not None]
         assert grads and float(sum(grads)) > 0, f"{name} gives the mask head no gradient"
+
+
+@pytest.mark.parametrize("projection", ["bce", "dice+bce"])
+def test_each_projection_trains_the_mask_head(projection):
+    model = build_model(tiny_cfg(projection=projection), 2).train()
+    losses = model(*tiny_batch())
+    value = losses["loss_proj"]
+    assert torch.isfinite(value) and float(value.detach()) > 0
+    value.backward()
+    grads = [p.grad.abs().sum() for p in model.roi_heads.mask_head.parameters() if p.grad is not None]
+    assert grads and float(sum(grads)) > 0
+
+
+def test_an_unknown_projection_is_refused_naming_the_setting():
+    with pytest.raises(StudentError, match=r"student.projection: unknown projection 'mil'; expected dice, bce"):
+        build_model(tiny_cfg(projection="mil"), 2)
 
 
 def test_a_partner_missing_from_the_queue_adds_nothing():

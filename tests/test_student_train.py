@@ -129,6 +129,10 @@ def test_train_and_eval_commands_fail_in_one_line(toy_cache, tmp_path, capsys):
                *[a for kv in TINY for a in ("--set", kv)]])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "nope" in err[0] and "_manifest.json" in err[0]
+    rc = main(["train", "--dataset", "toy", "--out", str(tmp_path / "o"), "--set", "student.projection=mil",
+               *[a for kv in TINY for a in ("--set", kv)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "student.projection" in err[0] and "'mil'" in err[0]
     rc = main(["train", "--dataset", "toy", "--out", str(tmp_path / "o"), "--workers", "0"])
     assert rc == 2 and "--workers" in capsys.readouterr().err
     bad = tmp_path / "teacher.pt"

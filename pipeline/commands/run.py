@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     folder = RunFolder(args.out or Path(cfg.run.root) / cfg.run.name)
     folder.check(cfg, args.resume)
     runner = RoundRunner(cfg, folder, cfg.run.rounds)
-    runner.check_splits()
+    runner.check_inputs()
     folder.write_config(cfg)
     print(f"run folder {folder.path}: {cfg.dataset.name}, rounds 0-{cfg.run.rounds}", flush=True)
     handler = add_file_log(folder.path / "logs" / "run.log")
