@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from student.config import StudentConfig
 from student.model import StudentError, build_model
-from student.train import TrainJob, fit
+from student.train import TrainJob, check_batch_split, fit
 
 from .config import Config
 from .datasets import build_dataset
@@ -32,9 +32,11 @@ def check_labels(labels: str | os.PathLike, dataset_name: str, split: str) -> No
 
 
 def check_student(cfg: StudentConfig) -> None:
-    """The student builds from ``cfg`` (backbone, norm, projection, sizes, a named weights file), so a bad setting
-    fails in one line before data is generated or Ray starts, not inside every training worker."""
+    """The student builds from ``cfg`` (backbone, norm, projection, sizes, a named weights file) and its batch
+    splits over its workers, so a bad setting fails in one line before data is generated or Ray starts, not
+    inside every training worker or after round 0's labeling."""
     try:
+        check_batch_split(cfg)
         build_model(cfg, 1)  # the class count only sizes the predictors, so any will do here
     except StudentError as exc:
         raise PipelineError(exc.where, exc.problem) from None

@@ -123,6 +123,8 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         raise StudentError("classes", "the student needs at least one class")
     if cfg.mask_size < 4 or cfg.mask_size % 2:
         raise StudentError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
+    if not cfg.min_size or min(cfg.min_size) < 1:
+        raise StudentError("student.min_size", f"needs at least one positive short side, got {cfg.min_size}")
     if cfg.projection not in PROJECTIONS:
         raise StudentError("student.projection", f"unknown projection {cfg.projection!r}; expected "
                                                  f"{', '.join(PROJECTIONS)}")

@@ -301,6 +301,13 @@ def use_gpu(cfg: StudentConfig) -> bool:
     return bool(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= cfg.workers)
 
 
+def check_batch_split(cfg: StudentConfig) -> None:
+    """Every worker takes the same number of images per step."""
+    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
+        raise StudentError("student.batch_size", f"{cfg.batch_size} images per step do not split over "
+                                                 f"{cfg.workers} workers")
+
+
 def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
     """Train on the connected Ray cluster; returns {"student": path, "teacher": path, "iteration": n}.
 
@@ -311,9 +318,7 @@ def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = job.cfg
-    if cfg.batch_size % cfg.workers:
-        raise StudentError("student.batch_size", f"{cfg.batch_size} images per step do not split over "
-                                                 f"{cfg.workers} workers")
+    check_batch_split(cfg)
     out = Path(job.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     job.out = os.fspath(out)

@@ -84,7 +84,7 @@ def projection_loss(mask_logits: torch.Tensor, box_masks: torch.Tensor) -> torch
 
     mask_logits: (N,1,h,w); box_masks: (N,1,h,w) (bool / 0-1). Returns a scalar (0 for N = 0).
     """
-    _check_logits(mask_logits, "projection_loss")
+    check_logits(mask_logits, "projection_loss")
     if box_masks.shape != mask_logits.shape:
         raise ValueError(f"projection_loss: box_masks shape {tuple(box_masks.shape)} != mask_logits shape "
                          f"{tuple(mask_logits.shape)}")
@@ -176,7 +176,8 @@ def depth_edges(depth: torch.Tensor, box_masks: torch.Tensor, thresh: float = 0.
     return close & (inside[:, None] | far_inside)
 
 
-def _check_logits(mask_logits: torch.Tensor, where: str) -> None:
+def check_logits(mask_logits: torch.Tensor, where: str) -> None:
+    """Raise ValueError naming ``where`` unless mask_logits is a floating-point (N,1,h,w) tensor."""
     if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
         raise ValueError(f"{where}: mask_logits must be (N,1,h,w), got shape {tuple(mask_logits.shape)}")
     if not mask_logits.is_floating_point():
@@ -323,7 +324,7 @@ def asymmetric_affinity_loss(mask_logits: torch.Tensor, edges: torch.Tensor, del
     loss, so the whole thing costs one pass over each pixel pair within the instances' edge regions. First-order
     only: a second backward (double backward, e.g. a gradient penalty) raises torch's once_differentiable error.
     """
-    _check_logits(mask_logits, "asymmetric_affinity_loss")
+    check_logits(mask_logits, "asymmetric_affinity_loss")
     n, _, height, width = mask_logits.shape
     if tuple(edges.shape) != (n, 8, height, width):
         raise ValueError(f"asymmetric_affinity_loss: edges must be ({n},8,{height},{width}), got {tuple(edges.shape)}")

@@ -111,11 +111,16 @@ def test_a_missing_evaluation_split_fails_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
-def test_a_bad_student_setting_fails_before_ray_starts(tmp_path, capsys):
-    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "run"), *sets(*TINY, "student.norm=batch")])
+@pytest.mark.parametrize("setting, message", [
+    ("student.norm=batch", "student.norm: unknown norm 'batch'"),
+    ("student.batch_size=3", "student.batch_size: 3 images per step do not split over 2 workers"),
+])
+def test_a_bad_student_setting_fails_before_ray_starts(tmp_path, capsys, setting, message):
+    rc = main(["run", "--dataset", "toy", "--out", str(tmp_path / "run"), "--workers", "2",
+               *sets(*TINY, setting)])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "student.norm: unknown norm 'batch'" in err
+    assert message in err
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 

@@ -163,6 +163,8 @@ def test_projection_bce_loss_matches_a_loop():
     assert float(projection_bce_loss(logits[:0], boxes[:0])) == 0.0
     with pytest.raises(ValueError, match="projection_bce_loss"):
         projection_bce_loss(logits, boxes[:, :, :4])
+    with pytest.raises(ValueError, match=r"projection_bce_loss: mask_logits must be \(N,1,h,w\)"):
+        projection_bce_loss(logits.expand(3, 2, 5, 5), boxes.expand(3, 2, 5, 5))
 
 
 def test_the_log_projection_keeps_a_gradient_where_the_dice_projection_saturates():
@@ -264,9 +266,24 @@ def test_each_projection_trains_the_mask_head(projection):
     assert grads and float(sum(grads)) > 0
 
 
+def test_the_projection_setting_picks_the_box_term(monkeypatch):
+    seen = []
+
+    def marker(logits, boxes):
+        seen.append(logits.shape)
+        return logits.sum() * 0.0 + 123.0
+
+    monkeypatch.setitem(PROJECTIONS, "bce", marker)
+    assert float(build_model(tiny_cfg(projection="bce"), 2).train()(*tiny_batch())["loss_proj"]) == 123.0
+    assert seen and seen[0][1:] == (1, 16, 16)
+    assert float(build_model(tiny_cfg(projection="dice"), 2).train()(*tiny_batch())["loss_proj"]) != 123.0
+
+
 def test_an_unknown_projection_is_refused_naming_the_setting():
     with pytest.raises(StudentError, match=r"student.projection: unknown projection 'mil'; expected dice, bce"):
         build_model(tiny_cfg(projection="mil"), 2)
+    with pytest.raises(StudentError, match=r"student.min_size: needs at least one positive short side"):
+        build_model(tiny_cfg(min_size=[]), 2)
 
 
 def test_a_partner_missing_from_the_queue_adds_nothing():
