@@ -119,13 +119,12 @@ def mask_head_on_gt_boxes(checkpoint: Path, min_side: float = 8.0) -> dict:
     """The export's mask head run on toy val's ground-truth boxes (no detection involved): mean IoU of its masks
     (probability > 0.5, pasted into the box) against the ground-truth masks, beside the filled box's IoU. It says
     whether the mask head learned shape at all; mask AP against box-as-mask AP mixes that with detection noise."""
-    import cv2
-
     from pipeline.datasets import build_dataset
     from pipeline.datasets.base import box_to_mask
     from pipeline.model_eval import eval_dataset_config
     from student.checkpoint import load_model
     from student.teacher_network import StudentTeacherNetwork
+    from teacher.roi import paste, roi_grid
 
     model, meta = load_model(checkpoint)
     net = StudentTeacherNetwork(model.eval(), [int(c["id"]) for c in meta["classes"]]).eval()
@@ -136,17 +135,14 @@ def mask_head_on_gt_boxes(checkpoint: Path, min_side: float = 8.0) -> dict:
         if not keep.any():
             continue
         image = torch.from_numpy(sample.load_image()).permute(2, 0, 1).float().div_(255.0)
-        probs, _ = net([image], [torch.from_numpy(sample.boxes[keep])],
-                       [torch.from_numpy(sample.classes[keep].astype(np.int64))])[0]
+        box_tensor = torch.from_numpy(sample.boxes[keep])
+        probs, _ = net([image], [box_tensor], [torch.from_numpy(sample.classes[keep].astype(np.int64))])[0]
         truth = gt_masks(dataset, sample)
         gts = np.stack([truth[int(i)].astype(bool) for i in sample.instance_ids[keep]])
         boxes = np.stack([box_to_mask(box, sample.height, sample.width) for box in sample.boxes[keep]])
-        masks = np.zeros_like(boxes)
-        for mask, box_mask, prob in zip(masks, boxes, probs.numpy()):
-            # The head's M x M probabilities resized onto the pixels the box touches (box-as-mask's pixels).
-            rows, cols = np.nonzero(box_mask.any(1))[0], np.nonzero(box_mask.any(0))[0]
-            mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = cv2.resize(
-                prob, (len(cols), len(rows)), interpolation=cv2.INTER_LINEAR) > 0.5
+        # The head's M x M grid spans exactly each box: the teacher's paste with no padding.
+        grid = roi_grid(box_tensor, probs.shape[-1], pad=0.0)
+        masks = np.stack([m.numpy() for m in paste(probs, grid, sample.height, sample.width)])
         head.extend(paired_mask_iou(masks, gts))
         filled.extend(paired_mask_iou(boxes, gts))
     return {"mask_head_iou": float(np.mean(head)), "filled_box_iou": float(np.mean(filled)), "instances": len(head)}

@@ -34,7 +34,7 @@ def check_labels(labels: str | os.PathLike, dataset_name: str, split: str) -> No
 def check_student(cfg: StudentConfig) -> None:
     """The student builds from ``cfg`` (backbone, norm, projection, sizes, a named weights file) and its batch
     splits over its workers, so a bad setting fails in one line before data is generated or Ray starts, not
-    inside every training worker or after round 0's labeling."""
+    inside every training worker or after round 0's labeling. The commands call it once, before ``build_job``."""
     try:
         check_batch_split(cfg)
         build_model(cfg, 1)  # the class count only sizes the predictors, so any will do here
@@ -49,7 +49,6 @@ def build_job(cfg: Config, out: str | os.PathLike, labels: Optional[str | os.Pat
     weights start the run (the previous round's teacher)."""
     if labels:
         check_labels(labels, cfg.dataset.name, cfg.dataset.split)
-    check_student(cfg.student)
     if cfg.dataset.root:
         cfg.dataset.root = os.path.abspath(cfg.dataset.root)
     dataset = build_dataset(cfg.dataset)

@@ -87,10 +87,7 @@ def projection_bce_loss(mask_logits: torch.Tensor, box_masks: torch.Tensor) -> t
     mask_logits (P,1,M,M); box_masks (P,1,M,M) bool / 0-1. Returns the mean BCE over the RoIs' M column maxima plus
     that over their M row maxima, a sum over the two axes like the projection Dice's (0 for P = 0).
     """
-    check_logits(mask_logits, "projection_bce_loss")
-    if mask_logits.shape != box_masks.shape:
-        raise ValueError(f"projection_bce_loss: box_masks shape {tuple(box_masks.shape)} != mask_logits shape "
-                         f"{tuple(mask_logits.shape)}")
+    check_logits(mask_logits, "projection_bce_loss", box_masks)
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0.0
     target = box_masks.to(mask_logits.dtype)

@@ -84,10 +84,7 @@ def projection_loss(mask_logits: torch.Tensor, box_masks: torch.Tensor) -> torch
 
     mask_logits: (N,1,h,w); box_masks: (N,1,h,w) (bool / 0-1). Returns a scalar (0 for N = 0).
     """
-    check_logits(mask_logits, "projection_loss")
-    if box_masks.shape != mask_logits.shape:
-        raise ValueError(f"projection_loss: box_masks shape {tuple(box_masks.shape)} != mask_logits shape "
-                         f"{tuple(mask_logits.shape)}")
+    check_logits(mask_logits, "projection_loss", box_masks)
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0.0
     scores = mask_logits.sigmoid()
@@ -176,12 +173,16 @@ def depth_edges(depth: torch.Tensor, box_masks: torch.Tensor, thresh: float = 0.
     return close & (inside[:, None] | far_inside)
 
 
-def check_logits(mask_logits: torch.Tensor, where: str) -> None:
-    """Raise ValueError naming ``where`` unless mask_logits is a floating-point (N,1,h,w) tensor."""
+def check_logits(mask_logits: torch.Tensor, where: str, box_masks: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming ``where`` unless mask_logits is a floating-point (N,1,h,w) tensor and, when given,
+    box_masks has its shape."""
     if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
         raise ValueError(f"{where}: mask_logits must be (N,1,h,w), got shape {tuple(mask_logits.shape)}")
     if not mask_logits.is_floating_point():
         raise ValueError(f"{where}: mask_logits must be floating point, got {mask_logits.dtype}")
+    if box_masks is not None and box_masks.shape != mask_logits.shape:
+        raise ValueError(f"{where}: box_masks shape {tuple(box_masks.shape)} != mask_logits shape "
+                         f"{tuple(mask_logits.shape)}")
 
 
 def _to_float(weights: torch.Tensor, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:

@@ -11,7 +11,7 @@ import argparse
 
 from student.train import effective_lr
 
-from ..training import build_job, run_training
+from ..training import build_job, check_student, run_training
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.student.workers = args.workers
     if at_least_one("--iterations", args.iterations) is not None:
         cfg.student.iterations = args.iterations
+    check_student(cfg.student)
     job = build_job(cfg, args.out, args.labels)
     s = cfg.student
     print(f"{cfg.dataset.name} {cfg.dataset.split}: {len(job.samples)} images, {len(job.classes)} classes; "
