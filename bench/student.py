@@ -115,7 +115,7 @@ def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
     return out
 
 
-def mask_head_on_gt_boxes(checkpoint: Path, overrides: list[str] = (), min_side: float = 8.0) -> dict:
+def mask_head_on_gt_boxes(checkpoint: Path, overrides: list[str] | None = None, min_side: float = 8.0) -> dict:
     """The export's mask head run on toy val's ground-truth boxes (no detection involved): mean IoU of its masks
     (probability > 0.5, pasted into the box) against the ground-truth masks, beside the filled box's IoU. It says
     whether the mask head learned shape at all; mask AP against box-as-mask AP mixes that with detection noise.
@@ -129,7 +129,7 @@ def mask_head_on_gt_boxes(checkpoint: Path, overrides: list[str] = (), min_side:
 
     model, meta = load_model(checkpoint)
     net = StudentTeacherNetwork(model.eval(), [int(c["id"]) for c in meta["classes"]]).eval()
-    dataset = build_dataset(eval_dataset_config(load_config(config_path_for("toy"), list(overrides))).dataset)
+    dataset = build_dataset(eval_dataset_config(load_config(config_path_for("toy"), overrides or [])).dataset)
     head, filled = [], []
     for sample in dataset:
         keep = np.minimum(sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]) >= min_side

@@ -82,7 +82,7 @@ def test_the_toy_objective_prefers_the_true_mask_to_the_box_and_a_thin_cross(toy
     assert loss["truth"] < loss["cross"], loss
 
 
-def test_the_papers_asymmetric_setting_prefers_the_cross_on_toy_scenes(toy_student):
+def test_the_papers_asymmetric_setting_prefers_the_cross_on_toy_scenes():
     # The student's defaults are the papers' (projection Dice, AsyInst deltas and gammas); only the warm-up differs.
     papers = StudentConfig()
     assert papers.projection == "dice" and papers.objectives.delta_color > 0
