@@ -122,7 +122,6 @@ def test_a_bad_student_setting_fails_before_ray_starts(tmp_path, capsys, setting
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert message in err
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_run_help_documents_the_command(capsys):

@@ -9,11 +9,11 @@ AsyInst's asymmetric affinity) prefers the cross on the same scenes, which is wh
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from pipeline.commands.common import config_path_for
 from pipeline.config import load_config
+from pipeline.datasets.cityscapes import tight_box
 from pipeline.datasets.toy import render_scene
 from student.config import StudentConfig
 from student.losses import color_term, depth_term, roi_box_masks, roi_depth, roi_in_image, roi_sample
@@ -30,12 +30,11 @@ def _instances(scene) -> tuple[torch.Tensor, torch.Tensor]:
         if inst < 1000:  # Cityscapes encoding: ids under 1000 are classes without instances
             continue
         m = scene.instance_ids == inst
-        ys, xs = np.nonzero(m)
-        box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        box = tight_box(m)
         if min(box[2] - box[0], box[3] - box[1]) >= 16:
             boxes.append(box)
             masks.append(m)
-    return torch.tensor(boxes, dtype=torch.float32), torch.from_numpy(np.stack(masks).astype(np.float32))
+    return torch.from_numpy(np.stack(boxes)), torch.from_numpy(np.stack(masks).astype(np.float32))
 
 
 def _candidates(inside: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,13 +70,8 @@ def _losses(cfg: StudentConfig) -> dict[str, float]:
     return {name: float(np.mean(v)) for name, v in totals.items()}
 
 
-@pytest.fixture(scope="module")
-def toy_student() -> StudentConfig:
-    return load_config(config_path_for("toy")).student
-
-
-def test_the_toy_objective_prefers_the_true_mask_to_the_box_and_a_thin_cross(toy_student):
-    loss = _losses(toy_student)
+def test_the_toy_objective_prefers_the_true_mask_to_the_box_and_a_thin_cross():
+    loss = _losses(load_config(config_path_for("toy")).student)
     assert loss["truth"] < loss["box"], loss
     assert loss["truth"] < loss["cross"], loss
 
