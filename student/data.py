@@ -7,6 +7,8 @@ never imports the pipeline and never sees a ground-truth mask.
 
 Geometry per image, in this order: resize so the short side is a random choice of ``min_size`` (long side at most
 ``max_size``), horizontal flip with probability ``flip``, random ``crop`` (H, W) when the image is larger.
+``dataset[(i, short)]`` takes the short side from the caller instead: the training loop draws one per step and
+gives it to every image of the step on every worker (``step_sizes``).
 Image, boxes, depth, pseudo masks and correspondences move together: depth is resampled nearest (0 stays
 invalid), pseudo masks bilinearly as floats; a flip mirrors each instance's correspondence cells (x -> g - 1 - x);
 an instance cut by the crop keeps its clipped box but loses its correspondences and does not enter the feature
@@ -45,8 +47,20 @@ def flip_cells(cells: np.ndarray, grid: int) -> np.ndarray:
     return y * grid + (grid - 1 - x)
 
 
+def step_sizes(steps: int, sizes: Sequence[int], seed: int) -> list[int]:
+    """One short side per step, drawn from ``sizes`` by a generator seeded with ``seed`` alone, so every worker
+    that asks with the same seed gets the same list.
+
+    DDP ranks move in lockstep: with a size drawn per image, each step lasts as long as the rank that drew the
+    largest, and a worker's batch of mixed sizes is padded to its largest image. A size shared by the step costs
+    neither, and each image still sees every size with equal chance."""
+    generator = torch.Generator().manual_seed(seed)
+    return [int(sizes[k]) for k in torch.randint(len(sizes), (steps,), generator=generator)]
+
+
 class TrainImages(Dataset):
-    """``dataset[i]`` -> (image (3,h,w) float [0,1], target dict of ``student.roi_heads``)."""
+    """``dataset[i]`` or ``dataset[(i, short)]`` -> (image (3,h,w) float [0,1], target dict of
+    ``student.roi_heads``)."""
 
     def __init__(self, samples: Sequence[Any], class_ids: Sequence[int], cfg: StudentConfig,
                  pseudo: PseudoLabels | None = None):
@@ -58,7 +72,8 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        index, short = index if isinstance(index, tuple) else (index, None)
         s = self.samples[index]
         image = s.load_image()
         depth = s.load_depth()
@@ -81,14 +96,15 @@ class TrainImages(Dataset):
             weight = np.array([lab.score if lab is not None else 0.0 for lab in labels], np.float32)
             corr = [[(c.partner, c.grid, c.src, c.dst, c.weight) for c in lab.correspondences]
                     if lab is not None else [] for lab in labels]
-        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr)
+        return self.augment(s.image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr, short)
 
-    def augment(self, image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr):
+    def augment(self, image_id, image, depth, boxes, classes, instance_ids, masks, weight, corr, short=None):
         """Resize, flip, crop (module docstring). masks (N,H,W) float32, weight (N,) and corr (N lists) are None
-        when training from boxes only."""
+        when training from boxes only; ``short`` None draws the short side from ``min_size``."""
         cfg = self.cfg
         h, w = image.shape[:2]
-        short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))])
+        if short is None:
+            short = int(cfg.min_size[int(torch.randint(len(cfg.min_size), ()))])
         scale = scale_for(h, w, short, cfg.max_size)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         if (nh, nw) != (h, w):

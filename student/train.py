@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import export, warm_start, weights_digest
 from .config import StudentConfig
-from .data import TrainImages, collate
+from .data import TrainImages, collate, step_sizes
 from .ema import ModelEMA
 from .model import StudentError, build_model, first_line
 from .pseudo_labels import PseudoLabels
@@ -165,10 +165,14 @@ def _restore(config: dict, run_name: str, model, optimizer, scheduler, ema: Mode
     return 0
 
 
-def _batches(sampler, epoch: int, batch: int) -> list[list[int]]:
+def _batches(sampler, epoch: int, batch: int, sizes: Sequence[int], seed: int) -> list[list[tuple[int, int]]]:
+    """This rank's batches of epoch ``epoch`` as (index, short side) pairs; batch k has the same short side on every
+    rank (``student.data.step_sizes``)."""
     sampler.set_epoch(epoch)
     order = list(sampler)
-    return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    steps = len(order) // batch
+    shorts = step_sizes(steps, sizes, seed * 100_003 + epoch)
+    return [[(i, shorts[k]) for i in order[k * batch:(k + 1) * batch]] for k in range(steps)]
 
 
 def train_loop(config: dict) -> None:
@@ -199,7 +203,10 @@ def train_loop(config: dict) -> None:
     if rank:
         # Every rank draws its own augmentation and proposal samples (rank 0 keeps the restored RNG state).
         torch.manual_seed(cfg.seed + 1000 * rank + iteration)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # No BatchNorm buffer broadcast before every forward (as detectron2): it is one more point per step where the
+    # ranks wait for each other, and training-mode BatchNorm normalises with batch statistics, so the running
+    # statistics each rank keeps change no loss or gradient; rank 0's are the ones exported.
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
 
     pseudo = PseudoLabels.from_dir(job.labels_dir) if job.labels_dir else None
     data = TrainImages(job.samples, [c["id"] for c in job.classes], cfg, pseudo)
@@ -211,8 +218,8 @@ def train_loop(config: dict) -> None:
     stopped = ""
     while iteration < cfg.iterations and not stopped:
         epoch, skip = divmod(iteration, per_epoch)
-        loader = DataLoader(data, batch_sampler=_batches(sampler, epoch, per_worker)[skip:], collate_fn=collate,
-                            num_workers=cfg.loader_workers)
+        batches = _batches(sampler, epoch, per_worker, cfg.min_size, cfg.seed)[skip:]
+        loader = DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=cfg.loader_workers)
         for images, targets in loader:
             if iteration >= cfg.iterations:
                 break
@@ -229,15 +236,18 @@ def train_loop(config: dict) -> None:
                 losses[job.fault["term"]] = losses[job.fault["term"]] * float("nan")
             terms = torch.stack([losses[k].detach().float() for k in sorted(losses)])
             bad = (~torch.isfinite(terms)).float()
-            if world > 1:
-                torch.distributed.all_reduce(bad)
+            # The flag's all-reduce runs during backward, not before it: a second point where the ranks wait for
+            # each other every step costs more than a backward pass wasted on a step that is then dropped.
+            flag = torch.distributed.all_reduce(bad, async_op=True) if world > 1 else None
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if flag is not None:
+                flag.wait()
             if bad.any():
                 term = sorted(losses)[int(torch.nonzero(bad)[0])]
                 stopped = f"non-finite loss {term} at iteration {iteration}"
                 break
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -247,7 +257,7 @@ def train_loop(config: dict) -> None:
             ema.update(model)
             iteration += 1
             metrics = {"iteration": iteration, "loss": float(terms.sum()), "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": time.perf_counter() - started, "images": per_worker * world,
+                       "seconds": time.perf_counter() - started, "time": time.time(), "images": per_worker * world,
                        **{k: float(v) for k, v in zip(sorted(losses), terms)}}
             if rank == 0 and (iteration % cfg.log_every == 0 or iteration == 1 or iteration == cfg.iterations):
                 with open(log_path, "a") as f:
@@ -269,7 +279,7 @@ def train_loop(config: dict) -> None:
     own = dict(model.named_parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     (replicas / f"rank-{rank}.json").write_text(json.dumps({"iteration": iteration, "parameters": weights_digest(own),
-                                                            "peak_rss_mb": peak_mb}))
+                                                            "peak_rss_mb": peak_mb, "niceness": os.nice(0)}))
     if rank == 0:
         out = Path(job.out)
         export(out / "student.pt", model.state_dict(), cfg, job.classes, iteration, job.dataset, "student")
@@ -344,6 +354,9 @@ def fit(job: TrainJob, resume: bool = False, progress: Callable[[dict], None] | 
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=job.out,
+                             # Ray starts workers at nice 15, so any of its own processes preempts a rank at once,
+                             # and in lockstep DDP every other rank then waits (bench/RESULTS.md, toy scaling).
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)))
     log_path = out / TRAIN_LOG

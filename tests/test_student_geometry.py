@@ -118,9 +118,11 @@ def test_flip_cells_mirrors_columns():
     assert flip_cells(np.array([0, 6, 7, 48]), 7).tolist() == [6, 0, 13, 42]
 
 
-def test_multiscale_resize_keeps_alignment():
-    cfg = StudentConfig(min_size=[90], max_size=1000, flip=0.0, crop=[])
-    image, target = TrainImages([FakeSample()], [1, 2], cfg, FakeLabels())[0]
+@pytest.mark.parametrize("key", [0, (0, 90)])
+def test_multiscale_resize_keeps_alignment(key):
+    # An int key draws the short side from min_size; an (index, short) key, as the training loop passes, uses it.
+    cfg = StudentConfig(min_size=[90] if key == 0 else [400, 500], max_size=1000, flip=0.0, crop=[])
+    image, target = TrainImages([FakeSample()], [1, 2], cfg, FakeLabels())[key]
     assert tuple(image.shape[1:]) == (90, 120)
     ref = centroid(image[0].numpy())
     assert np.allclose(centroid(target["pseudo_masks"][0].numpy()), ref, atol=0.6)

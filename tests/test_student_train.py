@@ -77,6 +77,26 @@ def cluster(toy_cache):
     ray.shutdown()
 
 
+def test_every_rank_gets_the_same_short_side_per_step_and_all_sizes_occur():
+    from torch.utils.data import DistributedSampler
+
+    from student.train import _batches
+    data = list(range(40))
+    sizes = [224, 256, 288]
+    ranks = [_batches(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True),
+                      epoch=3, batch=2, sizes=sizes, seed=0) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 10
+    for b0, b1 in zip(*ranks):
+        assert len({short for _, short in b0 + b1}) == 1
+    assert {i for b in ranks[0] + ranks[1] for i, _ in b} == set(data)
+    shorts = [b[0][1] for epoch in range(3, 8)
+              for b in _batches(DistributedSampler(data, 2, 0, seed=0, drop_last=True), epoch, 2, sizes, 0)]
+    assert set(shorts) == set(sizes)
+    again = _batches(DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=0, drop_last=True),
+                     epoch=3, batch=2, sizes=sizes, seed=0)
+    assert again == ranks[0]
+
+
 @pytest.mark.slow
 def test_two_ddp_workers_hold_identical_parameters(cluster, tmp_path):
     cfg = tiny_config("student.workers=2", "student.iterations=3")
@@ -84,6 +104,7 @@ def test_two_ddp_workers_hold_identical_parameters(cluster, tmp_path):
     digests = [json.loads((tmp_path / "replicas" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["iteration"] == digests[1]["iteration"] == 3
     assert digests[0]["parameters"] == digests[1]["parameters"]
+    assert digests[0]["niceness"] == digests[1]["niceness"] == 0  # not Ray's default 15 (student.train.fit)
     assert Path(result["teacher"]).exists()
 
 
