@@ -2,7 +2,7 @@
 Mask R-CNN step with real mask targets, peak RSS per worker, and toy quality (mask AP vs box-as-mask AP, and the
 mask head's IoU on ground-truth boxes vs the filled box's, trained from boxes alone and from box-prior shards).
 
-    .venv/bin/python bench/student.py                    # everything (about 20 minutes on 2 cores)
+    .venv/bin/python bench/student.py                    # everything (about 35 minutes on 2 cores)
     .venv/bin/python bench/student.py --skip-quality     # speed only
     .venv/bin/python bench/student.py --skip-speed       # quality only
 
@@ -152,10 +152,11 @@ def mask_head_on_gt_boxes(checkpoint: Path, overrides: list[str] | None = None, 
     return {"mask_head_iou": float(np.mean(head)), "filled_box_iou": float(np.mean(filled)), "instances": len(head)}
 
 
-def quality(tmp: Path, iterations: int, train_images: int, val_images: int) -> dict:
+def quality(tmp: Path, iterations: int, train_images: int, val_images: int, seeds: list[int]) -> dict:
     """Toy val mask AP and box-as-mask AP of students trained from boxes alone and from box-prior shards, on
     ``train_images`` generated toy training images, scored on ``val_images`` (image i of a split is the same
-    scene whatever the counts)."""
+    scene whatever the counts). Each student is trained once per seed (``student.seed``); its figures are the
+    means over the seeds, with each seed's under ``per_seed``."""
     res = {}
     shards = tmp / "labels"
     overrides = [f"dataset.toy.train={train_images}", f"dataset.toy.val={val_images}"]
@@ -163,15 +164,20 @@ def quality(tmp: Path, iterations: int, train_images: int, val_images: int) -> d
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli(["label", *data, "--out", str(shards)]) == 0
     for name, extra in (("boxes", []), ("shards", ["--labels", str(shards)])):
-        out = tmp / name
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert cli(["train", *data, "--out", str(out), "--iterations", str(iterations), *extra]) == 0
-            assert cli(["eval", *data, "--checkpoint", str(out / "teacher.pt"),
-                        "--json", str(out / "eval.json")]) == 0
-        figures = json.loads((out / "eval.json").read_text())
-        res[name] = {"mask_ap": figures["mask"]["ap"], "mask_ap50": figures["mask"]["ap50"],
-                     "box_ap": figures["box"]["ap"], "box_as_mask_ap": figures["box-as-mask"]["ap"],
-                     **mask_head_on_gt_boxes(out / "teacher.pt", overrides)}
+        runs = []
+        for seed in seeds:
+            out = tmp / f"{name}-{seed}"
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert cli(["train", *data, "--out", str(out), "--iterations", str(iterations),
+                            "--set", f"student.seed={seed}", *extra]) == 0
+                assert cli(["eval", *data, "--checkpoint", str(out / "teacher.pt"),
+                            "--json", str(out / "eval.json")]) == 0
+            figures = json.loads((out / "eval.json").read_text())
+            runs.append({"seed": seed, "mask_ap": figures["mask"]["ap"], "mask_ap50": figures["mask"]["ap50"],
+                         "box_ap": figures["box"]["ap"], "box_as_mask_ap": figures["box-as-mask"]["ap"],
+                         **mask_head_on_gt_boxes(out / "teacher.pt", overrides)})
+        res[name] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k not in ("seed", "instances")}
+        res[name].update(instances=runs[0]["instances"], per_seed=runs)
     return res
 
 
@@ -192,6 +198,9 @@ def main() -> int:
     ap.add_argument("--train-images", type=int, default=200, help="toy training images of the quality runs")
     # AP on the toy config's 8 val images moves by points between runs; 64 cost half a minute of evaluation.
     ap.add_argument("--val-images", type=int, default=64, help="toy val images the quality runs are scored on")
+    # One seed's AP moves by about half a point between trainings, as much as the two students differ.
+    ap.add_argument("--seeds", default="0,1", help="comma-separated student.seed values of the quality runs; "
+                                                 "figures are means over them")
     ap.add_argument("--speed-iterations", type=int, default=40,
                     help="steps of each toy speed run (the cityscapes crops run a quarter as many, at least 6); "
                          "throughput is timed from the end of step 3")
@@ -214,7 +223,8 @@ def main() -> int:
             import ray
             ray.shutdown()
         if not args.skip_quality:
-            figures["quality"] = quality(tmp, args.iterations, args.train_images, args.val_images)
+            figures["quality"] = quality(tmp, args.iterations, args.train_images, args.val_images,
+                                         [int(x) for x in args.seeds.split(",")])
     speed = [name for name in ("toy", "cityscapes-crop") if name in figures]
     if speed:
         print(f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} "
@@ -225,11 +235,11 @@ def main() -> int:
               f"{r['step_vs_plain']['ratio']:16.2f} {max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
     if "quality" in figures:
         print()
-        title = f"toy val {args.val_images} ({args.iterations} it, {args.train_images} img)"
-        print(f"{title:31s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} "
+        title = f"toy val {args.val_images} ({args.iterations} it, {args.train_images} img, seeds {args.seeds})"
+        print(f"{title:44s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} "
               f"{'box AP':>7s} {'head IoU on GT boxes':>21s} {'filled box IoU':>15s}")
         for name, q in figures["quality"].items():
-            print(f"{'trained from ' + name:31s} {100 * q['mask_ap']:8.1f} {100 * q['mask_ap50']:6.1f} "
+            print(f"{'trained from ' + name:44s} {100 * q['mask_ap']:8.1f} {100 * q['mask_ap50']:6.1f} "
                   f"{100 * q['box_as_mask_ap']:15.1f} {100 * q['box_ap']:7.1f} {q['mask_head_iou']:21.4f} "
                   f"{q['filled_box_iou']:15.4f}")
     print(json.dumps(figures))
