@@ -192,7 +192,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--iterations", type=int, default=300, help="training steps of the quality runs")
+    ap.add_argument("--iterations", type=int, default=300,
+                    help="training steps of the quality runs (as pipeline train --iterations: the lr step and the "
+                         "affinity warm-up keep their fractions of the toy config's run)")
     # With the toy config's 24 images the mask head memorises: even one trained on the true masks scores under the
     # filled box on val (bench/RESULTS.md). The generator makes more for the cost of rendering them.
     ap.add_argument("--train-images", type=int, default=200, help="toy training images of the quality runs")

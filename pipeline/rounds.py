@@ -36,7 +36,7 @@ from typing import Any, Optional
 import yaml
 
 from student.config import StudentConfig
-from student.train import latest_checkpoint
+from student.train import latest_checkpoint, stretch_schedule
 
 from .config import Config, to_dict
 from .datasets import build_dataset
@@ -101,11 +101,10 @@ def round_student_config(cfg: StudentConfig, warm: bool, finetune_iterations: in
     steps, with its warm-up, lr steps, EMA ramp and affinity warm-up shrunk in proportion."""
     if not warm or finetune_iterations <= 0 or finetune_iterations == cfg.iterations:
         return cfg
+    # A fine-tune is shorter than the first round, so its start-up warm-ups shrink too, unlike a stretched run's.
     f = finetune_iterations / cfg.iterations
-    return dataclasses.replace(
-        cfg, iterations=finetune_iterations, warmup_iters=round(cfg.warmup_iters * f),
-        steps=[round(s * f) for s in cfg.steps], ema_ramp=round(cfg.ema_ramp * f),
-        objectives=dataclasses.replace(cfg.objectives, warmup_iters=round(cfg.objectives.warmup_iters * f)))
+    return dataclasses.replace(stretch_schedule(cfg, finetune_iterations), warmup_iters=round(cfg.warmup_iters * f),
+                               ema_ramp=round(cfg.ema_ramp * f))
 
 
 class RunFolder:

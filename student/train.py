@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +80,22 @@ def lr_factor(iteration: int, cfg: StudentConfig) -> float:
         alpha = iteration / cfg.warmup_iters
         return decay * (cfg.warmup_factor * (1 - alpha) + alpha)
     return decay
+
+
+def stretch_schedule(cfg: StudentConfig, iterations: int, keep: Sequence[str] = ()) -> StudentConfig:
+    """``cfg`` trained for ``iterations`` steps, with its lr steps and affinity warm-up at the same fractions of the
+    run (``keep``: those of ``"steps"`` and ``"objectives.warmup_iters"`` to leave as they are). The lr warm-up and
+    the EMA ramp stay in iterations: they are about the first steps from the initial weights, not the run's length
+    (as detectron2's longer schedules keep WARMUP_ITERS). Without this a longer toy run would spend most of its steps
+    at the decayed lr."""
+    if iterations == cfg.iterations:
+        return cfg
+    f = iterations / cfg.iterations
+    objectives = cfg.objectives
+    if "objectives.warmup_iters" not in keep:
+        objectives = dataclasses.replace(objectives, warmup_iters=round(objectives.warmup_iters * f))
+    steps = cfg.steps if "steps" in keep else [round(s * f) for s in cfg.steps]
+    return dataclasses.replace(cfg, iterations=iterations, steps=steps, objectives=objectives)
 
 
 def _rng_state() -> dict:

@@ -17,7 +17,7 @@ from pipeline.label_service import init_ray
 from pipeline.training import build_job
 from student.data import TrainImages, collate
 from student.model import build_model
-from student.train import TRAIN_LOG, NonFiniteLoss, fit, latest_checkpoint
+from student.train import TRAIN_LOG, NonFiniteLoss, fit, latest_checkpoint, stretch_schedule
 
 ray = pytest.importorskip("ray")
 
@@ -183,3 +183,31 @@ def test_eval_reports_mask_box_and_box_as_mask_ap_and_writes_predictions(toy_cac
     records = json.loads(preds.read_text())
     assert records and {"image_id", "category_id", "score", "bbox", "segmentation"} <= set(records[0])
     assert {r["category_id"] for r in records} <= {c["id"] for c in job.classes}
+
+
+def test_a_longer_run_keeps_its_lr_steps_and_affinity_warm_up_at_the_same_fractions():
+    cfg = tiny_config("student.iterations=300", "student.steps=[240]", "student.objectives.warmup_iters=250",
+                      "student.warmup_iters=50", "student.ema_ramp=50").student
+    long = stretch_schedule(cfg, 900)
+    assert (long.iterations, long.steps, long.objectives.warmup_iters) == (900, [720], 750)
+    assert (long.warmup_iters, long.ema_ramp) == (50, 50)       # start-up warm-ups are not about the run's length
+    assert (cfg.iterations, cfg.steps, cfg.objectives.warmup_iters) == (300, [240], 250)   # cfg untouched
+    kept = stretch_schedule(cfg, 900, keep=["steps"])
+    assert (kept.steps, kept.objectives.warmup_iters) == ([240], 750)
+    assert stretch_schedule(cfg, 300) is cfg
+
+
+def test_train_iterations_flag_stretches_the_schedule_unless_set(toy_cache, tmp_path, monkeypatch):
+    import pipeline.commands.train as train_command
+    seen = []
+    monkeypatch.setattr(train_command, "connect_ray", lambda cfg, address: None)
+    monkeypatch.setattr(train_command, "run_training", lambda job, resume: seen.append(job.cfg) or
+                        {"student": "s", "teacher": "t"})
+    # The toy config's schedule: 300 iterations, lr step at 240, affinity warm-up 250.
+    base = ["train", "--dataset", "toy", "--out", str(tmp_path / "o"), "--set", "dataset.toy.train=4",
+            "--set", "dataset.toy.size=128x256"]
+    assert main([*base, "--iterations", "900"]) == 0
+    assert main([*base, "--set", "student.steps=[100]", "--iterations", "900"]) == 0
+    assert main([*base, "--set", "student.iterations=900"]) == 0
+    assert [(c.iterations, c.steps, c.objectives.warmup_iters) for c in seen] == [
+        (900, [720], 750), (900, [100], 750), (900, [240], 250)]

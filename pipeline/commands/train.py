@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from student.train import effective_lr
+from student.train import effective_lr, stretch_schedule
 
 from ..training import build_job, check_student, run_training
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
@@ -23,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pseudo-label shards (masks, scores, correspondences); default: boxes only")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for checkpoints, log and exports")
     p.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (default: student.workers)")
-    p.add_argument("--iterations", type=int, metavar="N", help="training steps (default: student.iterations)")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="training steps (default: student.iterations); the lr steps and the affinity warm-up keep "
+                        "their fractions of the run unless given with --set (--set student.iterations=N sets the "
+                        "count alone)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_address_arg(p)
     add_config_args(p)
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if at_least_one("--workers", args.workers) is not None:
         cfg.student.workers = args.workers
     if at_least_one("--iterations", args.iterations) is not None:
-        cfg.student.iterations = args.iterations
+        given = [o.split("=", 1)[0].strip().removeprefix("student.") for o in args.overrides]
+        cfg.student = stretch_schedule(cfg.student, args.iterations, keep=given)
     check_student(cfg.student)
     job = build_job(cfg, args.out, args.labels)
     s = cfg.student
