@@ -203,6 +203,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def override_keys(overrides: Iterable[str]) -> set[str]:
+    """The dotted keys that ``--set`` overrides name, read as ``load_config`` reads them."""
+    return {".".join(_parse_override(item)[0]) for item in overrides}
+
+
 def _nest(path: list[str], value: Any) -> dict:
     out: Any = value
     for part in reversed(path):

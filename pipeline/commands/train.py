@@ -11,6 +11,7 @@ import argparse
 
 from student.train import effective_lr, stretch_schedule
 
+from ..config import override_keys
 from ..training import build_job, check_student, run_training
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if at_least_one("--workers", args.workers) is not None:
         cfg.student.workers = args.workers
     if at_least_one("--iterations", args.iterations) is not None:
-        given = [o.split("=", 1)[0].strip().removeprefix("student.") for o in args.overrides]
+        given = {key.removeprefix("student.") for key in override_keys(args.overrides)}
         cfg.student = stretch_schedule(cfg.student, args.iterations, keep=given)
     check_student(cfg.student)
     job = build_job(cfg, args.out, args.labels)
