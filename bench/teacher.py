@@ -3,11 +3,12 @@
 On coco_tiny (real COCO photographs; mean mask IoU over non-crowd instances with both box sides >= 8 px) prints
 mean IoU and ms per instance for box-as-mask, the inscribed ellipse, OpenCV GrabCut and the teacher, the teacher's
 per-stage time split, its score calibration (Spearman correlation of score and IoU, mean IoU per score quintile),
-optionally a stage ablation (--ablation) and a toy-data table with and without depth (--depth-ablation). Timing
-runs on ONE CPU thread. The last line is one JSON object.
+optionally a stage ablation (--ablation), a toy-data table with and without depth (--depth-ablation) and the
+overlap table (--occlusion: `teacher.occlusion` off against joint, split by how much of each box overlaps another,
+beside the oracle). Timing runs on ONE CPU thread. The last line is one JSON object.
 
     .venv/bin/python bench/teacher.py [--data ../shared/devdata/coco_tiny] [--limit N] [--ablation]
-                                      [--depth-ablation] [--no-grabcut]
+                                      [--depth-ablation] [--no-grabcut] [--occlusion [--toy-checkpoint T.pt]]
 """
 from __future__ import annotations
 
@@ -129,12 +130,34 @@ def run_anchor(records: list[dict], fn, desc: str) -> tuple[float, float]:
     return float(np.mean(ious)), 1000 * elapsed / max(n, 1)
 
 
+def oracle_ious(masks: list[np.ndarray], gts: list[np.ndarray]) -> list[float]:
+    """IoU of each label after removing the pixels that belong only to other instances' ground truth: the ceiling
+    of resolving overlaps (every label gains or stays)."""
+    out = []
+    for i, (m, g) in enumerate(zip(masks, gts)):
+        others = np.zeros_like(g)
+        for j, h in enumerate(gts):
+            if j != i:
+                others |= h
+        out.append(iou(m & ~(others & ~g), g))
+    return out
+
+
+def overlap_shares(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,) share of each box's pixels (floor / ceil of its corners) that lie inside another box."""
+    cover = np.zeros((len(boxes), height, width), bool)
+    for k, b in enumerate(boxes):
+        cover[k] = box_as_mask(b, height, width)
+    total = cover.sum(0)
+    return np.array([(total[c] >= 2).mean() if c.any() else 0.0 for c in cover])
+
+
 def run_teacher(records: list[dict], cfg: TeacherConfig, desc: str = "teacher", with_depth: bool = False,
-                network=None) -> dict:
+                network=None, oracle: bool = False) -> dict:
     """Label every record in order (the bank fills as it goes; ``network_batch`` images per call, as the label
-    service does) -> mean IoU, ms/instance, stage split, scores."""
+    service does) -> mean IoU, ms/instance, stage split, scores; with ``oracle`` also `oracle_ious` per label."""
     teacher = StructuredTeacher(network, cfg)
-    ious, scores, elapsed = [], [], 0.0
+    ious, scores, elapsed, oracles = [], [], 0.0, []
     step = cfg.network_batch
     for start in tqdm(range(0, len(records), step), desc=desc, leave=False):
         chunk = records[start:start + step]
@@ -148,10 +171,12 @@ def run_teacher(records: list[dict], cfg: TeacherConfig, desc: str = "teacher", 
             for lab, gt in zip(image_labels, r["gts"]):
                 ious.append(iou(lab.mask, gt))
                 scores.append(lab.score)
+            if oracle:
+                oracles += oracle_ious([lab.mask for lab in image_labels], r["gts"])
     n = max(len(ious), 1)
     return dict(miou=float(np.mean(ious)) if ious else float("nan"), ms=1000 * elapsed / n,
                 stages={s: 1000 * teacher.timings[s] / n for s in STAGES}, ious=np.asarray(ious),
-                scores=np.asarray(scores), bank=teacher.bank.fill())
+                scores=np.asarray(scores), bank=teacher.bank.fill(), oracle=np.asarray(oracles))
 
 
 def ablation_configs(base: TeacherConfig) -> list[tuple[str, TeacherConfig]]:
@@ -240,6 +265,73 @@ def network_tables(args) -> dict:
     return figures
 
 
+OVERLAP_BINS = (("none", 0.0, 0.0), ("< 30 %", 1e-9, 0.3 - 1e-9), (">= 30 %", 0.3, 1.0))
+
+
+def occlusion_tables(args) -> dict:
+    """`teacher.occlusion` off against joint: mean IoU, ms/instance and score Spearman on toy train (box-prior, and
+    fused with --toy-checkpoint's student) and coco_tiny (box-prior), split by overlap share, with the oracle.
+    Each dataset's config gives the rest of the teacher (``pipeline label`` runs it so)."""
+    import dataclasses
+
+    from pipeline.config import config_path_for, load_config
+
+    cases = []
+    toy_teacher = dataclasses.replace(load_config(config_path_for("toy"), []).teacher, device="cpu")
+    toy = toy_records(args.toy_images, seed=0)
+    cases.append(("toy", "box-prior", toy, True, toy_teacher, None))
+    if args.toy_checkpoint:
+        import student  # noqa: F401  (registers the student's network)
+        from teacher.network import build_network
+
+        net = build_network(torch.load(args.toy_checkpoint, map_location="cpu", weights_only=True),
+                            str(args.toy_checkpoint))
+        cases.append(("toy", "fused", toy, True, dataclasses.replace(toy_teacher, unary="fused"), net))
+    coco = load_coco(args.data, args.limit)
+    coco_teacher = dataclasses.replace(load_config(config_path_for("coco"), []).teacher, device="cpu")
+    cases.append(("coco_tiny", "box-prior", coco, False, coco_teacher, None))
+    figures: dict = {}
+    print("\noverlaps: teacher.occlusion off -> joint; oracle = off's labels minus the pixels that only other "
+          "instances' ground truth holds; captured = (joint - off) / (oracle - off)")
+    print(f"{'data':10s} {'mode':10s} {'inst':>5s} {'off':>7s} {'joint':>7s} {'oracle':>7s} {'captured':>9s} "
+          f"{'ms off':>7s} {'ms joint':>9s} {'x':>5s} {'rho off':>8s} {'rho joint':>9s}")
+    splits = []
+    for data, mode, records, depth, cfg, net in cases:
+        off = run_teacher(records, dataclasses.replace(cfg, occlusion="off"), f"{data} {mode} off", depth, net, True)
+        joint = run_teacher(records, dataclasses.replace(cfg, occlusion="joint"), f"{data} {mode} joint", depth, net)
+        rho_off, _ = calibration(off["ious"], off["scores"])
+        rho_joint, _ = calibration(joint["ious"], joint["scores"])
+        oracle = float(off["oracle"].mean())
+        captured = (joint["miou"] - off["miou"]) / max(oracle - off["miou"], 1e-9)
+        print(f"{data:10s} {mode:10s} {len(off['ious']):5d} {off['miou']:7.4f} {joint['miou']:7.4f} {oracle:7.4f} "
+              f"{captured:9.2f} {off['ms']:7.2f} {joint['ms']:9.2f} {joint['ms'] / off['ms']:5.2f} {rho_off:8.3f} "
+              f"{rho_joint:9.3f}", flush=True)
+        key = f"occlusion_{data}_{mode.replace('-', '_')}"
+        figures.update({f"{key}_off_miou": round(off["miou"], 4), f"{key}_joint_miou": round(joint["miou"], 4),
+                        f"{key}_oracle_miou": round(oracle, 4), f"{key}_captured": round(captured, 3),
+                        f"{key}_off_ms": round(off["ms"], 2), f"{key}_joint_ms": round(joint["ms"], 2),
+                        f"{key}_off_spearman": round(rho_off, 3), f"{key}_joint_spearman": round(rho_joint, 3)})
+        shares = np.concatenate([overlap_shares(r["boxes"], *r["image"].shape[:2]) for r in records])
+        splits.append((data, mode, shares, off, joint))
+    print("\nby the share of the box inside another box: instances, mean IoU off / joint / oracle")
+    print(f"{'data':10s} {'mode':10s} " + " ".join(f"{name:>28s}" for name, _, _ in OVERLAP_BINS))
+    for data, mode, shares, off, joint in splits:
+        cells = []
+        for name, lo, hi in OVERLAP_BINS:
+            sel = (shares >= lo) & (shares <= hi)
+            if sel.any():
+                cells.append(f"{int(sel.sum()):4d}: {off['ious'][sel].mean():.3f} / {joint['ious'][sel].mean():.3f} "
+                             f"/ {off['oracle'][sel].mean():.3f}")
+                slug = name.replace(" ", "").replace("%", "").replace("<", "lt").replace(">=", "ge")
+                key = f"occlusion_{data}_{mode.replace('-', '_')}_{slug}"
+                figures.update({f"{key}_off_miou": round(float(off["ious"][sel].mean()), 4),
+                                f"{key}_joint_miou": round(float(joint["ious"][sel].mean()), 4)})
+            else:
+                cells.append("-")
+        print(f"{data:10s} {mode:10s} " + " ".join(f"{c:>28s}" for c in cells))
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "devdata" / "coco_tiny",
@@ -247,7 +339,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--ablation", action="store_true", help="cumulative stage ablation table")
     ap.add_argument("--depth-ablation", action="store_true", help="toy data with and without depth")
-    ap.add_argument("--toy-images", type=int, default=24, help="toy images for --depth-ablation")
+    ap.add_argument("--toy-images", type=int, default=24, help="toy train images for --depth-ablation and --occlusion")
     ap.add_argument("--no-grabcut", action="store_true", help="skip GrabCut (slow: ~0.2 s per instance)")
     ap.add_argument("--toy-checkpoint", type=Path, help="teacher.pt of a student trained on toy box-prior shards: "
                                                         "box-prior / network / fused table on toy train")
@@ -255,13 +347,17 @@ def main() -> None:
                                                          "shards: the same table on coco_tiny")
     ap.add_argument("--fusion-sweep", action="store_true", help="with a checkpoint: fused IoU over a grid of "
                                                                 "(network_weight, prior_weight)")
-    ap.add_argument("--skip-anchors", action="store_true", help="only the network-mode tables")
+    ap.add_argument("--skip-anchors", action="store_true", help="only the network-mode (and --occlusion) tables")
+    ap.add_argument("--occlusion", action="store_true", help="teacher.occlusion off against joint on toy train and "
+                                                             "coco_tiny (with --toy-checkpoint: toy fused mode too)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
     figures: dict = {}
-    if args.toy_checkpoint or args.coco_checkpoint:
+    if args.occlusion:
+        figures.update(occlusion_tables(args))
+    elif args.toy_checkpoint or args.coco_checkpoint:
         figures.update(network_tables(args))
     if args.skip_anchors:
         print(json.dumps(figures))

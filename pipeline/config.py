@@ -124,7 +124,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(where, "; ".join(errors))
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        # YAML 1.1 reads a bare off / on as false / true; a choice spelled that way means the word.
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"
+        if value in choices and not isinstance(value, bool):
             return value
         raise ConfigError(where, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     if origin is list:

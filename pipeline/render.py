@@ -8,6 +8,9 @@ import cv2
 import numpy as np
 
 
+OVERLAP_COLOUR = (255, 255, 255)  # pixels that two or more labels claim
+
+
 def palette(n: int) -> np.ndarray:
     """(n, 3) uint8 RGB colours, well apart in hue (golden-ratio steps), stable for a given index."""
     hues = (np.arange(n) * 0.618033988749895) % 1.0
@@ -17,7 +20,8 @@ def palette(n: int) -> np.ndarray:
 
 def overlay(image: np.ndarray, masks: Sequence[np.ndarray], boxes: np.ndarray, texts: Sequence[str],
             alpha: float = 0.5) -> np.ndarray:
-    """Draw masks (blended), mask outlines, boxes and a caption per instance.
+    """Draw masks (blended, each instance in its own colour; pixels two masks share in `OVERLAP_COLOUR`), mask
+    outlines, boxes and a caption per instance.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -34,10 +38,16 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], boxes: np.ndarray, t
         raise ValueError(f"overlay: {len(masks)} masks, {len(boxes)} boxes and {len(texts)} texts differ in number")
     out = image.astype(np.float32)
     colours = palette(len(masks))
+    claims = np.zeros(image.shape[:2], np.int32)
     for mask, colour in zip(masks, colours):
         if mask.shape != image.shape[:2]:
             raise ValueError(f"overlay: mask shape {mask.shape} differs from image {image.shape[:2]}")
+        claims += mask
         out[mask] = (1 - alpha) * out[mask] + alpha * colour.astype(np.float32)
+    # Labels resolved jointly never overlap; where they do (teacher.occlusion off), a blend of two colours would
+    # hide it, so those pixels are painted in OVERLAP_COLOUR.
+    shared = claims >= 2
+    out[shared] = (1 - alpha) * image[shared].astype(np.float32) + alpha * np.asarray(OVERLAP_COLOUR, np.float32)
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     for mask, box, text, colour in zip(masks, boxes, texts, colours):
         c = tuple(int(v) for v in colour)

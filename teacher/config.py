@@ -149,6 +149,32 @@ class FusionConfig:
 
 
 @dataclass
+class JointConfig:
+    """Joint resolution of overlapping boxes (`teacher.occlusion`), used when ``TeacherConfig.occlusion`` is
+    "joint": a multi-label mean-field over the pixels inside two or more boxes, whose unaries are the instances'
+    refined log-odds plus the cues below (weights in logit units). Measured reasons: bench/teacher.py
+    --occlusion (figures in bench/RESULTS.md, "Occlusion-aware joint labeling").
+    """
+
+    iters: int = 3                    # mean-field sweeps over the contested pixels (0 = unaries' arg-max)
+    w1: float = 1.0                   # colour Potts weight of the multi-label mean-field
+    zeta: float = 0.5                 # colour bandwidth, on LAB / BoxPriorConfig.lab_scale as in the CRF
+    logit_weight: float = 0.2         # the instances' own refined log-odds
+    colour_weight: float = 1.0        # which instance's colour histogram explains the pixel better
+    centre_weight: float = 1.5        # box-normalised distance of the pixel from each box's centre
+    colour_clip: float = 4.0          # |centred colour log-likelihood| cap
+    colour_bins: int = 8              # LAB histogram cells per axis of the instances' colour models
+    containment_weight: float = 2.0   # share of k's box inside j's minus the reverse: inner boxes are in front
+    bottom_weight: float = 2.0        # lower bottom edge is nearer (street scenes)
+    depth_order_weight: float = 2.0   # nearer foreground median depth is in front (only where depth exists)
+    depth_pixel_weight: float = 4.0   # the pixel's depth fits the instance's median depth (only with depth)
+    depth_rel: float = 0.1            # relative depth difference that counts as one unit of the depth terms
+    give_won: bool = False            # a won pixel joins the winner even where its own mask had left it out
+    rescore: bool = True              # score a label over its box minus the pixels other instances won
+    score_weight: float = 0.1         # score *= 1 - score_weight * contested share * (1 - winning margin)
+
+
+@dataclass
 class TeacherConfig:
     """The structured teacher (`teacher.StructuredTeacher`): one section per stage of DESIGN section 4."""
 
@@ -168,6 +194,10 @@ class TeacherConfig:
     unary: Literal["network", "box_prior", "fused"] = "fused"
     network_batch: int = 4            # images per network forward pass
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # Overlapping boxes: "joint" resolves each image's instances together so that every pixel belongs to at most
+    # one of them (`JointConfig`); "off" labels each box on its own, as before (masks may overlap).
+    occlusion: Literal["joint", "off"] = "joint"
+    joint: JointConfig = field(default_factory=JointConfig)
     box_prior: BoxPriorConfig = field(default_factory=BoxPriorConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     bank: BankConfig = field(default_factory=BankConfig)

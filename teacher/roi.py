@@ -96,15 +96,31 @@ def box_pixel_span(box: torch.Tensor, height: int, width: int) -> tuple[int, int
     return r0, r1, c0, c1
 
 
-def paste(prob: torch.Tensor, grid: RoIGrid, height: int, width: int, thresh: float = 0.5) -> list[torch.Tensor]:
-    """Full-resolution masks: bilinear upsampling of each RoI probability, threshold, clipped to its box.
+@dataclass
+class Window:
+    """One instance's pasted probabilities: prob (h,w) float over its box's pixel span r0..r1, c0..c1 (inclusive;
+    empty when r1 < r0 or c1 < c0)."""
 
-    prob (N,R,R) float probabilities over the padded crops -> N (H,W) bool masks, each True only at pixels whose
-    centre is inside its box. Only the box's pixel span is sampled, so the cost follows the box area.
+    prob: torch.Tensor
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def empty(self) -> bool:
+        return self.r1 < self.r0 or self.c1 < self.c0
+
+
+def paste_windows(prob: torch.Tensor, grid: RoIGrid, height: int, width: int) -> list[Window]:
+    """Bilinear upsampling of each RoI probability onto the pixels of its box at full resolution.
+
+    prob (N,R,R) float probabilities over the padded crops -> N `Window`s, each the (h,w) probabilities at the
+    pixels whose centre is inside its box (and the image). Only the box's pixel span is sampled, so the cost follows
+    the box area.
     """
-    masks = []
+    windows = []
     for i in range(prob.shape[0]):
-        mask = torch.zeros((height, width), dtype=torch.bool, device=prob.device)
         r0, r1, c0, c1 = box_pixel_span(grid.boxes[i], height, width)
         if r1 >= r0 and c1 >= c0:
             X1, Y1, X2, Y2 = (float(t) for t in grid.regions[i])
@@ -112,7 +128,28 @@ def paste(prob: torch.Tensor, grid: RoIGrid, height: int, width: int, thresh: fl
             ys = (torch.arange(r0, r1 + 1, device=prob.device, dtype=prob.dtype) + 0.5 - Y1) / (Y2 - Y1) * 2 - 1
             gy, gx = torch.meshgrid(ys, xs, indexing="ij")
             sample = F.grid_sample(prob[i][None, None], torch.stack([gx, gy], -1)[None], mode="bilinear",
-                                   padding_mode="border", align_corners=False)
-            mask[r0 : r1 + 1, c0 : c1 + 1] = sample[0, 0] >= thresh
+                                   padding_mode="border", align_corners=False)[0, 0]
+        else:
+            sample = prob.new_zeros((0, 0))
+        windows.append(Window(sample, r0, r1, c0, c1))
+    return windows
+
+
+def threshold_windows(windows: list[Window], height: int, width: int, thresh: float = 0.5) -> list[torch.Tensor]:
+    """Each instance on its own: N (H,W) bool masks, True where its pasted probability >= thresh."""
+    masks = []
+    for w in windows:
+        mask = torch.zeros((height, width), dtype=torch.bool, device=w.prob.device)
+        if not w.empty:
+            mask[w.r0 : w.r1 + 1, w.c0 : w.c1 + 1] = w.prob >= thresh
         masks.append(mask)
     return masks
+
+
+def paste(prob: torch.Tensor, grid: RoIGrid, height: int, width: int, thresh: float = 0.5) -> list[torch.Tensor]:
+    """Full-resolution masks: bilinear upsampling of each RoI probability, threshold, clipped to its box.
+
+    prob (N,R,R) float probabilities over the padded crops -> N (H,W) bool masks, each True only at pixels whose
+    centre is inside its box (`paste_windows`, then `threshold_windows`).
+    """
+    return threshold_windows(paste_windows(prob, grid, height, width), height, width, thresh)

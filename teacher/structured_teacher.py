@@ -10,6 +10,8 @@ Per image, all boxes batched as RoIs:
 4. Mean-field CRF with colour (and relative depth) Potts and the cross-image unary (`teacher.crf.meanfield_soft`).
 5. AsyInst asymmetric-affinity refinement (`teacher.refine`).
 6. Paste back at full resolution inside the box, score (`teacher.score`), push into the bank.
+7. Overlaps (``TeacherConfig.occlusion = "joint"``): the image's instances are resolved together, so each pixel
+   belongs to at most one of them (`teacher.occlusion`); contested labels score lower.
 
 Network mode: the network follows `teacher.network.TeacherNetwork` (one call per ``network_batch`` images, all
 boxes of an image at once). ``TeacherConfig.unary`` picks how its output is used: "network" (its mask
@@ -33,12 +35,13 @@ from .config import TeacherConfig
 from .correspondence import correspond, cross_image_unary, relu_and_l2_norm_feat
 from .crf import meanfield_soft
 from .memory_bank import MemoryBank
+from .occlusion import instance_models, own_pixels, owned_by_others, resolve
 from .refine import refine, roi_color_edges, roi_depth_edges
-from .roi import RoIGrid, box_pixel_span, crop, crop_masked, paste, roi_grid
+from .roi import RoIGrid, box_pixel_span, crop, crop_masked, paste_windows, roi_grid, threshold_windows
 from .score import mask_score
 
 MIN_BOX_SIDE = 2.0  # px: smaller (clipped) boxes get the box-as-mask label with score 0
-STAGES = ("network", "roi", "unary", "correspondence", "crf", "refine", "paste")
+STAGES = ("network", "roi", "unary", "correspondence", "crf", "refine", "paste", "occlusion")
 UNARY_MODES = ("network", "box_prior", "fused")
 _PROB_FLOOR = 1e-4  # network probabilities are clamped to [floor, 1 - floor] before their log-odds are taken
 
@@ -175,6 +178,8 @@ class StructuredTeacher:
             raise ValueError(f"TeacherConfig.roi_size must be >= 8, got {self.config.roi_size}")
         if self.config.unary not in UNARY_MODES:
             raise ValueError(f"TeacherConfig.unary: expected one of {', '.join(UNARY_MODES)}, got {self.config.unary!r}")
+        if self.config.occlusion not in ("joint", "off"):
+            raise ValueError(f"TeacherConfig.occlusion: expected 'joint' or 'off', got {self.config.occlusion!r}")
         if self.config.network_batch < 1:
             raise ValueError(f"TeacherConfig.network_batch must be >= 1, got {self.config.network_batch}")
         weights = (self.config.fusion.network_weight, self.config.fusion.prior_weight)
@@ -280,6 +285,11 @@ class StructuredTeacher:
                                     network_out)
             for i, lab in zip(p.run, rois):
                 labels[i] = lab
+            if self.config.occlusion == "joint" and len(p.run) < len(p.boxes):
+                # Boxes too small to run keep the box as their mask, minus what the labelled instances own.
+                owned = np.logical_or.reduce([labels[i].mask for i in p.run])
+                for i in np.setdiff1d(np.arange(len(p.boxes)), p.run):
+                    labels[i].mask &= ~owned
         return labels
 
     @torch.no_grad()
@@ -373,13 +383,28 @@ class StructuredTeacher:
             prob = q * grid.inside
         t = self._tick("refine", t)
         # 6. paste, score, push
-        masks = paste(prob[:, 0], grid, height, width, cfg.mask_thresh)
+        windows = paste_windows(prob[:, 0], grid, height, width)
         scores = mask_score(prob, q, grid.inside)
-        labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
         if self.uses_correspondence:
             for k in range(len(boxes)):
                 self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
-        self._tick("paste", t)
+        t = self._tick("paste", t)
+        # 7. overlaps
+        if cfg.occlusion == "joint" and len(boxes) > 1:
+            hist, depth_median = instance_models(lab, prob, own_pixels(grid, boxes_t), grid.inside, depth_c,
+                                                 depth_ok, cfg.joint.colour_bins, cfg.box_prior.color_alpha)
+            res = resolve(windows, boxes_t, torch.from_numpy(image).to(dev),
+                          None if depth is None else torch.from_numpy(depth).to(dev), hist, depth_median, cfg.joint,
+                          cfg.box_prior.lab_scale, cfg.mask_thresh)
+            masks = res.masks
+            if cfg.joint.rescore:
+                # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
+                scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
+            scores = scores * (1 - cfg.joint.score_weight * res.contested * (1 - res.margin)).clamp(0, 1)
+        else:
+            masks = threshold_windows(windows, height, width, cfg.mask_thresh)
+        labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
+        self._tick("occlusion", t)
         self.labelled += len(boxes)
         return labels
 

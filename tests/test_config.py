@@ -196,3 +196,16 @@ def test_config_digest_is_stable_and_sensitive():
     a, b = load_config(None), load_config(None)
     assert config_digest(a.teacher) == config_digest(b.teacher)
     assert config_digest(a.teacher) != config_digest(load_config(None, ["teacher.crf.iters=3"]).teacher)
+
+
+def test_occlusion_setting_reads_yaml_off_as_the_word(tmp_path):
+    # YAML 1.1 turns a bare `off` into false; the teacher's setting still means the word.
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher:\n  occlusion: off\n")
+    assert load_config(path, []).teacher.occlusion == "off"
+    assert load_config(path, ["teacher.occlusion=joint"]).teacher.occlusion == "joint"
+    assert load_config(path, ["teacher.occlusion=off"]).teacher.occlusion == "off"
+    with pytest.raises(ConfigError, match="teacher.occlusion: expected one of joint, off, got 'maybe'"):
+        load_config(path, ["teacher.occlusion=maybe"])
+    with pytest.raises(ConfigError, match="teacher.occlusion: expected one of joint, off, got True"):
+        load_config(path, ["teacher.occlusion=true"])

@@ -187,6 +187,28 @@ def test_overlay_blends_only_inside_masks():
         overlay(image, [mask], np.zeros((2, 4)), ["x"])
 
 
+def test_overlay_shows_who_won_each_overlap_and_flags_shared_pixels():
+    from pipeline.render import OVERLAP_COLOUR
+
+    image = np.full((40, 60, 3), 100, np.uint8)
+    a = np.zeros((40, 60), bool)
+    a[10:30, 5:35] = True
+    b = np.zeros((40, 60), bool)
+    b[10:30, 25:55] = True
+    boxes = np.array([[2, 2, 38, 38], [22, 2, 58, 38]], np.float32)
+    colours = palette(2).astype(np.float32)
+
+    def blend(colour):
+        return np.floor(0.5 * 100 + 0.5 * np.asarray(colour, np.float32) + 0.5).astype(np.uint8)
+
+    resolved = overlay(image, [a & ~b, b], boxes, ["a", "b"])          # joint labels: b won the overlap
+    np.testing.assert_array_equal(resolved[20, 30], blend(colours[1]))
+    np.testing.assert_array_equal(resolved[20, 15], blend(colours[0]))
+    shared = overlay(image, [a, b], boxes, ["a", "b"])                  # overlapping labels: flagged
+    np.testing.assert_array_equal(shared[20, 30], blend(OVERLAP_COLOUR))
+    np.testing.assert_array_equal(shared[20, 15], blend(colours[0]))
+
+
 def test_inspect_worst_draws_the_lowest_scored_labels_first(shard_dir, tmp_path, capsys):
     import pyarrow.dataset as pads
 

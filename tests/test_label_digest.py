@@ -69,6 +69,10 @@ def test_label_digest_combines_the_fingerprint_teacher_and_round():
     assert label_digest("f1", cfg.teacher, "abc123", 0) != base
     assert label_digest("f1", cfg.teacher, "box-prior", 1) != base
     assert label_digest("f1", dataclasses.replace(cfg.teacher, device="cuda"), "box-prior", 0) == base
+    # Joint resolution of overlaps changes the labels: its setting and its knobs are part of the digest.
+    assert label_digest("f1", dataclasses.replace(cfg.teacher, occlusion="off"), "box-prior", 0) != base
+    joint = dataclasses.replace(cfg.teacher.joint, colour_weight=cfg.teacher.joint.colour_weight + 1)
+    assert label_digest("f1", dataclasses.replace(cfg.teacher, joint=joint), "box-prior", 0) != base
 
 
 def test_a_labeling_run_resumes_after_the_data_moved_but_not_after_an_edit(tmp_path):
@@ -90,5 +94,22 @@ def test_a_labeling_run_resumes_after_the_data_moved_but_not_after_an_edit(tmp_p
     assert check_resumable(tmp_path / "out", service.meta) is not None
     with pytest.raises(PipelineError, match="missing.json"):
         prepare(tmp_path / "data", tmp_path / "missing.json")
+
+
+def test_shards_written_with_another_occlusion_setting_are_refused(tmp_path):
+    ann = write_coco(tmp_path / "data", "A.json", [1, 1, 4, 4])
+
+    def prepare(occlusion):
+        cfg = Config()
+        cfg.dataset.name, cfg.dataset.root, cfg.dataset.ann = "coco", str(tmp_path / "data"), str(ann)
+        cfg.teacher.occlusion = occlusion
+        return prepare_label(cfg, tmp_path / "out")
+
+    service = prepare("off")
+    with ShardWriter(tmp_path / "out", service.meta):
+        pass
+    assert prepare("off").meta.config_digest == service.meta.config_digest
+    with pytest.raises(PipelineError, match="out: holds shards of another config"):
+        prepare("joint")
 
 

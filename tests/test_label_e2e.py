@@ -109,6 +109,22 @@ def test_shards_meet_the_contract_with_plain_pyarrow(labeled):
             assert max(c["src"] + c["dst"]) < c["grid"] ** 2 and min(c["src"] + c["dst"]) >= 0
 
 
+def rows_are_disjoint_per_image(shards: Path) -> int:
+    """Asserts that no two rows of one image share a pixel; returns how many images had two or more rows."""
+    by_image = collections.defaultdict(list)
+    for r in pads.dataset(str(shards), format="parquet").to_table().to_pylist():
+        by_image[r["image_id"]].append(mask_utils.decode({"size": [r["height"], r["width"]],
+                                                          "counts": r["mask_rle"].encode()}))
+    for image_id, masks in by_image.items():
+        assert np.stack(masks).astype(np.int32).sum(0).max() <= 1, f"{image_id}: two rows share pixels"
+    return sum(len(m) > 1 for m in by_image.values())
+
+
+def test_rows_of_one_image_are_disjoint(labeled):
+    """teacher.occlusion: joint (the toy config's default) resolves each image's overlapping boxes together."""
+    assert rows_are_disjoint_per_image(labeled) >= N_IMAGES // 2
+
+
 def test_export_coco_round_trips_the_masks_bit_exactly(labeled, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -148,3 +164,20 @@ def test_the_readmes_coco_example_runs_as_written_on_this_machine(tmp_path, caps
         ray.shutdown()
     assert rc == 0, capsys.readouterr().err
     assert "labeled 6 images" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (COCO_TINY / "annotations.json").is_file(), reason="../shared/devdata/coco_tiny not here")
+def test_joint_labels_of_real_photographs_are_disjoint(tmp_path, capsys):
+    """coco_tiny with teacher.occlusion: joint: the rows of each image share no pixel."""
+    from pipeline.cli import main
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        rc = main(["label", "--dataset", "coco", "--data-root", str(COCO_TINY), "--ann",
+                   str(COCO_TINY / "annotations.json"), "--out", str(tmp_path / "shards"), "--limit", "5",
+                   "--workers", "1", "--set", "teacher.occlusion=joint"])
+    finally:
+        ray.shutdown()
+    assert rc == 0, capsys.readouterr().err
+    assert rows_are_disjoint_per_image(tmp_path / "shards") >= 2

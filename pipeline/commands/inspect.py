@@ -230,7 +230,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "quantiles, rejects and shard integrity of a shard directory.")
     p.add_argument("dir", help="shard directory (written by 'pipeline label')")
     p.add_argument("--image", metavar="ID", help="image to draw (with --png): its id as stored, or its file name or "
-                                                 "stem")
+                                                 "stem; each instance in its own colour, so who won each overlap "
+                                                 "shows, and pixels two labels share (teacher.occlusion off) in white")
     p.add_argument("--worst", type=int, metavar="K", help="draw the K lowest-scored labels as a contact sheet "
                                                            "(with --png), lowest first")
     p.add_argument("--png", metavar="OUT", help="write the drawing of --image or --worst here")

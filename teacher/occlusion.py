@@ -1,0 +1,322 @@
+"""Joint resolution of overlapping boxes (DESIGN section 4, step 7): each pixel to at most one instance.
+
+The per-box pipeline labels every box on its own, so where boxes overlap both masks claim the same pixels, and an
+occluded object's mask takes in its occluder. After refinement, the instances of one image are resolved together
+on the *contested* pixels: those inside two or more boxes that at least one of those instances' own masks claims
+(a pixel no one claims stays background). At full resolution, over the instances whose box holds the pixel:
+
+    U_k(p) = w_l * logit P_k(p)                the instance's own refined probability
+           + w_c * colour_k(p)                 which instance's colour model explains p better
+           + w_r * centre_k(p)                 how near p lies to the centre of k's box
+           + w_z * depth_k(p)                  which instance's depth explains p's depth (only with depth)
+           + sum_{j's box holds p} order_kj    pairwise "k is in front of j" evidence
+
+(each per-pixel cue centred over the instances whose box holds p), and a multi-label mean-field with the CRF's
+colour Potts kernel (8-neighbourhood, `kernels.message_passing`) updates the contested pixels; every other pixel
+keeps its own label and acts as a fixed neighbour. A contested pixel stays with the arg-max instance if that
+instance's own mask claimed it (``JointConfig.give_won`` also hands it over when it did not), and leaves every
+other mask, so the rows of an image are disjoint.
+
+order_kj is antisymmetric, from measured cues (`JointConfig` gives the weights and the measurements):
+- depth, where both instances have it: the instance whose foreground median depth is nearer is in front;
+- containment: the share of k's box inside j's minus the share of j's box inside k's (a box inside another is
+  usually in front of it);
+- the lower bottom edge, where depth is missing (street scenes: the nearer object stands lower in the image).
+
+Per-instance colour and depth models come from the RoI crops the teacher already has: the LAB histogram and the
+median depth of the instance's foreground, counting only crop pixels no other box covers (the pixels that are
+surely its own), or its whole foreground when those carry too little of it (a box inside another).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.message_passing import message_passing, neighbour_offsets
+
+from .box_prior import colour_bins, weighted_histograms
+from .color import rgb_to_lab
+from .config import JointConfig
+from .crf import colour_potts_kernel
+from .roi import RoIGrid, Window, threshold_windows
+
+_LOGIT_CLAMP = 8.0
+_OWN_SHARE = 0.1   # an instance's "own" pixels must weigh this share of its foreground to build its models alone
+
+
+@dataclass
+class Resolution:
+    """Result of `resolve`: masks N (H,W) bool (disjoint); contested (N,) share of each instance's own
+    (unresolved) mask that lay on pixels another instance claimed too; margin (N,) mean winning margin
+    Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any)."""
+
+    masks: list[torch.Tensor]
+    contested: torch.Tensor
+    margin: torch.Tensor
+
+
+def pair_overlaps(windows: list[Window]) -> np.ndarray:
+    """(N,N) int64 pixel counts of the pairwise intersections of the windows' spans (diagonal 0)."""
+    n = len(windows)
+    span = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows], dtype=np.int64).reshape(n, 4)
+    rows = np.minimum(span[:, None, 1], span[None, :, 1]) - np.maximum(span[:, None, 0], span[None, :, 0]) + 1
+    cols = np.minimum(span[:, None, 3], span[None, :, 3]) - np.maximum(span[:, None, 2], span[None, :, 2]) + 1
+    inter = rows.clip(min=0) * cols.clip(min=0)
+    np.fill_diagonal(inter, 0)
+    return inter
+
+
+def order_evidence(boxes: torch.Tensor, depth_median: torch.Tensor | None, cfg: JointConfig) -> torch.Tensor:
+    """Pairwise front-of evidence O (N,N), antisymmetric: O[k, j] > 0 means k is in front of j.
+
+    boxes (N,4) x1,y1,x2,y2; depth_median (N,) metres of each instance's foreground (NaN where unknown) or None.
+    O = w_contain * (share of k's box inside j's - share of j's inside k's)
+      + w_depth * tanh((d_j - d_k) / (min(d_j, d_k) * depth_rel))   (0 where a depth is unknown)
+      + w_bottom * clip((y2_k - y2_j) / max(h_k, h_j), -1, 1)          (only where a depth is unknown)
+    """
+    x1, y1, x2, y2 = boxes.unbind(1)
+    area = ((x2 - x1) * (y2 - y1)).clamp(min=1e-6)
+    iw = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])).clamp(min=0)
+    ih = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])).clamp(min=0)
+    share = iw * ih / area[:, None]                      # share[k, j]: of k's box inside j's
+    order = cfg.containment_weight * (share - share.T)
+    # Depth, where both instances have it, replaces the bottom-edge guess (toy train: the bottom edge on top of
+    # depth lowered the mean IoU, without depth it raised it).
+    both_depth = torch.zeros_like(share, dtype=torch.bool)
+    if depth_median is not None and cfg.depth_order_weight:
+        d = depth_median
+        rel = (d[None] - d[:, None]) / (torch.minimum(d[:, None], d[None]).clamp(min=1e-6) * cfg.depth_rel)
+        both_depth = torch.isfinite(rel)
+        order = order + cfg.depth_order_weight * torch.nan_to_num(torch.tanh(rel), nan=0.0)
+    if cfg.bottom_weight:
+        h = y2 - y1
+        lower = ((y2[:, None] - y2[None]) / torch.maximum(h[:, None], h[None]).clamp(min=1e-6)).clamp(-1, 1)
+        order = order + cfg.bottom_weight * torch.where(both_depth, torch.zeros_like(lower), lower)
+    order.fill_diagonal_(0)
+    return order
+
+
+def own_pixels(grid: RoIGrid, boxes: torch.Tensor) -> torch.Tensor:
+    """(N,1,R,R) bool: crop pixels inside the instance's box and inside no other box of the image."""
+    n = grid.u.shape[0]
+    xs, ys = crop_centres(grid)
+    # in_x[k, j, c]: crop column c of RoI k lies in box j's x range.
+    in_x = (xs[:, None] >= boxes[None, :, 0:1]) & (xs[:, None] <= boxes[None, :, 2:3])
+    in_y = (ys[:, None] >= boxes[None, :, 1:2]) & (ys[:, None] <= boxes[None, :, 3:4])
+    other = ~torch.eye(n, dtype=torch.bool, device=boxes.device)
+    covered = ((in_y[:, :, :, None] & in_x[:, :, None, :]) & other[:, :, None, None]).any(1)
+    return grid.inside & ~covered[:, None]
+
+
+def crop_centres(grid: RoIGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image coordinates of the crop pixel centres: xs (N,R) of the columns and ys (N,R) of the rows."""
+    r = grid.u.shape[1]
+    frac = (torch.arange(r, dtype=torch.float32, device=grid.regions.device) + 0.5) / r
+    reg = grid.regions
+    return (reg[:, 0:1] + frac[None] * (reg[:, 2:3] - reg[:, 0:1]),
+            reg[:, 1:2] + frac[None] * (reg[:, 3:4] - reg[:, 1:2]))
+
+
+def owned_by_others(grid: RoIGrid, masks: list[torch.Tensor]) -> torch.Tensor:
+    """(N,1,R,R) bool: crop pixels of RoI k whose image pixel another instance's (resolved) mask holds.
+
+    masks: N (H,W) bool full-resolution masks, in RoI order.
+    """
+    n = len(masks)
+    height, width = masks[0].shape
+    owner = torch.full((height, width), -1, dtype=torch.int64, device=masks[0].device)
+    for k, m in enumerate(masks):
+        owner[m] = k
+    xs, ys = crop_centres(grid)
+    cols = xs.floor().long().clamp(0, width - 1)
+    rows = ys.floor().long().clamp(0, height - 1)
+    at = owner[rows[:, :, None], cols[:, None, :]]                                   # (N,R,R)
+    ids = torch.arange(n, device=owner.device).view(n, 1, 1)
+    return ((at >= 0) & (at != ids))[:, None]
+
+
+def instance_models(lab: torch.Tensor, prob: torch.Tensor, own: torch.Tensor, inside: torch.Tensor,
+                    depth: torch.Tensor | None, depth_ok: torch.Tensor | None, bins: int, alpha: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-instance colour histograms (N, bins^3) and foreground median depths (N,) (NaN where unknown) or None.
+
+    lab (N,3,R,R) LAB crops; prob (N,1,R,R) refined probabilities; own (N,1,R,R) bool from `own_pixels`;
+    inside (N,1,R,R) bool; depth / depth_ok (N,1,R,R) crops or None. Own pixels are used when they carry at least
+    `_OWN_SHARE` of the foreground, else the whole foreground inside the box.
+    """
+    fg_all = prob * inside
+    fg_own = prob * own
+    use_own = fg_own.flatten(1).sum(1) >= _OWN_SHARE * fg_all.flatten(1).sum(1).clamp(min=1e-6)
+    weight = torch.where(use_own.view(-1, 1, 1, 1), fg_own, fg_all)
+    hist = weighted_histograms(colour_bins(lab, bins), weight.flatten(1), bins**3, alpha)
+    if depth is None or depth_ok is None:
+        return hist, None
+    med = []
+    for k in range(prob.shape[0]):
+        for region in ((own[k] if use_own[k] else inside[k]), inside[k]):
+            sel = region & depth_ok[k] & (prob[k] >= 0.5)
+            if sel.any():
+                med.append(depth[k][sel].median())
+                break
+        else:
+            med.append(depth.new_tensor(float("nan")))
+    return hist, torch.stack(med)
+
+
+def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, depth: torch.Tensor | None,
+            hist: torch.Tensor, depth_median: torch.Tensor | None, cfg: JointConfig, lab_scale: float,
+            thresh: float) -> Resolution:
+    """Resolve the overlaps of one image's instances (module docstring).
+
+    windows: N pasted probability windows (`Window`); boxes (N,4); image (H,W,3) uint8 or float RGB tensor;
+    depth (H,W) metres (0 = invalid) or None; hist (N, bins^3) colour models and depth_median (N,) or None from
+    `instance_models`; lab_scale: LAB units per unit of the Potts kernel's colour (`BoxPriorConfig.lab_scale`).
+    """
+    height, width = image.shape[:2]
+    n = len(windows)
+    dev = image.device
+    masks = threshold_windows(windows, height, width, thresh)
+    contested_share = torch.zeros(n, device=dev)
+    margin = torch.ones(n, device=dev)
+    inter = pair_overlaps(windows) if n > 1 else np.zeros((n, n), np.int64)
+    members = np.nonzero(inter.sum(1) > 0)[0]
+    if len(members) == 0:
+        return Resolution(masks, contested_share, margin)
+    # The mean-field's window: the bounding rectangle of all pairwise box intersections.
+    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
+    pairs = np.argwhere(np.triu(inter) > 0)
+    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
+    R0, R1 = int(np.maximum(a[:, 0], b[:, 0]).min()), int(np.minimum(a[:, 1], b[:, 1]).max())
+    C0, C1 = int(np.maximum(a[:, 2], b[:, 2]).min()), int(np.minimum(a[:, 3], b[:, 3]).max())
+    h, w = R1 - R0 + 1, C1 - C0 + 1
+    k = len(members)
+    count = torch.zeros((h, w), dtype=torch.int32, device=dev)
+    claimed_any = torch.zeros((h, w), dtype=torch.bool, device=dev)
+    for i in members:
+        win = windows[i]
+        r0, r1, c0, c1 = max(win.r0, R0), min(win.r1, R1), max(win.c0, C0), min(win.c1, C1)
+        if r1 >= r0 and c1 >= c0:
+            count[r0 - R0 : r1 - R0 + 1, c0 - C0 : c1 - C0 + 1] += 1
+        claimed_any |= masks[i][R0 : R1 + 1, C0 : C1 + 1]
+    # Contested: inside two or more boxes and claimed by at least one of them (nobody's pixel stays background).
+    pix = torch.nonzero(((count >= 2) & claimed_any).flatten())[:, 0]                   # (P,) flat window indices
+    if len(pix) == 0:
+        return Resolution(masks, contested_share, margin)
+    ys, xs = pix // w + R0, pix % w + C0
+    # From here on the window is the contested pixels' bounding rectangle, one pixel wider for the messages.
+    R0, R1 = max(int(ys.min()) - 1, 0), min(int(ys.max()) + 1, height - 1)
+    C0, C1 = max(int(xs.min()) - 1, 0), min(int(xs.max()) + 1, width - 1)
+    h, w = R1 - R0 + 1, C1 - C0 + 1
+    pix = (ys - R0) * w + (xs - C0)
+    span = torch.as_tensor(spans[members], device=dev)
+    covers = ((ys[None] >= span[:, 0:1]) & (ys[None] <= span[:, 1:2])
+              & (xs[None] >= span[:, 2:3]) & (xs[None] <= span[:, 3:4]))                # (K,P)
+    active = covers.any(1)
+    members, covers, span = members[active.cpu().numpy()], covers[active], span[active]
+    claims = torch.stack([masks[i][ys, xs] for i in members])                          # (K,P)
+    logits = torch.zeros(covers.shape, device=dev)
+    for slot, i in enumerate(members):
+        sel = covers[slot]
+        win = windows[i]
+        logits[slot, sel] = torch.logit(win.prob[ys[sel] - win.r0, xs[sel] - win.c0].clamp(1e-4, 1 - 1e-4))
+    logits = logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+    members_t = torch.as_tensor(members, device=dev)
+    sub_depth = None if depth_median is None else depth_median[members_t]
+    member_boxes = boxes[members_t].to(torch.float32)
+    lab = rgb_to_lab(image[R0 : R1 + 1, C0 : C1 + 1].to(torch.float32)).permute(2, 0, 1)[None]   # (1,3,h,w)
+    d = None if depth is None else depth[ys, xs].to(torch.float32)
+    cues = _pixel_cues(lab.flatten(2)[0][:, pix], d, ys, xs, covers, member_boxes, hist[members_t], sub_depth, cfg)
+    order = order_evidence(member_boxes, sub_depth, cfg)
+    unary = torch.where(covers, cfg.logit_weight * logits + cues + order @ covers.to(torch.float32),
+                        torch.full_like(logits, float("-inf")))
+    window_claims = torch.stack([masks[i][R0 : R1 + 1, C0 : C1 + 1] for i in members]).flatten(1)
+    q = _meanfield(unary, window_claims, pix, (h, w), lab / lab_scale, cfg)                # (K,P)
+    top = q.topk(2, dim=0)
+    winner = top.indices[0]
+    won_margin = top.values[0] - top.values[1]
+    for slot, i in enumerate(members):
+        claimed = claims[slot]
+        n_claimed = int(claimed.sum())
+        contested_share[i] = n_claimed / max(int(masks[i].sum()), 1)
+        wins = winner == slot
+        if n_claimed:
+            margin[i] = float((won_margin * (claimed & wins)).sum()) / n_claimed
+        masks[i][ys, xs] = wins & (claimed | cfg.give_won)
+    _restore_emptied(masks, members, windows, thresh)
+    return Resolution(masks, contested_share, margin)
+
+
+def _pixel_cues(lab: torch.Tensor, depth: torch.Tensor | None, ys: torch.Tensor, xs: torch.Tensor,
+                covers: torch.Tensor, boxes: torch.Tensor, hist: torch.Tensor, depth_median: torch.Tensor | None,
+                cfg: JointConfig) -> torch.Tensor:
+    """Per-pixel cues (K,P) of K instances at P pixels (rows ys, columns xs), each centred over the instances whose
+    box holds the pixel (covers (K,P) bool):
+
+    colour: log h_k(c_p) of the instance's colour histogram (hist (K, bins^3); lab (3,P)), clipped to
+    +-colour_clip after centring;
+    centre: -(box-normalised radius of p in k's box (boxes (K,4))): a pixel near a box's centre is more likely that
+    object's;
+    depth: -|d_p / d_k - 1| / depth_rel clipped at -1 (depth (P,) metres, 0 = invalid; depth_median (K,)), 0 where
+    p's or k's depth is unknown.
+    """
+    bins = round(hist.shape[1] ** (1 / 3))
+    cells = colour_bins(lab[None, :, :, None], bins)[0]                                # (P,)
+    cover_f = covers.to(torch.float32)
+    cnt = cover_f.sum(0).clamp(min=1)
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        return x - (x * cover_f).sum(0) / cnt
+
+    cues = cfg.colour_weight * centred(hist.log()[:, cells]).clamp(-cfg.colour_clip, cfg.colour_clip)
+    if cfg.centre_weight:
+        cx, cy = (boxes[:, 0:1] + boxes[:, 2:3]) / 2, (boxes[:, 1:2] + boxes[:, 3:4]) / 2
+        hw = ((boxes[:, 2:3] - boxes[:, 0:1]) / 2).clamp(min=1e-3)
+        hh = ((boxes[:, 3:4] - boxes[:, 1:2]) / 2).clamp(min=1e-3)
+        radius = (((xs[None] + 0.5 - cx) / hw) ** 2 + ((ys[None] + 0.5 - cy) / hh) ** 2).sqrt()
+        cues = cues - cfg.centre_weight * centred(radius)
+    if depth is not None and depth_median is not None and cfg.depth_pixel_weight:
+        fit = -((depth[None] / depth_median[:, None].clamp(min=1e-6) - 1).abs() / cfg.depth_rel).clamp(max=1.0)
+        known = (depth[None] > 0) & torch.isfinite(depth_median)[:, None]
+        cues = cues + cfg.depth_pixel_weight * centred(torch.where(known, fit, torch.zeros_like(fit)))
+    return cues
+
+
+def _meanfield(unary: torch.Tensor, claims: torch.Tensor, pix: torch.Tensor, size: tuple[int, int],
+               colour: torch.Tensor, cfg: JointConfig) -> torch.Tensor:
+    """Multi-label mean-field over the contested pixels of a window.
+
+    unary (K,P) logits at the contested pixels (-inf where the instance's box does not hold the pixel); claims
+    (K,h*w) bool, the instances' own masks over the window (the fixed labels of every other pixel; no label where
+    no one claims); pix (P,) flat window indices of the contested pixels; size (h, w); colour (1,3,h,w) Potts
+    features. Messages run on the window with `kernels.message_passing`. Returns the marginals Q (K,P).
+    """
+    q_p = torch.softmax(unary, 0)
+    if cfg.iters <= 0 or cfg.w1 <= 0:
+        return q_p
+    q = claims.to(unary.dtype)
+    kernel = colour_potts_kernel(colour, cfg.w1, cfg.zeta)
+    offsets = neighbour_offsets(3, 1)
+    for _ in range(cfg.iters):
+        q.index_copy_(1, pix, q_p)
+        msg = message_passing(q.view(1, -1, *size), kernel, offsets)[0].flatten(1)
+        q_p = torch.softmax(unary + msg.index_select(1, pix), 0)
+    return q_p
+
+
+def _restore_emptied(masks: list[torch.Tensor], members: np.ndarray, windows: list[Window], thresh: float) -> None:
+    """An instance that lost every pixel gets back the pixels of its own mask (its claim is better than none);
+    they leave the other masks, so the rows stay disjoint."""
+    for i in members:
+        if bool(masks[i].any()):
+            continue
+        win = windows[i]
+        mine = torch.zeros_like(masks[i])
+        mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] = win.prob >= thresh
+        if not bool(mine.any()):
+            continue
+        for j in members:
+            if j != i:
+                masks[j] &= ~mine
+        masks[i] = mine

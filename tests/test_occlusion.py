@@ -1,0 +1,186 @@
+"""Joint resolution of overlapping boxes (`teacher.occlusion`, ``teacher.occlusion: joint | off``).
+
+Synthetic scenes of flat-coloured ellipses with noise, whose true masks are known: where two boxes overlap, the
+resolved labels are disjoint, depth puts the nearer object in front, colour decides without depth, a box inside
+another keeps a mask, and ``off`` gives the labels of the teacher before joint resolution existed, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from teacher import StructuredTeacher
+from teacher.config import JointConfig, TeacherConfig
+from teacher.occlusion import order_evidence, own_pixels, pair_overlaps, resolve
+from teacher.roi import Window, roi_grid
+
+DATA = Path(__file__).parent / "data"
+BACKGROUND = (90, 110, 80)
+
+
+def ellipse(shape: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    """(H,W) bool: the ellipse inscribed in box x1, y1, x2, y2 (pixel centres)."""
+    x1, y1, x2, y2 = box
+    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
+    return ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2 <= 1
+
+
+def scene(objects, shape=(96, 128), seed=0):
+    """Paint objects far to near: each (box, rgb, depth metres). Returns image (H,W,3) uint8, depth (H,W) float32,
+    boxes (N,4) float32 (each object's tight box grown by 1 px) and the visible true masks (N,H,W) bool."""
+    rng = np.random.default_rng(seed)
+    image = np.empty(shape + (3,), np.float64)
+    image[:] = BACKGROUND
+    depth = np.full(shape, 40.0, np.float32)
+    visible = []
+    for box, colour, d in sorted(objects, key=lambda o: -o[2]):
+        m = ellipse(shape, box)
+        image[m] = colour
+        depth[m] = d
+        visible = [v & ~m for v in visible] + [m]
+    order = sorted(range(len(objects)), key=lambda k: -objects[k][2])
+    masks = np.stack([visible[order.index(k)] for k in range(len(objects))])
+    image = (image + rng.normal(0, 5, image.shape)).clip(0, 255).astype(np.uint8)
+    boxes = np.array([o[0] for o in objects], np.float32) + np.array([-1, -1, 1, 1], np.float32)
+    return image, depth, boxes, masks
+
+
+def label(image, boxes, depth=None, occlusion="joint", **joint):
+    cfg = TeacherConfig(device="cpu", roi_size=40, occlusion=occlusion, use_correspondence=False,
+                        joint=dataclasses.replace(JointConfig(), **joint))
+    return StructuredTeacher.box_prior(cfg).label(image, boxes, np.ones(len(boxes), np.int64), depth)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def assert_disjoint(masks) -> None:
+    stack = np.stack(masks).astype(np.int32)
+    assert stack.sum(0).max() <= 1, "two labels of one image claim the same pixel"
+
+
+def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve():
+    # Similar colours, and the nearer object has the larger box, so neither colour nor containment can tell:
+    # depth must.
+    image, depth, boxes, truth = scene([((20, 20, 70, 80), (160, 90, 80), 20.0),
+                                        ((50, 15, 115, 85), (150, 100, 90), 6.0)])
+    off = label(image, boxes, depth, occlusion="off")
+    joint = label(image, boxes, depth)
+    assert_disjoint([lab.mask for lab in joint])
+    overlap = ellipse(image.shape[:2], (20, 20, 70, 80)) & ellipse(image.shape[:2], (50, 15, 115, 85))
+    assert off[0].mask[overlap].mean() > 0.5                            # the far label took in its occluder
+    assert joint[1].mask[overlap].mean() > 0.9 and joint[0].mask[overlap].mean() < 0.05
+    for k in range(2):
+        assert iou(joint[k].mask, truth[k]) > iou(off[k].mask, truth[k])
+    assert iou(joint[0].mask, truth[0]) - iou(off[0].mask, truth[0]) > 0.1
+    # The far label is scored over what it kept, and lowered for the pixels it lost: a contested label scores lower
+    # than the same label uncontested would.
+    assert joint[0].score < label(image, boxes, depth, score_weight=0.0)[0].score
+
+
+@pytest.mark.parametrize("front", [0, 1])
+def test_without_depth_the_colour_decides(front):
+    # Two boxes of one size side by side: containment and the distance from the box centres are symmetric over
+    # the overlap, so only the colour of the overlap can say who is in front.
+    depth_of = {front: 5.0, 1 - front: 20.0}
+    objects = [((10, 20, 70, 80), (200, 50, 40), depth_of[0]), ((45, 20, 105, 80), (40, 60, 200), depth_of[1])]
+    image, _, boxes, truth = scene(objects)
+    joint = label(image, boxes)
+    assert_disjoint([lab.mask for lab in joint])
+    overlap = truth.any(0) & ellipse(image.shape[:2], objects[0][0]) & ellipse(image.shape[:2], objects[1][0])
+    assert joint[front].mask[overlap].mean() > 0.9
+    assert joint[1 - front].mask[overlap].mean() < 0.05
+    off = label(image, boxes, occlusion="off")
+    assert iou(joint[1 - front].mask, truth[1 - front]) > iou(off[1 - front].mask, truth[1 - front]) + 0.05
+
+
+def test_a_box_inside_another_keeps_a_mask():
+    image, _, boxes, truth = scene([((10, 10, 118, 86), (200, 60, 50), 20.0), ((50, 35, 75, 60), (200, 70, 60), 8.0)])
+    joint = label(image, boxes)
+    assert_disjoint([lab.mask for lab in joint])
+    assert joint[1].mask.sum() > 0.5 * truth[1].sum()
+    assert iou(joint[1].mask, truth[1]) > 0.6
+
+
+def test_off_reproduces_the_labels_before_joint_resolution_bit_for_bit():
+    """tests/data/occlusion_off_golden.npz: masks and scores of the teacher at e071c47 (before `teacher.occlusion`)
+    on a 3-object scene, labelled twice so the memory bank fills, without and with depth."""
+    ref = np.load(DATA / "occlusion_off_golden.npz")
+    for name, depth in (("nodepth", None), ("depth", ref["depth"])):
+        teacher = StructuredTeacher.box_prior(TeacherConfig(device="cpu", roi_size=32, occlusion="off"))
+        labels = [lab for k in range(2)
+                  for lab in teacher.label(ref["image"], ref["boxes"], ref["classes"], depth, image_id=f"im{k}")]
+        masks = np.stack([np.packbits(lab.mask) for lab in labels])
+        assert np.array_equal(masks, ref[f"masks_{name}"])
+        assert np.array_equal(np.array([lab.score for lab in labels]), ref[f"scores_{name}"])
+    # The same scene resolved jointly: disjoint, and different from the overlapping labels.
+    teacher = StructuredTeacher.box_prior(TeacherConfig(device="cpu", roi_size=32))
+    joint = teacher.label(ref["image"], ref["boxes"], ref["classes"], ref["depth"], image_id="im0")
+    assert_disjoint([lab.mask for lab in joint])
+    first = np.unpackbits(ref["masks_depth"][:3], axis=1)[:, : ref["image"].shape[0] * ref["image"].shape[1]]
+    assert (first.sum(0) > 1).any() and not np.array_equal(np.stack([lab.mask.ravel() for lab in joint]), first)
+
+
+def test_boxes_that_do_not_overlap_are_left_as_they_are():
+    image, depth, boxes, _ = scene([((5, 10, 50, 60), (200, 50, 40), 10.0), ((70, 20, 120, 80), (40, 60, 200), 12.0)])
+    off = label(image, boxes, depth, occlusion="off")
+    joint = label(image, boxes, depth)
+    for a, b in zip(off, joint):
+        assert np.array_equal(a.mask, b.mask) and a.score == b.score
+
+
+def test_tiny_boxes_keep_the_box_minus_what_others_own():
+    image, _, boxes, _ = scene([((20, 20, 90, 80), (200, 50, 40), 10.0)])
+    boxes = np.concatenate([boxes, [[50.0, 40.0, 51.5, 41.5]]]).astype(np.float32)   # 1.5 px: not run
+    joint = label(image, boxes)
+    assert_disjoint([lab.mask for lab in joint])
+    assert joint[1].score == 0.0
+
+
+def test_order_evidence_is_antisymmetric_and_points_the_right_way():
+    boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [20.0, 20.0, 40.0, 40.0], [60.0, 50.0, 120.0, 110.0]])
+    cfg = JointConfig(containment_weight=1.0, bottom_weight=1.0, depth_order_weight=1.0)
+    o = order_evidence(boxes, torch.tensor([20.0, 10.0, float("nan")]), cfg)
+    assert torch.allclose(o, -o.T)
+    assert o[1, 0] > 0                     # inside the other box, lower? no, but contained and nearer
+    assert o[2, 0] > 0                     # lower bottom edge and mostly outside: in front of box 0
+    off = order_evidence(boxes, None, dataclasses.replace(cfg, containment_weight=0.0, bottom_weight=0.0))
+    assert torch.count_nonzero(off) == 0
+
+
+def test_own_pixels_leave_out_the_other_boxes():
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 0.0, 60.0, 40.0]])
+    grid = roi_grid(boxes, 16, 0.25)
+    own = own_pixels(grid, boxes)
+    assert own[0, 0].any() and own[1, 0].any()
+    assert not (own & ~grid.inside).any()
+    # RoI 0 spans x in [-10, 50]: its own pixels lie left of x = 20, where box 1 starts.
+    cols = torch.nonzero(own[0, 0].any(0))[:, 0]
+    xs = -10 + (cols.float() + 0.5) / 16 * 60
+    assert (xs < 20).all()
+
+
+def test_pair_overlaps_counts_pixels():
+    prob = torch.zeros(1, 1)
+    windows = [Window(prob, 0, 9, 0, 9), Window(prob, 5, 14, 5, 14), Window(prob, 20, 25, 20, 25), Window(prob, 3, 2, 0, 1)]
+    inter = pair_overlaps(windows)
+    assert inter[0, 1] == inter[1, 0] == 25 and inter[0, 2] == 0 and inter[3].sum() == 0 and np.all(np.diag(inter) == 0)
+
+
+def test_resolve_without_overlap_returns_the_thresholded_masks():
+    prob = torch.tensor([[0.2, 0.7], [0.9, 0.4]])
+    res = resolve([Window(prob, 0, 1, 0, 1), Window(prob, 2, 3, 2, 3)], torch.tensor([[0.0, 0, 2, 2], [2.0, 2, 4, 4]]),
+                  torch.zeros(4, 4, 3, dtype=torch.uint8), None, torch.full((2, 512), 1 / 512), None, JointConfig(),
+                  20.0, 0.5)
+    assert res.masks[0][:2, :2].tolist() == [[False, True], [True, False]]
+    assert res.contested.tolist() == [0.0, 0.0] and res.margin.tolist() == [1.0, 1.0]
+
+
+def test_bad_occlusion_setting_is_refused():
+    with pytest.raises(ValueError, match="occlusion"):
+        StructuredTeacher.box_prior(TeacherConfig(occlusion="maybe"))
