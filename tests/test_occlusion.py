@@ -15,7 +15,7 @@ import torch
 
 from teacher import StructuredTeacher
 from teacher.config import JointConfig, TeacherConfig
-from teacher.occlusion import order_evidence, own_pixels, pair_overlaps, resolve
+from teacher.occlusion import order_evidence, own_pixels, owned_by_others, pair_overlaps, resolve
 from teacher.roi import Window, roi_grid
 
 DATA = Path(__file__).parent / "data"
@@ -163,6 +163,21 @@ def test_own_pixels_leave_out_the_other_boxes():
     cols = torch.nonzero(own[0, 0].any(0))[:, 0]
     xs = -10 + (cols.float() + 0.5) / 16 * 60
     assert (xs < 20).all()
+
+
+def test_owned_by_others_marks_the_crop_pixels_another_mask_holds():
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 0.0, 60.0, 40.0]])
+    grid = roi_grid(boxes, 16, 0.25)
+    a = torch.zeros(40, 64, dtype=torch.bool)
+    a[:, :30] = True
+    b = torch.zeros_like(a)
+    b[:, 30:60] = True
+    owned = owned_by_others(grid, [a, b])[:, 0]
+    # RoI 0 spans x in [-10, 50] (3.75 px per column): b holds x in [30, 60).
+    xs0 = -10 + (torch.arange(16) + 0.5) * 3.75
+    assert torch.equal(owned[0].any(0), (xs0 >= 30) & (xs0 < 60))
+    xs1 = 10 + (torch.arange(16) + 0.5) * 3.75
+    assert torch.equal(owned[1].any(0), (xs1 >= 0) & (xs1 < 30))
 
 
 def test_pair_overlaps_counts_pixels():
