@@ -8,7 +8,8 @@ overlap table (--occlusion: `teacher.occlusion` off against joint, split by how 
 beside the oracle). Timing runs on ONE CPU thread. The last line is one JSON object.
 
     .venv/bin/python bench/teacher.py [--data ../shared/devdata/coco_tiny] [--limit N] [--ablation]
-                                      [--depth-ablation] [--no-grabcut] [--occlusion [--toy-checkpoint T.pt]]
+                                      [--depth-ablation] [--no-grabcut]
+                                      [--occlusion [--toy-checkpoint T.pt] [--large-images N]]
 """
 from __future__ import annotations
 
@@ -196,13 +197,14 @@ def ablation_configs(base: TeacherConfig) -> list[tuple[str, TeacherConfig]]:
     return steps
 
 
-def toy_records(train: int, seed: int) -> list[dict]:
-    """Toy street scenes with depth (pipeline's generator), GT masks through the dataset's evaluation hook."""
+def toy_records(train: int, seed: int, size: tuple[int, int] = (256, 512)) -> list[dict]:
+    """Toy street scenes with depth (pipeline's generator) at size (H, W), GT masks through the dataset's
+    evaluation hook."""
     from pipeline.datasets.cityscapes import CityscapesDataset
     from pipeline.datasets.toy import generate_toy
     from pipeline.evaluation import gt_masks
 
-    root = generate_toy(Path(tempfile.mkdtemp(prefix="toy_bench_")), train=train, val=0, seed=seed)
+    root = generate_toy(Path(tempfile.mkdtemp(prefix="toy_bench_")), train=train, val=0, seed=seed, size=size)
     ds = CityscapesDataset(root, "train")
     records = []
     for sample in ds:
@@ -287,13 +289,18 @@ def occlusion_tables(args) -> dict:
         net = build_network(torch.load(args.toy_checkpoint, map_location="cpu", weights_only=True),
                             str(args.toy_checkpoint))
         cases.append(("toy", "fused", toy, True, dataclasses.replace(toy_teacher, unary="fused"), net))
+    if args.large_images:
+        # Cityscapes' image size: the contested regions grow with the image while the RoI stages do not.
+        big = toy_records(args.large_images, seed=0, size=(1024, 2048))
+        city = dataclasses.replace(load_config(config_path_for("cityscapes"), []).teacher, device="cpu")
+        cases.append(("toy 1024x2048", "box-prior", big, True, city, None))
     coco = load_coco(args.data, args.limit)
     coco_teacher = dataclasses.replace(load_config(config_path_for("coco"), []).teacher, device="cpu")
     cases.append(("coco_tiny", "box-prior", coco, False, coco_teacher, None))
     figures: dict = {}
     print("\noverlaps: teacher.occlusion off -> joint; oracle = off's labels minus the pixels that only other "
           "instances' ground truth holds; captured = (joint - off) / (oracle - off)")
-    print(f"{'data':10s} {'mode':10s} {'inst':>5s} {'off':>7s} {'joint':>7s} {'oracle':>7s} {'captured':>9s} "
+    print(f"{'data':14s} {'mode':10s} {'inst':>5s} {'off':>7s} {'joint':>7s} {'oracle':>7s} {'captured':>9s} "
           f"{'ms off':>7s} {'ms joint':>9s} {'x':>5s} {'rho off':>8s} {'rho joint':>9s}")
     splits = []
     for data, mode, records, depth, cfg, net in cases:
@@ -303,10 +310,10 @@ def occlusion_tables(args) -> dict:
         rho_joint, _ = calibration(joint["ious"], joint["scores"])
         oracle = float(off["oracle"].mean())
         captured = (joint["miou"] - off["miou"]) / max(oracle - off["miou"], 1e-9)
-        print(f"{data:10s} {mode:10s} {len(off['ious']):5d} {off['miou']:7.4f} {joint['miou']:7.4f} {oracle:7.4f} "
+        print(f"{data:14s} {mode:10s} {len(off['ious']):5d} {off['miou']:7.4f} {joint['miou']:7.4f} {oracle:7.4f} "
               f"{captured:9.2f} {off['ms']:7.2f} {joint['ms']:9.2f} {joint['ms'] / off['ms']:5.2f} {rho_off:8.3f} "
               f"{rho_joint:9.3f}", flush=True)
-        key = f"occlusion_{data}_{mode.replace('-', '_')}"
+        key = f"occlusion_{data.replace(' ', '_')}_{mode.replace('-', '_')}"
         figures.update({f"{key}_off_miou": round(off["miou"], 4), f"{key}_joint_miou": round(joint["miou"], 4),
                         f"{key}_oracle_miou": round(oracle, 4), f"{key}_captured": round(captured, 3),
                         f"{key}_off_ms": round(off["ms"], 2), f"{key}_joint_ms": round(joint["ms"], 2),
@@ -314,7 +321,7 @@ def occlusion_tables(args) -> dict:
         shares = np.concatenate([overlap_shares(r["boxes"], *r["image"].shape[:2]) for r in records])
         splits.append((data, mode, shares, off, joint))
     print("\nby the share of the box inside another box: instances, mean IoU off / joint / oracle")
-    print(f"{'data':10s} {'mode':10s} " + " ".join(f"{name:>28s}" for name, _, _ in OVERLAP_BINS))
+    print(f"{'data':14s} {'mode':10s} " + " ".join(f"{name:>28s}" for name, _, _ in OVERLAP_BINS))
     for data, mode, shares, off, joint in splits:
         cells = []
         for name, lo, hi in OVERLAP_BINS:
@@ -323,12 +330,12 @@ def occlusion_tables(args) -> dict:
                 cells.append(f"{int(sel.sum()):4d}: {off['ious'][sel].mean():.3f} / {joint['ious'][sel].mean():.3f} "
                              f"/ {off['oracle'][sel].mean():.3f}")
                 slug = name.replace(" ", "").replace("%", "").replace("<", "lt").replace(">=", "ge")
-                key = f"occlusion_{data}_{mode.replace('-', '_')}_{slug}"
+                key = f"occlusion_{data.replace(' ', '_')}_{mode.replace('-', '_')}_{slug}"
                 figures.update({f"{key}_off_miou": round(float(off["ious"][sel].mean()), 4),
                                 f"{key}_joint_miou": round(float(joint["ious"][sel].mean()), 4)})
             else:
                 cells.append("-")
-        print(f"{data:10s} {mode:10s} " + " ".join(f"{c:>28s}" for c in cells))
+        print(f"{data:14s} {mode:10s} " + " ".join(f"{c:>28s}" for c in cells))
     return figures
 
 
@@ -348,6 +355,9 @@ def main() -> None:
     ap.add_argument("--fusion-sweep", action="store_true", help="with a checkpoint: fused IoU over a grid of "
                                                                 "(network_weight, prior_weight)")
     ap.add_argument("--skip-anchors", action="store_true", help="only the network-mode (and --occlusion) tables")
+    ap.add_argument("--large-images", type=int, default=4, metavar="N",
+                    help="with --occlusion: also N toy images at Cityscapes' 1024x2048 with the cityscapes config "
+                         "(0 = skip)")
     ap.add_argument("--occlusion", action="store_true", help="teacher.occlusion off against joint on toy train and "
                                                              "coco_tiny (with --toy-checkpoint: toy fused mode too)")
     args = ap.parse_args()

@@ -29,6 +29,7 @@ surely its own), or its whole foreground when those carry too little of it (a bo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,19 +123,22 @@ def crop_centres(grid: RoIGrid) -> tuple[torch.Tensor, torch.Tensor]:
 def owned_by_others(grid: RoIGrid, masks: list[torch.Tensor]) -> torch.Tensor:
     """(N,1,R,R) bool: crop pixels of RoI k whose image pixel another instance's (resolved) mask holds.
 
-    masks: N (H,W) bool full-resolution masks, in RoI order.
+    masks: N (H,W) bool full-resolution masks, in RoI order (each True only inside its box, ``grid.boxes``).
     """
-    n = len(masks)
+    n, r = grid.u.shape
     height, width = masks[0].shape
-    owner = torch.full((height, width), -1, dtype=torch.int64, device=masks[0].device)
-    for k, m in enumerate(masks):
-        owner[m] = k
     xs, ys = crop_centres(grid)
     cols = xs.floor().long().clamp(0, width - 1)
     rows = ys.floor().long().clamp(0, height - 1)
-    at = owner[rows[:, :, None], cols[:, None, :]]                                   # (N,R,R)
-    ids = torch.arange(n, device=owner.device).view(n, 1, 1)
-    return ((at >= 0) & (at != ids))[:, None]
+    reg, boxes = grid.regions, grid.boxes
+    # Only the boxes that reach into RoI k's padded region can own any of its pixels.
+    reach = ((boxes[None, :, 0] < reg[:, None, 2]) & (boxes[None, :, 2] > reg[:, None, 0])
+             & (boxes[None, :, 1] < reg[:, None, 3]) & (boxes[None, :, 3] > reg[:, None, 1]))
+    reach &= ~torch.eye(n, dtype=torch.bool, device=reach.device)
+    out = torch.zeros((n, r, r), dtype=torch.bool, device=masks[0].device)
+    for k, j in torch.nonzero(reach).tolist():
+        out[k] |= masks[j][rows[k][:, None], cols[k][None, :]]
+    return out[:, None]
 
 
 def instance_models(lab: torch.Tensor, prob: torch.Tensor, own: torch.Tensor, inside: torch.Tensor,
@@ -215,36 +219,45 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
               & (xs[None] >= span[:, 2:3]) & (xs[None] <= span[:, 3:4]))                # (K,P)
     active = covers.any(1)
     members, covers, span = members[active.cpu().numpy()], covers[active], span[active]
-    claims = torch.stack([masks[i][ys, xs] for i in members])                          # (K,P)
+    claims = torch.zeros(covers.shape, dtype=torch.bool, device=dev)                     # (K,P)
     logits = torch.zeros(covers.shape, device=dev)
     for slot, i in enumerate(members):
-        sel = covers[slot]
+        sel = torch.nonzero(covers[slot])[:, 0]
         win = windows[i]
-        logits[slot, sel] = torch.logit(win.prob[ys[sel] - win.r0, xs[sel] - win.c0].clamp(1e-4, 1 - 1e-4))
+        p = win.prob[ys[sel] - win.r0, xs[sel] - win.c0]
+        claims[slot, sel] = p >= thresh
+        logits[slot, sel] = torch.logit(p.clamp(1e-4, 1 - 1e-4))
     logits = logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
     members_t = torch.as_tensor(members, device=dev)
     sub_depth = None if depth_median is None else depth_median[members_t]
     member_boxes = boxes[members_t].to(torch.float32)
-    lab = rgb_to_lab(image[R0 : R1 + 1, C0 : C1 + 1].to(torch.float32)).permute(2, 0, 1)[None]   # (1,3,h,w)
+    lab = rgb_to_lab(image[ys, xs].to(torch.float32)).T                                   # (3,P)
     d = None if depth is None else depth[ys, xs].to(torch.float32)
-    cues = _pixel_cues(lab.flatten(2)[0][:, pix], d, ys, xs, covers, member_boxes, hist[members_t], sub_depth, cfg)
+    cues = _pixel_cues(lab, d, ys, xs, covers, member_boxes, hist[members_t], sub_depth, cfg)
     order = order_evidence(member_boxes, sub_depth, cfg)
     unary = torch.where(covers, cfg.logit_weight * logits + cues + order @ covers.to(torch.float32),
                         torch.full_like(logits, float("-inf")))
-    window_claims = torch.stack([masks[i][R0 : R1 + 1, C0 : C1 + 1] for i in members]).flatten(1)
-    q = _meanfield(unary, window_claims, pix, (h, w), lab / lab_scale, cfg)                # (K,P)
+    q = _meanfield(unary, ys, xs, (R0, R1, C0, C1), [masks[i] for i in members], image, lab_scale, cfg)   # (K,P)
     top = q.topk(2, dim=0)
     winner = top.indices[0]
     won_margin = top.values[0] - top.values[1]
+    emptied = []
     for slot, i in enumerate(members):
         claimed = claims[slot]
         n_claimed = int(claimed.sum())
-        contested_share[i] = n_claimed / max(int(masks[i].sum()), 1)
+        win = windows[i]
+        n_own = int((win.prob >= thresh).sum())
+        contested_share[i] = n_claimed / max(n_own, 1)
         wins = winner == slot
+        keep = wins & (claimed | cfg.give_won)
         if n_claimed:
             margin[i] = float((won_margin * (claimed & wins)).sum()) / n_claimed
-        masks[i][ys, xs] = wins & (claimed | cfg.give_won)
-    _restore_emptied(masks, members, windows, thresh)
+        changed = keep != claimed                    # lost pixels, and won pixels the mask had left out
+        masks[i][ys[changed], xs[changed]] = keep[changed]
+        if n_own and n_own - n_claimed + int((keep & claimed).sum()) == 0:
+            emptied.append(i)
+    for i in emptied:
+        _restore(masks, i, members, windows[i], thresh)
     return Resolution(masks, contested_share, margin)
 
 
@@ -283,40 +296,49 @@ def _pixel_cues(lab: torch.Tensor, depth: torch.Tensor | None, ys: torch.Tensor,
     return cues
 
 
-def _meanfield(unary: torch.Tensor, claims: torch.Tensor, pix: torch.Tensor, size: tuple[int, int],
-               colour: torch.Tensor, cfg: JointConfig) -> torch.Tensor:
-    """Multi-label mean-field over the contested pixels of a window.
+def _meanfield(unary: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, rect: tuple[int, int, int, int],
+               masks: list[torch.Tensor], image: torch.Tensor, lab_scale: float, cfg: JointConfig) -> torch.Tensor:
+    """Multi-label mean-field over the contested pixels; returns their marginals Q (K,P).
 
-    unary (K,P) logits at the contested pixels (-inf where the instance's box does not hold the pixel); claims
-    (K,h*w) bool, the instances' own masks over the window (the fixed labels of every other pixel; no label where
-    no one claims); pix (P,) flat window indices of the contested pixels; size (h, w); colour (1,3,h,w) Potts
-    features. Messages run on the window with `kernels.message_passing`. Returns the marginals Q (K,P).
+    unary (K,P) logits at the P contested pixels (rows ys, columns xs; -inf where the instance's box does not hold
+    the pixel); rect (R0, R1, C0, C1) their bounding rectangle; masks: the K instances' own (H,W) masks, the fixed
+    labels of every other pixel (no label where no one claims); image (H,W,3) RGB.
+
+    The messages (the colour Potts kernel of the CRF, `kernels.message_passing`) run on the rectangle sampled every
+    s pixels, with s the smallest stride that keeps it within ``cfg.max_pixels``, so the cost per image is bounded
+    on large images; the unaries stay at full resolution and each contested pixel reads the message of its grid
+    point. With s = 1 this is the plain mean-field: iters updates of every contested pixel.
     """
     q_p = torch.softmax(unary, 0)
     if cfg.iters <= 0 or cfg.w1 <= 0:
         return q_p
-    q = claims.to(unary.dtype)
+    R0, R1, C0, C1 = rect
+    s = max(1, math.ceil(math.sqrt((R1 - R0 + 1) * (C1 - C0 + 1) / max(cfg.max_pixels, 1))))
+    rows = torch.arange(R0, R1 + 1, s, device=unary.device)
+    cols = torch.arange(C0, C1 + 1, s, device=unary.device)
+    hc, wc = len(rows), len(cols)
+    q = torch.stack([m[rows[:, None], cols[None, :]] for m in masks]).flatten(1).to(unary.dtype)   # (K,hc*wc)
+    cell = torch.div(ys - R0, s, rounding_mode="floor") * wc + torch.div(xs - C0, s, rounding_mode="floor")
+    on_grid = ((ys - R0) % s == 0) & ((xs - C0) % s == 0)
+    grid_pix, grid_unary = cell[on_grid], unary[:, on_grid]
+    colour = rgb_to_lab(image[rows[:, None], cols[None, :]].to(torch.float32)).permute(2, 0, 1)[None] / lab_scale
     kernel = colour_potts_kernel(colour, cfg.w1, cfg.zeta)
     offsets = neighbour_offsets(3, 1)
-    for _ in range(cfg.iters):
-        q.index_copy_(1, pix, q_p)
-        msg = message_passing(q.view(1, -1, *size), kernel, offsets)[0].flatten(1)
-        q_p = torch.softmax(unary + msg.index_select(1, pix), 0)
-    return q_p
+    q_grid = q_p[:, on_grid]
+    for step in range(cfg.iters):
+        q.index_copy_(1, grid_pix, q_grid)
+        msg = message_passing(q.view(1, -1, hc, wc), kernel, offsets)[0].flatten(1)
+        if step < cfg.iters - 1:
+            q_grid = torch.softmax(grid_unary + msg.index_select(1, grid_pix), 0)
+    return torch.softmax(unary + msg.index_select(1, cell), 0)
 
 
-def _restore_emptied(masks: list[torch.Tensor], members: np.ndarray, windows: list[Window], thresh: float) -> None:
-    """An instance that lost every pixel gets back the pixels of its own mask (its claim is better than none);
+def _restore(masks: list[torch.Tensor], i: int, members: np.ndarray, win: Window, thresh: float) -> None:
+    """Instance i lost every pixel: it gets back the pixels of its own mask (its claim is better than none), and
     they leave the other masks, so the rows stay disjoint."""
-    for i in members:
-        if bool(masks[i].any()):
-            continue
-        win = windows[i]
-        mine = torch.zeros_like(masks[i])
-        mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] = win.prob >= thresh
-        if not bool(mine.any()):
-            continue
-        for j in members:
-            if j != i:
-                masks[j] &= ~mine
-        masks[i] = mine
+    mine = torch.zeros_like(masks[i])
+    mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] = win.prob >= thresh
+    for j in members:
+        if j != i:
+            masks[j][win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] &= ~mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1]
+    masks[i] = mine

@@ -64,13 +64,14 @@ def assert_disjoint(masks) -> None:
     assert stack.sum(0).max() <= 1, "two labels of one image claim the same pixel"
 
 
-def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve():
+@pytest.mark.parametrize("max_pixels", [65536, 200])
+def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve(max_pixels):
     # Similar colours, and the nearer object has the larger box, so neither colour nor containment can tell:
-    # depth must.
+    # depth must. max_pixels 200 runs the mean-field's messages on a grid of every 4th pixel (large images).
     image, depth, boxes, truth = scene([((20, 20, 70, 80), (160, 90, 80), 20.0),
                                         ((50, 15, 115, 85), (150, 100, 90), 6.0)])
     off = label(image, boxes, depth, occlusion="off")
-    joint = label(image, boxes, depth)
+    joint = label(image, boxes, depth, max_pixels=max_pixels)
     assert_disjoint([lab.mask for lab in joint])
     overlap = ellipse(image.shape[:2], (20, 20, 70, 80)) & ellipse(image.shape[:2], (50, 15, 115, 85))
     assert off[0].mask[overlap].mean() > 0.5                            # the far label took in its occluder
@@ -80,7 +81,7 @@ def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve():
     assert iou(joint[0].mask, truth[0]) - iou(off[0].mask, truth[0]) > 0.1
     # The far label is scored over what it kept, and lowered for the pixels it lost: a contested label scores lower
     # than the same label uncontested would.
-    assert joint[0].score < label(image, boxes, depth, score_weight=0.0)[0].score
+    assert joint[0].score < label(image, boxes, depth, score_weight=0.0, max_pixels=max_pixels)[0].score
 
 
 @pytest.mark.parametrize("front", [0, 1])
