@@ -231,16 +231,23 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     members_t = torch.as_tensor(members, device=dev)
     sub_depth = None if depth_median is None else depth_median[members_t]
     member_boxes = boxes[members_t].to(torch.float32)
-    lab = rgb_to_lab(image[ys, xs].to(torch.float32)).T                                   # (3,P)
-    d = None if depth is None else depth[ys, xs].to(torch.float32)
-    cues = _pixel_cues(lab, d, ys, xs, covers, member_boxes, hist[members_t], sub_depth, cfg)
+    rect = (R0, R1, C0, C1)
+    # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
+    # their grid point (s = 1 on images of a few hundred pixels a side).
+    stride = _stride(rect, cfg.max_pixels)
+    g = torch.nonzero(((ys - R0) % stride == 0) & ((xs - C0) % stride == 0))[:, 0]
+    gy, gx, g_covers = ys[g], xs[g], covers[:, g]
+    lab = rgb_to_lab(image[gy, gx].to(torch.float32)).T                                   # (3,G)
+    d = None if depth is None else depth[gy, gx].to(torch.float32)
+    cues = _pixel_cues(lab, d, gy, gx, g_covers, member_boxes, hist[members_t], sub_depth, cfg)
     order = order_evidence(member_boxes, sub_depth, cfg)
-    unary = torch.where(covers, cfg.logit_weight * logits + cues + order @ covers.to(torch.float32),
-                        torch.full_like(logits, float("-inf")))
-    q = _meanfield(unary, ys, xs, (R0, R1, C0, C1), [masks[i] for i in members], image, lab_scale, cfg)   # (K,P)
+    unary = torch.where(g_covers, cfg.logit_weight * logits[:, g] + cues + order @ g_covers.to(torch.float32),
+                        torch.full_like(cues, float("-inf")))
+    q = _meanfield(unary, gy, gx, rect, [masks[i] for i in members], image, lab_scale, cfg)   # (K,G)
     top = q.topk(2, dim=0)
-    winner = top.indices[0]
-    won_margin = top.values[0] - top.values[1]
+    winner, won_margin = top.indices[0], top.values[0] - top.values[1]
+    if stride > 1:
+        winner, won_margin = _spread(winner, won_margin, g, ys, xs, rect, stride, covers, logits)
     emptied = []
     for slot, i in enumerate(members):
         claimed = claims[slot]
@@ -296,6 +303,40 @@ def _pixel_cues(lab: torch.Tensor, depth: torch.Tensor | None, ys: torch.Tensor,
     return cues
 
 
+def _stride(rect: tuple[int, int, int, int], max_pixels: int) -> int:
+    """The smallest stride s at which the rectangle (R0, R1, C0, C1), sampled every s pixels, has at most
+    max_pixels points."""
+    R0, R1, C0, C1 = rect
+    return max(1, math.ceil(math.sqrt((R1 - R0 + 1) * (C1 - C0 + 1) / max(max_pixels, 1))))
+
+
+def _spread(winner: torch.Tensor, margin: torch.Tensor, g: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+            rect: tuple[int, int, int, int], stride: int, covers: torch.Tensor, logits: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Winners and winning margins (P,) of all contested pixels from those of the contested grid points (winner,
+    margin (G,); g (G,) their indices among the P): each pixel takes its grid point's winner when that instance's
+    box holds it; where it does not, or the grid point is not contested, the instances' own log-odds (logits
+    (K,P)) decide among those whose box holds the pixel (covers (K,P) bool)."""
+    R0, R1, C0, C1 = rect
+    h, w = R1 - R0 + 1, C1 - C0 + 1
+    at = torch.full((h * w,), -1, dtype=torch.int64, device=winner.device)
+    at[(ys[g] - R0) * w + (xs[g] - C0)] = torch.arange(len(g), device=winner.device)
+    point = at[torch.div(ys - R0, stride, rounding_mode="floor") * stride * w
+               + torch.div(xs - C0, stride, rounding_mode="floor") * stride]
+    have = point >= 0
+    out_winner = winner[point.clamp(min=0)]
+    out_margin = margin[point.clamp(min=0)]
+    pixels = torch.arange(len(ys), device=winner.device)
+    own = torch.nonzero(~(have & covers[out_winner, pixels]))[:, 0]
+    if len(own):
+        q = torch.softmax(torch.where(covers[:, own], logits[:, own], torch.full_like(logits[:, own],
+                                                                                     float("-inf"))), 0)
+        top = q.topk(2, dim=0)
+        out_winner[own] = top.indices[0]
+        out_margin[own] = top.values[0] - top.values[1]
+    return out_winner, out_margin
+
+
 def _meanfield(unary: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, rect: tuple[int, int, int, int],
                masks: list[torch.Tensor], image: torch.Tensor, lab_scale: float, cfg: JointConfig) -> torch.Tensor:
     """Multi-label mean-field over the contested pixels; returns their marginals Q (K,P).
@@ -313,7 +354,7 @@ def _meanfield(unary: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, rect: tu
     if cfg.iters <= 0 or cfg.w1 <= 0:
         return q_p
     R0, R1, C0, C1 = rect
-    s = max(1, math.ceil(math.sqrt((R1 - R0 + 1) * (C1 - C0 + 1) / max(cfg.max_pixels, 1))))
+    s = _stride(rect, cfg.max_pixels)
     rows = torch.arange(R0, R1 + 1, s, device=unary.device)
     cols = torch.arange(C0, C1 + 1, s, device=unary.device)
     hc, wc = len(rows), len(cols)

