@@ -175,7 +175,8 @@ class JointConfig:
     """
 
     iters: int = 3                    # mean-field sweeps over the contested pixels (0 = unaries' arg-max)
-    max_pixels: int = 65536           # the messages run on the contested rectangle sampled to at most this many
+    max_pixels: int = 65536           # above this many pixels in the contested rectangle, decide on a grid of every
+                                      # s-th pixel (the others follow their grid point); bounds large images
     w1: float = 1.0                   # colour Potts weight of the multi-label mean-field
     zeta: float = 0.5                 # colour bandwidth, on LAB / BoxPriorConfig.lab_scale as in the CRF
     logit_weight: float = 0.2         # the instances' own refined log-odds

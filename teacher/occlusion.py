@@ -23,6 +23,10 @@ order_kj is antisymmetric, from measured cues (`JointConfig` gives the weights a
   usually in front of it);
 - the lower bottom edge, where depth is missing (street scenes: the nearer object stands lower in the image).
 
+On large images (a contested rectangle over ``JointConfig.max_pixels``) the cues and the mean-field run on a grid
+of every s-th pixel, and each other contested pixel takes its grid point's winner when that instance's box holds
+it (else the instances' own log-odds decide), so the cost per image stays bounded.
+
 Per-instance colour and depth models come from the RoI crops the teacher already has: the LAB histogram and the
 median depth of the instance's foreground, counting only crop pixels no other box covers (the pixels that are
 surely its own), or its whole foreground when those carry too little of it (a box inside another).
