@@ -184,62 +184,21 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     """
     height, width = image.shape[:2]
     n = len(windows)
-    dev = image.device
     masks = threshold_windows(windows, height, width, thresh)
-    contested_share = torch.zeros(n, device=dev)
-    margin = torch.ones(n, device=dev)
-    inter = pair_overlaps(windows) if n > 1 else np.zeros((n, n), np.int64)
-    members = np.nonzero(inter.sum(1) > 0)[0]
-    if len(members) == 0:
+    contested_share = torch.zeros(n, device=image.device)
+    margin = torch.ones(n, device=image.device)
+    found = _contested_pixels(windows, masks)
+    if found is None:
         return Resolution(masks, contested_share, margin)
-    # The mean-field's window: the bounding rectangle of all pairwise box intersections.
-    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
-    pairs = np.argwhere(np.triu(inter) > 0)
-    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
-    R0, R1 = int(np.maximum(a[:, 0], b[:, 0]).min()), int(np.minimum(a[:, 1], b[:, 1]).max())
-    C0, C1 = int(np.maximum(a[:, 2], b[:, 2]).min()), int(np.minimum(a[:, 3], b[:, 3]).max())
-    h, w = R1 - R0 + 1, C1 - C0 + 1
-    k = len(members)
-    count = torch.zeros((h, w), dtype=torch.int32, device=dev)
-    claimed_any = torch.zeros((h, w), dtype=torch.bool, device=dev)
-    for i in members:
-        win = windows[i]
-        r0, r1, c0, c1 = max(win.r0, R0), min(win.r1, R1), max(win.c0, C0), min(win.c1, C1)
-        if r1 >= r0 and c1 >= c0:
-            count[r0 - R0 : r1 - R0 + 1, c0 - C0 : c1 - C0 + 1] += 1
-        claimed_any |= masks[i][R0 : R1 + 1, C0 : C1 + 1]
-    # Contested: inside two or more boxes and claimed by at least one of them (nobody's pixel stays background).
-    pix = torch.nonzero(((count >= 2) & claimed_any).flatten())[:, 0]                   # (P,) flat window indices
-    if len(pix) == 0:
-        return Resolution(masks, contested_share, margin)
-    ys, xs = pix // w + R0, pix % w + C0
-    # From here on the window is the contested pixels' bounding rectangle, one pixel wider for the messages.
-    R0, R1 = max(int(ys.min()) - 1, 0), min(int(ys.max()) + 1, height - 1)
-    C0, C1 = max(int(xs.min()) - 1, 0), min(int(xs.max()) + 1, width - 1)
-    h, w = R1 - R0 + 1, C1 - C0 + 1
-    pix = (ys - R0) * w + (xs - C0)
-    span = torch.as_tensor(spans[members], device=dev)
-    covers = ((ys[None] >= span[:, 0:1]) & (ys[None] <= span[:, 1:2])
-              & (xs[None] >= span[:, 2:3]) & (xs[None] <= span[:, 3:4]))                # (K,P)
-    active = covers.any(1)
-    members, covers, span = members[active.cpu().numpy()], covers[active], span[active]
-    claims = torch.zeros(covers.shape, dtype=torch.bool, device=dev)                     # (K,P)
-    logits = torch.zeros(covers.shape, device=dev)
-    for slot, i in enumerate(members):
-        sel = torch.nonzero(covers[slot])[:, 0]
-        win = windows[i]
-        p = win.prob[ys[sel] - win.r0, xs[sel] - win.c0]
-        claims[slot, sel] = p >= thresh
-        logits[slot, sel] = torch.logit(p.clamp(1e-4, 1 - 1e-4))
-    logits = logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
-    members_t = torch.as_tensor(members, device=dev)
+    members, ys, xs, rect = found
+    covers, claims, logits = _claims(windows, members, ys, xs, thresh)
+    members_t = torch.as_tensor(members, device=image.device)
     sub_depth = None if depth_median is None else depth_median[members_t]
     member_boxes = boxes[members_t].to(torch.float32)
-    rect = (R0, R1, C0, C1)
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
     # their grid point (s = 1 on images of a few hundred pixels a side).
     stride = _stride(rect, cfg.max_pixels)
-    g = torch.nonzero(((ys - R0) % stride == 0) & ((xs - C0) % stride == 0))[:, 0]
+    g = torch.nonzero(((ys - rect[0]) % stride == 0) & ((xs - rect[2]) % stride == 0))[:, 0]
     gy, gx, g_covers = ys[g], xs[g], covers[:, g]
     lab = rgb_to_lab(image[gy, gx].to(torch.float32)).T                                   # (3,G)
     d = None if depth is None else depth[gy, gx].to(torch.float32)
@@ -256,8 +215,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     for slot, i in enumerate(members):
         claimed = claims[slot]
         n_claimed = int(claimed.sum())
-        win = windows[i]
-        n_own = int((win.prob >= thresh).sum())
+        n_own = int((windows[i].prob >= thresh).sum())
         contested_share[i] = n_claimed / max(n_own, 1)
         wins = winner == slot
         keep = wins & (claimed | cfg.give_won)
@@ -270,6 +228,65 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     for i in emptied:
         _restore(masks, i, members, windows[i], thresh)
     return Resolution(masks, contested_share, margin)
+
+
+def _contested_pixels(windows: list[Window], masks: list[torch.Tensor]
+                      ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int, int, int]] | None:
+    """The contested pixels: inside two or more boxes and claimed by at least one of those instances' masks
+    (nobody's pixel stays background). Returns the instances whose box holds one of them (K,), their rows and
+    columns ys, xs (P,) and their bounding rectangle (R0, R1, C0, C1), grown by one pixel for the messages; None
+    when there are none."""
+    height, width = masks[0].shape
+    inter = pair_overlaps(windows)
+    members = np.nonzero(inter.sum(1) > 0)[0]
+    if len(members) == 0:
+        return None
+    # First the bounding rectangle of all pairwise box intersections.
+    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
+    pairs = np.argwhere(np.triu(inter) > 0)
+    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
+    R0, R1 = int(np.maximum(a[:, 0], b[:, 0]).min()), int(np.minimum(a[:, 1], b[:, 1]).max())
+    C0, C1 = int(np.maximum(a[:, 2], b[:, 2]).min()), int(np.minimum(a[:, 3], b[:, 3]).max())
+    w = C1 - C0 + 1
+    count = torch.zeros((R1 - R0 + 1, w), dtype=torch.int32, device=masks[0].device)
+    claimed_any = torch.zeros_like(count, dtype=torch.bool)
+    for i in members:
+        win = windows[i]
+        r0, r1, c0, c1 = max(win.r0, R0), min(win.r1, R1), max(win.c0, C0), min(win.c1, C1)
+        if r1 >= r0 and c1 >= c0:
+            count[r0 - R0 : r1 - R0 + 1, c0 - C0 : c1 - C0 + 1] += 1
+        claimed_any |= masks[i][R0 : R1 + 1, C0 : C1 + 1]
+    pix = torch.nonzero(((count >= 2) & claimed_any).flatten())[:, 0]
+    if len(pix) == 0:
+        return None
+    ys, xs = pix // w + R0, pix % w + C0
+    holds = _holds(torch.as_tensor(spans[members], device=ys.device), ys, xs).any(1)
+    rect = (max(int(ys.min()) - 1, 0), min(int(ys.max()) + 1, height - 1),
+            max(int(xs.min()) - 1, 0), min(int(xs.max()) + 1, width - 1))
+    return members[holds.cpu().numpy()], ys, xs, rect
+
+
+def _holds(span: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """(K,P) bool: pixel p (row ys[p], column xs[p]) lies in span k (r0, r1, c0, c1 inclusive; span (K,4))."""
+    return ((ys[None] >= span[:, 0:1]) & (ys[None] <= span[:, 1:2])
+            & (xs[None] >= span[:, 2:3]) & (xs[None] <= span[:, 3:4]))
+
+
+def _claims(windows: list[Window], members: np.ndarray, ys: torch.Tensor, xs: torch.Tensor, thresh: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At the P contested pixels (ys, xs), for the K members: covers (K,P) bool (the box holds the pixel), claims
+    (K,P) bool (the instance's own mask holds it) and its clamped log-odds (K,P) float32 (0 where not covered)."""
+    spans = [[windows[i].r0, windows[i].r1, windows[i].c0, windows[i].c1] for i in members]
+    covers = _holds(torch.as_tensor(spans, device=ys.device), ys, xs)
+    claims = torch.zeros(covers.shape, dtype=torch.bool, device=ys.device)
+    logits = torch.zeros(covers.shape, device=ys.device)
+    for slot, i in enumerate(members):
+        sel = torch.nonzero(covers[slot])[:, 0]
+        win = windows[i]
+        p = win.prob[ys[sel] - win.r0, xs[sel] - win.c0]
+        claims[slot, sel] = p >= thresh
+        logits[slot, sel] = torch.logit(p.clamp(1e-4, 1 - 1e-4))
+    return covers, claims, logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
 
 
 def _pixel_cues(lab: torch.Tensor, depth: torch.Tensor | None, ys: torch.Tensor, xs: torch.Tensor,
