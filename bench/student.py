@@ -192,7 +192,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (bench/RESULTS.md, stop 21).
+    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (bench/RESULTS.md, "Four quality seeds tie").
     ap.add_argument("--iterations", type=int, default=900,
                     help="training steps of the quality runs (as pipeline train --iterations: the lr step and the "
                          "affinity warm-up keep their fractions of the toy config's run)")
@@ -202,7 +202,7 @@ def main() -> int:
     # AP on the toy config's 8 val images moves by points between runs; 64 cost half a minute of evaluation.
     ap.add_argument("--val-images", type=int, default=64, help="toy val images the quality runs are scored on")
     # One seed's AP moves by about half a point between trainings, as much as the two students differ; two seeds
-    # were not enough either (their mean favoured shards, four seeds' tie: bench/RESULTS.md, stop 21).
+    # were not enough either (their mean favoured shards, four seeds' tie: bench/RESULTS.md, "Four quality seeds tie").
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated student.seed values of the quality runs; "
                                                  "figures are means over them")
     ap.add_argument("--speed-iterations", type=int, default=40,
