@@ -192,7 +192,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (bench/RESULTS.md, "Four quality seeds tie").
+    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (bench/RESULTS.md, "Four quality
+    # seeds tie").
     ap.add_argument("--iterations", type=int, default=900,
                     help="training steps of the quality runs (as pipeline train --iterations: the lr step and the "
                          "affinity warm-up keep their fractions of the toy config's run)")

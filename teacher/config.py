@@ -156,10 +156,10 @@ class JointConfig:
 
     How the weights were set (figures: bench/teacher.py --occlusion and bench/RESULTS.md, "Overlapping boxes"):
     - Which cue tells whose a contested pixel is, measured on coco_tiny (60 images, pixels inside two boxes that
-      at least one of the two labels claims and exactly one ground truth holds): the refined log-odds alone are right for 72 %
-      of them, the colour models 68 %, the box centres 69 %, containment 64 %, the lower bottom edge 51 %; a
-      logistic fit of the first four reaches 78 % (4-fold, by image), with weights in the ratio log-odds 0.34 :
-      colour 1 : containment 1.4 : centre 3.5. The defaults keep that order (0.2, 1, 2, 1.5) after a grid on toy
+      at least one of the two labels claims and exactly one ground truth holds): the refined log-odds alone are
+      right for 72 % of them, the colour models 68 %, the box centres 69 %, containment 64 %, the lower bottom
+      edge 51 %; a logistic fit of the first four reaches 78 % (4-fold, by image), with weights in the ratio
+      log-odds 0.34 : colour 1 : containment 1.4 : centre 3.5. The defaults keep that order (0.2, 1, 2, 1.5) after a grid on toy
       train without depth and coco_tiny.
     - The lower bottom edge only where depth is missing: toy train without depth 0.737 -> 0.745 with it
       (bottom_weight 0 -> 2); with depth it lowered toy (0.796 -> 0.789 at 1), and depth orders better.

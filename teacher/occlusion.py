@@ -206,7 +206,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     order = order_evidence(member_boxes, sub_depth, cfg)
     unary = torch.where(g_covers, cfg.logit_weight * logits[:, g] + cues + order @ g_covers.to(torch.float32),
                         torch.full_like(cues, float("-inf")))
-    q = _meanfield(unary, gy, gx, rect, [masks[i] for i in members], image, lab_scale, cfg)   # (K,G)
+    q = _meanfield(unary, gy, gx, rect, stride, [masks[i] for i in members], image, lab_scale, cfg)   # (K,G)
     top = q.topk(2, dim=0)
     winner, won_margin = top.indices[0], top.values[0] - top.values[1]
     if stride > 1:
@@ -359,48 +359,42 @@ def _spread(winner: torch.Tensor, margin: torch.Tensor, g: torch.Tensor, ys: tor
 
 
 def _meanfield(unary: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, rect: tuple[int, int, int, int],
-               masks: list[torch.Tensor], image: torch.Tensor, lab_scale: float, cfg: JointConfig) -> torch.Tensor:
-    """Multi-label mean-field over the contested pixels; returns their marginals Q (K,P).
+               stride: int, masks: list[torch.Tensor], image: torch.Tensor, lab_scale: float, cfg: JointConfig
+               ) -> torch.Tensor:
+    """Multi-label mean-field over the contested grid points; returns their marginals Q (K,G).
 
-    unary (K,P) logits at the P contested pixels (rows ys, columns xs; -inf where the instance's box does not hold
-    the pixel); rect (R0, R1, C0, C1) their bounding rectangle; masks: the K instances' own (H,W) masks, the fixed
-    labels of every other pixel (no label where no one claims); image (H,W,3) RGB.
-
-    The messages (the colour Potts kernel of the CRF, `kernels.message_passing`) run on the rectangle sampled every
-    s pixels, with s the smallest stride that keeps it within ``cfg.max_pixels``, so the cost per image is bounded
-    on large images; the unaries stay at full resolution and each contested pixel reads the message of its grid
-    point. With s = 1 this is the plain mean-field: iters updates of every contested pixel.
+    unary (K,G) logits at the G contested points of the grid of every ``stride``-th pixel of rect (R0, R1, C0, C1)
+    (rows ys, columns xs; -inf where the instance's box does not hold the point); masks: the K instances' own (H,W)
+    masks, the fixed labels of every other grid point (no label where no one claims); image (H,W,3) RGB. The
+    messages are the CRF's colour Potts kernel on that grid (`kernels.message_passing`); with stride 1 this is the
+    plain mean-field, iters updates of every contested pixel.
     """
-    q_p = torch.softmax(unary, 0)
     if cfg.iters <= 0 or cfg.w1 <= 0:
-        return q_p
+        return torch.softmax(unary, 0)
     R0, R1, C0, C1 = rect
-    s = _stride(rect, cfg.max_pixels)
-    rows = torch.arange(R0, R1 + 1, s, device=unary.device)
-    cols = torch.arange(C0, C1 + 1, s, device=unary.device)
+    rows = torch.arange(R0, R1 + 1, stride, device=unary.device)
+    cols = torch.arange(C0, C1 + 1, stride, device=unary.device)
     hc, wc = len(rows), len(cols)
     q = torch.stack([m[rows[:, None], cols[None, :]] for m in masks]).flatten(1).to(unary.dtype)   # (K,hc*wc)
-    cell = torch.div(ys - R0, s, rounding_mode="floor") * wc + torch.div(xs - C0, s, rounding_mode="floor")
-    on_grid = ((ys - R0) % s == 0) & ((xs - C0) % s == 0)
-    grid_pix, grid_unary = cell[on_grid], unary[:, on_grid]
+    cell = torch.div(ys - R0, stride, rounding_mode="floor") * wc + torch.div(xs - C0, stride, rounding_mode="floor")
     colour = rgb_to_lab(image[rows[:, None], cols[None, :]].to(torch.float32)).permute(2, 0, 1)[None] / lab_scale
     kernel = colour_potts_kernel(colour, cfg.w1, cfg.zeta)
     offsets = neighbour_offsets(3, 1)
-    q_grid = q_p[:, on_grid]
-    for step in range(cfg.iters):
-        q.index_copy_(1, grid_pix, q_grid)
+    q_p = torch.softmax(unary, 0)
+    for _ in range(cfg.iters):
+        q.index_copy_(1, cell, q_p)
         msg = message_passing(q.view(1, -1, hc, wc), kernel, offsets)[0].flatten(1)
-        if step < cfg.iters - 1:
-            q_grid = torch.softmax(grid_unary + msg.index_select(1, grid_pix), 0)
-    return torch.softmax(unary + msg.index_select(1, cell), 0)
+        q_p = torch.softmax(unary + msg.index_select(1, cell), 0)
+    return q_p
 
 
 def _restore(masks: list[torch.Tensor], i: int, members: np.ndarray, win: Window, thresh: float) -> None:
     """Instance i lost every pixel: it gets back the pixels of its own mask (its claim is better than none), and
     they leave the other masks, so the rows stay disjoint."""
-    mine = torch.zeros_like(masks[i])
-    mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] = win.prob >= thresh
+    box = (slice(win.r0, win.r1 + 1), slice(win.c0, win.c1 + 1))
+    mine = win.prob >= thresh
     for j in members:
         if j != i:
-            masks[j][win.r0 : win.r1 + 1, win.c0 : win.c1 + 1] &= ~mine[win.r0 : win.r1 + 1, win.c0 : win.c1 + 1]
-    masks[i] = mine
+            masks[j][box] &= ~mine
+    masks[i].zero_()
+    masks[i][box] = mine
