@@ -11,7 +11,7 @@ from .errors import PipelineError
 from .log import setup_logging
 
 # Module names under pipeline.commands, in the order `pipeline --help` lists them.
-COMMANDS: list[str] = ["run", "make_toy", "summary", "label", "inspect", "export_coco", "train", "eval"]
+COMMANDS: list[str] = ["run", "make_toy", "summary", "label", "inspect", "export_coco", "train", "eval", "weights"]
 
 
 def build_parser() -> argparse.ArgumentParser:

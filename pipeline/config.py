@@ -44,6 +44,10 @@ class DatasetConfig:
     split: str = "train"
     strict: bool = False              # stop at the first bad item instead of skipping it
     min_box_side: float = 1.0         # boxes thinner than this (px) are rejected as degenerate
+    # COCO: the fraction of images held out of training for the student's evaluation, picked by a hash of the
+    # image id (stable when images are added). The training split reads the rest; the evaluation reads these
+    # (split "holdout") unless evaluation.ann names another file. 0 = train and evaluate on the one file.
+    holdout: float = 0.0
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 

@@ -21,6 +21,7 @@ from student.predict import predict
 
 from .config import Config
 from .datasets import build_dataset
+from .datasets.coco import HOLDOUT_SPLIT
 from .datasets.base import Dataset, box_to_mask
 from .errors import InputError, PipelineError
 from .evaluation import CocoMaskEvaluator, CocoMaskResult
@@ -40,11 +41,15 @@ class StudentEvaluation:
 
 def eval_dataset_config(cfg: Config) -> Config:
     """``cfg`` with the dataset switched to the evaluation split (``evaluation.split``; for COCO the
-    ``evaluation.ann`` file when one is named, else the training file)."""
+    ``evaluation.ann`` file when one is named, else the training file's held-out images with
+    ``dataset.holdout``, else the training file itself)."""
     out = copy.deepcopy(cfg)
     out.dataset.split = cfg.evaluation.split
     if cfg.dataset.name == "coco" and cfg.evaluation.ann:
         out.dataset.ann = cfg.evaluation.ann
+        out.dataset.holdout = 0.0
+    elif cfg.dataset.name == "coco" and cfg.dataset.holdout:
+        out.dataset.split = HOLDOUT_SPLIT
     return out
 
 

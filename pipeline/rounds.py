@@ -253,7 +253,7 @@ class RoundRunner:
         if r:
             ecfg = eval_dataset_config(cfg)
             ev = evaluate_checkpoint(ecfg, self.folder.teacher(r), cfg.evaluation.limit or None)
-            held_out = cfg.dataset.name != "coco" or bool(cfg.evaluation.ann)
+            held_out = cfg.dataset.name != "coco" or bool(cfg.evaluation.ann or cfg.dataset.holdout)
             record["student"] = {"checkpoint": "teacher.pt", "split": ecfg.dataset.split, "held_out": held_out,
                                  "images": ev.results["mask"].num_images,
                                  "mask": ev.results["mask"].to_dict(), "box": ev.results["box"].to_dict(),

@@ -20,8 +20,10 @@ def _student_objectives() -> ObjectiveConfig:
 class StudentConfig:
     """The student (torchvision Mask R-CNN + FPN with a box-supervised mask head) and its Ray Train loop."""
 
-    backbone: str = "resnet50"        # resnet50 | resnet18 | small (toy: a narrow 4-stage ResNet)
-    weights: str = ""                 # torchvision-format state dict (whole model or backbone); "" = random init
+    backbone: str = "resnet50"        # resnet50 | resnet18 | mobilenet_v2 | small (toy: a narrow 4-stage ResNet)
+    # imagenet: torchvision's ImageNet weights of the backbone, from torch's hub cache (`pipeline weights`);
+    # a path: a torchvision-format state dict (whole model or backbone); "" = random init.
+    weights: str = ""
     norm: str = "auto"                # auto: frozen BN with weights, trainable BN from random init | bn | frozen_bn | gn
     fpn_channels: int = 256           # FPN and mask-head width
     box_head_dim: int = 1024          # box head's two FC layers
@@ -29,6 +31,7 @@ class StudentConfig:
     rpn_proposals: int = 2000         # proposals kept after NMS in training (1000 at test time)
     rois_per_image: int = 512         # sampled proposals per image for the box head (25% positive)
     mask_size: int = 28               # mask head output side (56 for high-resolution data)
+    class_agnostic_mask: bool = False  # one mask channel for every class (shipped configs: true)
     min_size: list[int] = field(default_factory=lambda: [800, 832, 864, 896, 928, 960, 992, 1024])
     max_size: int = 2048              # longest side after the resize
     test_size: int = 1024             # shortest side at evaluation / teacher time

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import mobilenet, resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, RPNHead, TwoMLPHead
@@ -33,8 +33,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import StudentConfig
+from .errors import StudentError, first_line
 from .roi_heads import PROJECTIONS, BoxSupervisedRoIHeads
 from .transform import PixelAlignedTransform
+from .weights import resolve as resolve_weights
 
 # name -> (block, layers). "small" is a ResNet-10 (one BasicBlock per stage): the toy backbone, about 3x
 # cheaper than ResNet-18 per step on a CPU, and deep enough to learn the toy scenes' shapes.
@@ -46,40 +48,37 @@ BACKBONES: dict[str, tuple[type, list[int]]] = {
 
 
 class MaskPredictor(nn.Module):
-    """Mask logits at twice the RoI feature side: bilinear upsampling, a 3x3 conv, then per-class 1x1 logits.
+    """Mask logits at twice the RoI feature side: bilinear upsampling, a 3x3 conv, then 1x1 logits per class, or
+    one class-agnostic channel broadcast to every class.
 
     torchvision's predictor upsamples with a stride-2 transposed conv, which gives every 2 x 2 output block its own
     weights. Box-supervised losses cannot see that freedom: a checkerboard satisfies the projection loss (every row
     and column has a 1) and the dilation-2 affinity (pairs two pixels apart agree), and from boxes alone the student
     falls into it. Bilinear upsampling has no such freedom. x (P,C,s,s) -> (P,K,2s,2s).
+
+    ``class_agnostic``: one mask channel shared by all K classes (a view, expanded to K so that every reader, the
+    losses, torchvision's inference and the teacher adapter, picks "the box class's channel" unchanged). With 80
+    classes and a few masks for most of them, a per-class channel sees almost no training signal.
     """
 
-    def __init__(self, in_channels: int, dim: int, num_classes: int):
+    def __init__(self, in_channels: int, dim: int, num_classes: int, class_agnostic: bool = False):
         super().__init__()
+        self.num_classes = num_classes
         self.conv = nn.Conv2d(in_channels, dim, 3, padding=1)
-        self.mask_fcn_logits = nn.Conv2d(dim, num_classes, 1)
+        self.mask_fcn_logits = nn.Conv2d(dim, 1 if class_agnostic else num_classes, 1)
         for layer in (self.conv, self.mask_fcn_logits):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
+        if class_agnostic:
+            # Kaiming's fan-out of a one-channel 1x1 conv is 1: logits of std ~sqrt(2) x |features| at init, which
+            # diverge in the first steps (tests/test_student_train.py at lr 0.01). detectron2's predictor init
+            # starts every mask at p = 0.5 instead.
+            nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.mask_fcn_logits(F.relu(self.conv(x)))
-
-
-class StudentError(ValueError):
-    """A user-facing problem with the student's inputs (weights file, config): ``"<where>: <problem>"``."""
-
-    def __init__(self, where: str | os.PathLike, problem: str):
-        self.where = os.fspath(where)
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.where}: {self.problem}")
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of ``exc``'s message (its type name when it has none), for a ``StudentError``."""
-    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+        logits = self.mask_fcn_logits(F.relu(self.conv(x)))
+        return logits.expand(-1, self.num_classes, -1, -1)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -97,11 +96,7 @@ def norm_layer(cfg: StudentConfig) -> Callable[[int], nn.Module]:
     return layers[kind]
 
 
-def build_backbone(cfg: StudentConfig) -> BackboneWithFPN:
-    """ResNet body + FPN (P2-P6), torchvision's layout and parameter names (``body.*``, ``fpn.*``)."""
-    if cfg.backbone not in BACKBONES:
-        raise StudentError("student.backbone", f"unknown backbone {cfg.backbone!r}; expected "
-                                               f"{', '.join(BACKBONES)}")
+def _resnet_body(cfg: StudentConfig) -> tuple[nn.Module, dict[str, str], list[int]]:
     block, layers = BACKBONES[cfg.backbone]
     body = resnet.ResNet(block, layers, norm_layer=norm_layer(cfg))
     if cfg.weights:
@@ -110,8 +105,34 @@ def build_backbone(cfg: StudentConfig) -> BackboneWithFPN:
             if name.startswith(("conv1", "bn1")):
                 p.requires_grad_(False)
     stage2 = body.inplanes // 8
-    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-                           [stage2 * 2 ** i for i in range(4)], cfg.fpn_channels)
+    return body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, [stage2 * 2 ** i for i in range(4)]
+
+
+def _mobilenet_body(cfg: StudentConfig) -> tuple[nn.Module, dict[str, str], list[int]]:
+    # The FPN taps each stride's last block (features 3, 6, 13, 18: strides 4-32), where torchvision's
+    # mobilenet_backbone taps each stride's first block; the last block has seen the whole stage (at stride 16,
+    # seven blocks instead of one) and the stride-32 tap is the 1280-channel head conv, the ImageNet features.
+    # Strides 4-64 with the pool level are the ResNet-FPN's, so anchors and RoI levels carry over unchanged.
+    features = mobilenet.mobilenet_v2(norm_layer=norm_layer(cfg)).features
+    if cfg.weights:
+        # As ResNet's stem + res2 under detectron2's FREEZE_AT=2: the stem and the stride-2/4 blocks stay frozen.
+        for block in features[:4]:
+            block.requires_grad_(False)
+    taps = [3, 6, 13, 18]
+    return features, {str(t): str(k) for k, t in enumerate(taps)}, [features[t].out_channels for t in taps]
+
+
+def build_backbone(cfg: StudentConfig) -> BackboneWithFPN:
+    """Body + FPN (P2-P6), torchvision's layout and parameter names (``body.*``, ``fpn.*``). The body is a ResNet
+    (``BACKBONES``) or MobileNetV2 (``mobilenet_v2``, the CPU-sized pretrained student)."""
+    if cfg.backbone == "mobilenet_v2":
+        body, taps, channels = _mobilenet_body(cfg)
+    elif cfg.backbone in BACKBONES:
+        body, taps, channels = _resnet_body(cfg)
+    else:
+        raise StudentError("student.backbone", f"unknown backbone {cfg.backbone!r}; expected "
+                                               f"{', '.join([*BACKBONES, 'mobilenet_v2'])}")
+    return BackboneWithFPN(body, taps, channels, cfg.fpn_channels)
 
 
 def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
@@ -148,21 +169,37 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
         detections_per_img=cfg.detections_per_image,
         mask_roi_pool=MultiScaleRoIAlign(levels, cfg.mask_size // 2, 2),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
-        mask_predictor=MaskPredictor(channels, channels, num_classes + 1),
+        mask_predictor=MaskPredictor(channels, channels, num_classes + 1, cfg.class_agnostic_mask),
         cfg=cfg)
     transform = PixelAlignedTransform(min(cfg.min_size), cfg.max_size, test_size=cfg.test_size)
     model = GeneralizedRCNN(backbone, rpn, roi_heads, transform)
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        load_weights(model, resolve_weights(cfg.weights, cfg.backbone), strict_backbone=cfg.weights == "imagenet")
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+# A bare classification network's state dict: (prefix of its feature layers, prefix of its classifier).
+_CLASSIFIER_LAYOUTS = (("", "fc."), ("features.", "classifier."))
+
+
+def _backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ImageNet ResNet (``conv1.*`` .. ``fc.*``) or MobileNetV2 (``features.N.*``, ``classifier.*``) state dict
+    -> the student's names (``backbone.body.*``), classifier dropped."""
+    features, classifier = next(((f, c) for f, c in _CLASSIFIER_LAYOUTS[1:] if any(k.startswith(f) for k in state)),
+                                _CLASSIFIER_LAYOUTS[0])
+    return {f"backbone.body.{k[len(features):]}": v for k, v in state.items()
+            if k.startswith(features) and not k.startswith(classifier)}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict_backbone: bool = False) -> None:
     """Load weights with ``weights_only=True``: a torchvision Mask R-CNN (v1, ``maskrcnn_resnet50_fpn``) state dict,
-    a bare ResNet (ImageNet) state dict for the backbone, or a ``student.pt`` / ``teacher.pt`` export. A file that
-    does not fit raises ``StudentError`` naming the file and the first mismatched key. A ResNet's classifier
-    (``fc.*``), torchvision's transposed-conv mask upsampling and the class-specific predictors of another class
-    count are skipped, so COCO or ImageNet weights fit a dataset with other classes."""
+    a bare ResNet or MobileNetV2 (ImageNet) state dict for the backbone, or a ``student.pt`` / ``teacher.pt`` export.
+    A file that does not fit raises ``StudentError`` naming the file and the first mismatched key. A classifier
+    (``fc.*``, ``classifier.*``), torchvision's transposed-conv mask upsampling and the class-specific predictors of
+    another class count are skipped, so COCO or ImageNet weights fit a dataset with other classes.
+
+    ``strict_backbone``: every backbone body parameter and buffer must come from the file (ImageNet weights named
+    as ``imagenet``: a partial load would silently train half a random backbone)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -176,8 +213,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise StudentError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     own = model.state_dict()
     if not any(k in own for k in state):
-        # A bare ResNet checkpoint: its keys live under backbone.body.
-        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+        state = _backbone_state(state)
     fitted = {}
     for key, value in state.items():
         if key not in own and (key.endswith("num_batches_tracked") or key.startswith("roi_heads.mask_predictor.")):
@@ -186,10 +222,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             raise StudentError(path, f"key {key!r} does not exist in the {type(model).__name__} student")
         if own[key].shape != value.shape:
             if key.startswith(("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits")):
-                continue  # another dataset's class count: these start from scratch
+                continue  # another dataset's class count, or a class-agnostic head: these start from scratch
             raise StudentError(path, f"key {key!r} has shape {tuple(value.shape)}, the student expects "
                                      f"{tuple(own[key].shape)}")
         fitted[key] = value
+    if strict_backbone:
+        missing = [k for k in own if k.startswith("backbone.body.") and k not in fitted
+                   and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise StudentError(path, f"not the backbone's full weights: {len(missing)} keys missing, the first "
+                                     f"{missing[0]!r}")
     model.load_state_dict(fitted, strict=False)
 
 

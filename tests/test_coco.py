@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from coco_helpers import FakeTerminal, rect_polygon, two_image_coco, write_coco, write_image
-from pipeline.datasets.coco import CocoDataset
+from pipeline.datasets.coco import HOLDOUT_SPLIT, CocoDataset, is_held_out
 from pipeline.errors import InputError
 from pipeline.evaluation import gt_ignore_masks, gt_masks
 
@@ -285,3 +285,46 @@ def test_rect_polygon_helper_matches_box():
     # Guards the helper the other tests rely on: the polygon of a box rasterises to exactly the box.
     mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(rect_polygon(2, 3, 12, 23), 40, 60)))
     assert mask.sum() == 200 and mask[3:23, 2:12].all()
+
+
+def _many_images(tmp_path: Path, n: int) -> Path:
+    images = [{"id": 100 + k, "file_name": f"images/{k}.png", "height": 20, "width": 30} for k in range(n)]
+    anns = [{"id": k, "image_id": 100 + k, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0} for k in range(n)]
+    return write_coco(tmp_path, images, anns, [{"id": 1, "name": "thing"}])
+
+
+def test_holdout_splits_one_file_by_image_id_hash_stably(tmp_path):
+    ann = _many_images(tmp_path, 40)
+    train = CocoDataset(tmp_path, ann, "train", holdout=0.25).image_ids()
+    held = CocoDataset(tmp_path, ann, HOLDOUT_SPLIT, holdout=0.25).image_ids()
+    assert not set(train) & set(held) and sorted(train + held, key=int) == [str(100 + k) for k in range(40)]
+    assert held == [i for i in (str(100 + k) for k in range(40)) if is_held_out(i, 0.25)]
+    assert 4 <= len(held) <= 16                       # about a quarter of 40
+    # The side an image falls on is its id's, not its place in the file: reversed, the same images are held out.
+    data = json.loads(Path(ann).read_text())
+    data["images"].reverse()
+    Path(ann).write_text(json.dumps(data))
+    assert sorted(CocoDataset(tmp_path, ann, HOLDOUT_SPLIT, holdout=0.25).image_ids()) == sorted(held)
+    assert CocoDataset(tmp_path, ann, "train").image_ids().__len__() == 40   # holdout 0: the whole file
+
+
+def test_holdout_is_checked_and_only_for_coco(tmp_path):
+    from pipeline.config import DatasetConfig
+    from pipeline.datasets import build_dataset
+    from pipeline.errors import ConfigError
+    ann = _many_images(tmp_path, 2)
+    with pytest.raises(ConfigError, match=r"dataset.holdout: must be a fraction in \[0, 1\), got 1.5"):
+        build_dataset(DatasetConfig(name="coco", root=str(tmp_path), ann=str(ann), holdout=1.5))
+    with pytest.raises(ConfigError, match="dataset.holdout: splits COCO-format files only; cityscapes has its own"):
+        build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), holdout=0.2))
+
+
+def test_the_evaluation_reads_the_held_out_images_unless_another_file_is_named():
+    from pipeline.config import Config
+    from pipeline.model_eval import eval_dataset_config
+    cfg = Config()
+    cfg.dataset.name, cfg.dataset.holdout = "coco", 0.2
+    assert eval_dataset_config(cfg).dataset.split == HOLDOUT_SPLIT
+    cfg.evaluation.ann = "val.json"
+    out = eval_dataset_config(cfg).dataset
+    assert (out.ann, out.holdout, out.split) == ("val.json", 0.0, "val")

@@ -20,7 +20,15 @@ def test_the_three_configs_are_shipped():
 def test_shipped_yaml_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.dataset.name == path.stem
+    assert cfg.dataset.name == path.stem.split("_")[0]   # coco_cpu.yaml is COCO-format data too
+    # Every shipped config trains the class-agnostic mask head (issue 25).
+    assert cfg.student.class_agnostic_mask
+
+
+def test_real_data_configs_start_from_imagenet_weights():
+    for name, backbone in (("cityscapes", "resnet50"), ("coco", "resnet50"), ("coco_cpu", "mobilenet_v2")):
+        student = load_config(CONFIG_DIR / f"{name}.yaml").student
+        assert (student.backbone, student.weights) == (backbone, "imagenet"), name
 
 
 def test_cityscapes_config_has_the_papers_settings():

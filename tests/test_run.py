@@ -21,6 +21,7 @@ from pipeline.cli import main
 from pipeline.config import RunConfig, load_config
 from pipeline.datasets.base import box_to_mask
 from pipeline.datasets.cityscapes import CityscapesDataset
+from pipeline.datasets.coco import is_held_out
 from pipeline.datasets.toy import generate_toy
 from pipeline.evaluation import evaluate_shards, gt_masks, paired_mask_iou
 from pipeline.report import per_class_rows, round_rows, write_report
@@ -348,18 +349,32 @@ def test_the_cityscapes_layout_runs_from_a_data_root(cluster, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (COCO_TINY / "annotations.json").is_file(), reason="../shared/devdata/coco_tiny not here")
-def test_coco_runs_on_coco_tiny(cluster, tmp_path, capsys):
+def test_coco_cpu_config_runs_a_pretrained_round_on_coco_tiny_with_a_held_out_evaluation(cluster, tmp_path, capsys):
+    """configs/coco_cpu.yaml as shipped (ImageNet MobileNetV2 from the hub cache, class-agnostic head, held-out
+    images), shrunk to 6 images and a few steps."""
+    from student.weights import imagenet_file
+    if not imagenet_file("mobilenet_v2").path.is_file():
+        pytest.skip("mobilenet_v2 ImageNet weights not in torch's cache (scripts/setup.sh installs them)")
     data = json.loads((COCO_TINY / "annotations.json").read_text())
-    keep = {im["id"] for im in data["images"][:4]}
+    held = [im["id"] for im in data["images"] if is_held_out(str(im["id"]), 0.2)][:2]
+    kept = [im["id"] for im in data["images"] if not is_held_out(str(im["id"]), 0.2)][:4]
+    keep = set(held + kept)
     subset = {**data, "images": [im for im in data["images"] if im["id"] in keep],
               "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    ann = tmp_path / "four.json"
+    ann = tmp_path / "six.json"
     ann.write_text(json.dumps(subset))
-    rc = main(["run", "--dataset", "coco", "--data-root", str(COCO_TINY), "--ann", str(ann), "--rounds", "1",
-               "--out", str(tmp_path / "run"), "--address", cluster, "--workers", "1",
-               *sets(*[t for t in TINY if not t.startswith("dataset.toy")],
+    rc = main(["run", "--dataset", "coco", "--config", str(REPO / "configs" / "coco_cpu.yaml"), "--data-root",
+               str(COCO_TINY), "--ann", str(ann), "--rounds", "1", "--out", str(tmp_path / "run"), "--address",
+               cluster, "--workers", "1",
+               *sets(*[t for t in TINY if not t.startswith(("dataset.toy", "student.backbone"))],
                      "student.anchor_sizes=[16,32,64,128,256]")])
     assert rc == 0, capsys.readouterr().err[-3000:]
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "backbone: mobilenet_v2" in resolved and "weights: imagenet" in resolved
     metrics = json.loads((tmp_path / "run" / "round-1" / "metrics.json").read_text())
-    assert metrics["student"]["held_out"] is False and metrics["student"]["images"] == 4
+    assert metrics["student"]["held_out"] is True and metrics["student"]["split"] == "holdout"
+    assert metrics["student"]["images"] == 2
+    assert json.loads((tmp_path / "run" / "round-0" / "label.done").read_text())["images"] == 4
     assert metrics["pseudo_labels"]["labels"]["overall"]["count"] > 0
+
+

@@ -46,6 +46,10 @@ def dataset_root(cfg: DatasetConfig) -> Path:
 def dataset_splits(cfg: DatasetConfig) -> list[str]:
     """Splits the dataset has: for a COCO file, its one split (``cfg.split``); for Cityscapes-layout data,
     those of train / val with a ``leftImg8bit/<split>`` folder."""
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise ConfigError("dataset.holdout", f"must be a fraction in [0, 1), got {cfg.holdout}")
+    if cfg.holdout and cfg.name != "coco":
+        raise ConfigError("dataset.holdout", f"splits COCO-format files only; {cfg.name} has its own val split")
     root = dataset_root(cfg)
     if cfg.name == "coco":
         return [cfg.split]
@@ -54,7 +58,12 @@ def dataset_splits(cfg: DatasetConfig) -> list[str]:
 
 def build_dataset(cfg: DatasetConfig) -> Dataset:
     """The dataset named by ``cfg.name`` for split ``cfg.split`` (lenient unless ``cfg.strict``)."""
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise ConfigError("dataset.holdout", f"must be a fraction in [0, 1), got {cfg.holdout}")
+    if cfg.holdout and cfg.name != "coco":
+        raise ConfigError("dataset.holdout", f"splits COCO-format files only; {cfg.name} has its own val split")
     root = dataset_root(cfg)
     if cfg.name == "coco":
-        return CocoDataset(root, cfg.ann, split=cfg.split, strict=cfg.strict, min_box_side=cfg.min_box_side)
+        return CocoDataset(root, cfg.ann, split=cfg.split, strict=cfg.strict, min_box_side=cfg.min_box_side,
+                           holdout=cfg.holdout)
     return CityscapesDataset(root, cfg.split, strict=cfg.strict)

@@ -13,7 +13,9 @@
   Cityscapes loader does for a missing disparity file.
 * Segmentations are read only by ``pipeline.evaluation`` (through ``_gt_masks``). A box-only file (no
   ``segmentation``) is valid input: its instances simply have no ground-truth mask.
-* The annotation file is one split: ``split`` only names it.
+* The annotation file is one split: ``split`` only names it, unless ``holdout`` (a fraction) splits it by image
+  id: split ``holdout`` reads the images whose id hashes below that fraction (``is_held_out``), any other split
+  the rest. A hash, not the file order, so an image stays on its side when the file grows or is reordered.
 
 Bad input (missing image file, malformed json, bad box, unknown image or category, malformed
 segmentation) gives a one-line ``InputError`` naming the file; lenient mode records a ``Reject`` and skips
@@ -22,6 +24,7 @@ A malformed or structurally invalid annotation file always raises: there is noth
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -41,6 +44,13 @@ log = logging.getLogger(__name__)
 # Boxes may poke out of the image by this much (px) and are clipped; beyond it they are rejected.
 BOX_TOLERANCE = 1.0
 DEPTH_SUFFIXES = (".png", ".npy")
+HOLDOUT_SPLIT = "holdout"
+
+
+def is_held_out(image_id: str, fraction: float) -> bool:
+    """Whether ``image_id`` falls in the held-out ``fraction`` of images: its sha256, as a number in [0, 1)."""
+    digest = hashlib.sha256(str(image_id).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 
 def _is_int(value: Any) -> bool:
@@ -116,9 +126,10 @@ class CocoDataset(Dataset):
     name = "coco"
 
     def __init__(self, root: str | os.PathLike, ann: str | os.PathLike, split: str = "train",
-                 strict: bool = False, min_box_side: float = 0.0):
+                 strict: bool = False, min_box_side: float = 0.0, holdout: float = 0.0):
         super().__init__(os.fspath(root), split, strict)
         self.ann = os.fspath(ann)
+        self.holdout = float(holdout)
         self.min_box_side = float(min_box_side)
         # image id -> {instance_id: segmentation}; crowd regions in ignore_boxes order. Evaluation only.
         self._segmentations: dict[str, dict[int, Any]] = {}
@@ -141,6 +152,8 @@ class CocoDataset(Dataset):
         listed = {str(img.get("id")) for img in data["images"] if isinstance(img, dict)}
         per_image = self._load_annotations(data["annotations"], images, listed)
         for image_id, entry in images.items():
+            if self.holdout and is_held_out(image_id, self.holdout) != (self.split == HOLDOUT_SPLIT):
+                continue
             self._samples.append(self._make_sample(image_id, entry, per_image.get(image_id, [])))
 
     def _load_categories(self, entries: list) -> None:
