@@ -1,10 +1,17 @@
-"""`pipeline run` benchmark: wall time per stage and in all, pseudo-label mean IoU per round and student mask AP
-per round, for the Quickstart's `pipeline run --rounds 3 --dataset toy` and for COCO on coco_tiny (2 rounds, a
-small backbone).
+"""`pipeline run` benchmark: wall time per stage and in all, pseudo-label mean IoU per round, the fused network
+weight each round calibrated, and student mask AP per round, for:
 
-    .venv/bin/python bench/run.py                        # toy (about 15 minutes on 2 cores), then coco_tiny
-    .venv/bin/python bench/run.py --skip-coco            # toy only
-    .venv/bin/python bench/run.py --toy-run runs/toy     # report an existing run folder instead of running one
+- toy: the Quickstart's `pipeline run --rounds 3 --dataset toy`;
+- coco_random: coco_tiny with configs/coco.yaml shrunk to a random-init ResNet-18 with a class-specific mask head
+  (the student before ImageNet weights), 2 rounds;
+- coco_cpu: coco_tiny with configs/coco_cpu.yaml as shipped (ImageNet MobileNetV2, class-agnostic head), 2 rounds.
+
+Both coco_tiny runs hold out a fifth of the images by image id (dataset.holdout 0.2: 132 training, 26
+evaluation images): the labels are measured on the training images, the mask AP on the held-out ones.
+
+    .venv/bin/python bench/run.py                               # all three (about 75 minutes on 2 cores)
+    .venv/bin/python bench/run.py --runs coco_cpu               # one of them
+    .venv/bin/python bench/run.py --existing toy=runs/toy       # report an existing run folder instead
 
 Each run is the CLI in a subprocess, in a fresh run folder (under --work, default a temporary folder), with a
 fresh toy cache, so the toy wall time includes generating the data and starting Ray. Prints a readable table, then
@@ -28,8 +35,9 @@ from pipeline.report import round_rows, text_table  # noqa: E402
 from pipeline.rounds import RunFolder  # noqa: E402
 
 COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
-# coco_tiny on 2 cores: a ResNet-18 student like the toy one, 300 steps per round.
-COCO_SETTINGS = ["student.backbone=resnet18", "student.fpn_channels=128", "student.box_head_dim=256",
+HOLDOUT = 0.2
+# coco_tiny on 2 cores from random init: a ResNet-18 student like the toy one, 300 steps per round.
+COCO_SETTINGS = ["student.backbone=resnet18", "student.weights=", "student.class_agnostic_mask=false", "student.fpn_channels=128", "student.box_head_dim=256",
                  "student.anchor_sizes=[16,32,64,128,256]", "student.rpn_proposals=500", "student.rois_per_image=128",
                  "student.mask_rois_per_image=32", "student.min_size=[320,352,384]", "student.max_size=640",
                  "student.test_size=352", "student.crop=[]", "student.iterations=300", "student.batch_size=2",
@@ -67,6 +75,10 @@ def figures(name: str, metrics: list[dict], wall: float | None) -> dict:
         if m["student"]:
             fig[f"{name}_round{r}_mask_ap"] = round(100 * m["student"]["mask"]["ap"], 2)
             fig[f"{name}_round{r}_box_as_mask_ap"] = round(100 * m["student"]["box_as_mask"]["ap"], 2)
+        fusion = (m["stages"].get("label") or {}).get("fusion")
+        if fusion:
+            fig[f"{name}_round{r}_fit"] = fusion["fit"]
+            fig[f"{name}_round{r}_network_weight"] = fusion["network_weight"]
         for stage, rec in m["stages"].items():
             fig[f"{name}_round{r}_{stage}_s"] = rec["seconds"]
             stage_total += rec["seconds"]
@@ -89,40 +101,58 @@ def table(name: str, metrics: list[dict], wall: float | None) -> str:
     return f"{title}\n{text_table(*round_rows(metrics))}"
 
 
+# name -> (title, config file, --set overrides, rounds); coco runs read --coco-root.
+RUNS = {
+    "toy": ("pipeline run --rounds 3 --dataset toy", None, [], 3),
+    "coco_random": ("coco_tiny, random-init ResNet-18, class-specific head", "coco.yaml", COCO_SETTINGS, 2),
+    "coco_cpu": ("coco_tiny, configs/coco_cpu.yaml (ImageNet MobileNetV2, class-agnostic head)", "coco_cpu.yaml", [],
+                 2),
+}
+
+
+def run_args(name: str, out: Path, coco: Path) -> list[str]:
+    _, config, settings, rounds = RUNS[name]
+    if name == "toy":
+        return ["run", "--rounds", "3", "--dataset", "toy", "--out", str(out)]
+    sets = [a for s in [*settings, f"dataset.holdout={HOLDOUT}"] for a in ("--set", s)]
+    return ["run", "--rounds", str(rounds), "--dataset", "coco", "--config", str(REPO / "configs" / config),
+            "--data-root", str(coco), "--ann", str(coco / "annotations.json"), "--out", str(out), *sets]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", metavar="DIR", help="folder for the runs and the toy cache (default: temporary)")
-    parser.add_argument("--toy-run", metavar="DIR", help="report this existing toy run folder instead of running")
-    parser.add_argument("--skip-coco", action="store_true", help="leave out the coco_tiny run")
-    parser.add_argument("--coco-rounds", type=int, default=2, metavar="N")
+    parser.add_argument("--runs", default=",".join(RUNS), metavar="NAMES",
+                        help=f"comma-separated runs to do (default: {','.join(RUNS)})")
+    parser.add_argument("--existing", action="append", default=[], metavar="NAME=DIR",
+                        help="report this existing run folder as run NAME instead of running it (repeatable)")
     parser.add_argument("--coco-root", metavar="DIR", default=str(COCO_TINY),
                         help="coco_tiny folder (default: ../shared/devdata/coco_tiny)")
     args = parser.parse_args()
+    existing = dict(item.split("=", 1) for item in args.existing)
+    names = [n for n in args.runs.split(",") if n] + [n for n in existing if n not in args.runs.split(",")]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"bench/run.py: unknown run {', '.join(unknown)}; known: {', '.join(RUNS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-run-"))
     env = {**os.environ, "BOXMASK_CACHE": str(work / "cache")}
+    coco = Path(args.coco_root)
     out: dict = {}
     tables = []
-    if args.toy_run:
-        metrics, wall = read_run(Path(args.toy_run)), None
-    else:
-        wall = run_cli(["run", "--rounds", "3", "--dataset", "toy", "--out", str(work / "toy")], env)
-        metrics = read_run(work / "toy")
-    out.update(figures("toy", metrics, wall))
-    tables.append(table("pipeline run --rounds 3 --dataset toy", metrics, wall) +
-                  f"\nlargest IoU drop between rounds {out['toy_largest_drop']:.4f}; goals met: {out['toy_goals_met']}")
-    coco = Path(args.coco_root)
-    if not args.skip_coco and not (coco / "annotations.json").is_file():
-        print(f"{coco}: no annotations.json, the COCO run is left out", file=sys.stderr)
-    elif not args.skip_coco:
-        sets = [a for s in COCO_SETTINGS for a in ("--set", s)]
-        wall = run_cli(["run", "--rounds", str(args.coco_rounds), "--dataset", "coco", "--data-root", str(coco),
-                        "--ann", str(coco / "annotations.json"), "--out", str(work / "coco"), *sets], env)
-        metrics = read_run(work / "coco")
-        out.update(figures("coco_tiny", metrics, wall))
-        tables.append(table(f"pipeline run --rounds {args.coco_rounds} --dataset coco (coco_tiny, ResNet-18; "
-                            f"mask AP on the training images, there is no held-out split)", metrics, wall) +
-                      f"\nlargest IoU drop between rounds {out['coco_tiny_largest_drop']:.4f}; goals met: "
-                      f"{out['coco_tiny_goals_met']}")
+    for name in names:
+        if name in existing:
+            folder, wall = Path(existing[name]), None
+        elif name != "toy" and not (coco / "annotations.json").is_file():
+            print(f"{coco}: no annotations.json, run {name} is left out", file=sys.stderr)
+            continue
+        else:
+            folder = work / name
+            wall = run_cli(run_args(name, folder, coco), env)
+        metrics = read_run(folder)
+        out.update(figures(name, metrics, wall))
+        tables.append(table(RUNS[name][0], metrics, wall) +
+                      f"\nlargest IoU drop between rounds {out[f'{name}_largest_drop']:.4f}; goals met: "
+                      f"{out[f'{name}_goals_met']}")
     print("\n\n".join(tables))
     print(json.dumps(out))
 

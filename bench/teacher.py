@@ -45,14 +45,17 @@ GRABCUT_PAD = 0.25
 GRABCUT_MIN_KEEP = 0.10
 
 
-def load_coco(root: Path, limit: int | None) -> list[dict]:
-    """coco_tiny records: image (H,W,3) uint8 RGB, boxes (N,4) x1y1x2y2, classes (N,), gts list of (H,W) bool."""
+def load_coco(root: Path, limit: int | None, holdout: float = 0.0) -> list[dict]:
+    """coco_tiny records: image (H,W,3) uint8 RGB, boxes (N,4) x1y1x2y2, classes (N,), gts list of (H,W) bool.
+    ``holdout``: leave out the images `pipeline run` holds out with that dataset.holdout (the training images)."""
+    from pipeline.datasets.coco import is_held_out
+
     ann = root / "annotations.json"
     if not ann.is_file():
         raise SystemExit(f"bench/teacher.py: --data {root}: no annotations.json there")
     coco = COCO(str(ann))
     records = []
-    for img_id in sorted(coco.getImgIds())[:limit]:
+    for img_id in [i for i in sorted(coco.getImgIds()) if not is_held_out(str(i), holdout)][:limit]:
         info = coco.loadImgs(img_id)[0]
         bgr = cv2.imread(str(root / info["file_name"]), cv2.IMREAD_COLOR)
         if bgr is None:
@@ -246,7 +249,7 @@ def network_tables(args) -> dict:
         if name == "toy":
             records, depth = toy_records(24, seed=0), True
         else:
-            records, depth = load_coco(args.data, args.limit), False
+            records, depth = load_coco(args.data, args.limit, args.holdout), False
         n = sum(len(r["boxes"]) for r in records)
         print(f"\n{name}: {len(records)} images, {n} instances (box sides >= {MIN_SIDE:g} px), checkpoint {ckpt}")
         print(f"{'mode':28s} {'mean IoU':>9s} {'ms/inst':>9s} {'Spearman':>9s}")
@@ -344,6 +347,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "devdata" / "coco_tiny",
                     help="coco_tiny folder (annotations.json + images/)")
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
+    ap.add_argument("--holdout", type=float, default=0.0, metavar="F",
+                    help="with --coco-checkpoint: only the training images of a run with dataset.holdout F")
     ap.add_argument("--ablation", action="store_true", help="cumulative stage ablation table")
     ap.add_argument("--depth-ablation", action="store_true", help="toy data with and without depth")
     ap.add_argument("--toy-images", type=int, default=24, help="toy train images for --depth-ablation and --occlusion")

@@ -34,13 +34,15 @@ def _secs(stage: dict | None) -> str:
 
 def round_rows(metrics: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """The per-round table: header and one row of strings per round."""
-    head = ["round", "teacher", "label IoU", "box IoU", "Spearman", "mask AP", "AP50", "box-as-mask AP",
-            "train s", "label s", "eval s"]
+    head = ["round", "teacher", "fit", "net weight", "label IoU", "box IoU", "Spearman", "mask AP", "AP50",
+            "box-as-mask AP", "train s", "label s", "eval s"]
     rows = []
     for m in metrics:
         pl, st = m["pseudo_labels"], m.get("student") or {}
         mask, boxes = st.get("mask") or {}, st.get("box_as_mask") or {}
-        rows.append([str(m["round"]), m["teacher"][:12], _num(pl["labels"]["overall"]["mean_iou"], 4),
+        fusion = (m["stages"].get("label") or {}).get("fusion") or {}
+        rows.append([str(m["round"]), m["teacher"][:12], _num(fusion.get("fit"), 3),
+                     _num(fusion.get("network_weight"), 3), _num(pl["labels"]["overall"]["mean_iou"], 4),
                      _num(pl["box_as_mask"]["overall"]["mean_iou"], 4), _num(pl["score_spearman"]),
                      _pct(mask.get("ap")), _pct(mask.get("ap50")), _pct(boxes.get("ap")),
                      _secs(m["stages"].get("train")), _secs(m["stages"].get("label")),
@@ -184,7 +186,9 @@ def write_report(folder: Path, title: str, metrics: Sequence[dict], rounds_plann
     head, rows = round_rows(metrics)
     parts = [f"# {title}", "",
              f"{len(metrics)} of {rounds_planned + 1} rounds evaluated (round 0 is the box-prior teacher; round r "
-             f"trains the student on round r-1's labels and labels again with its EMA weights). Label IoU: mean "
+             f"trains the student on round r-1's labels and labels again with its EMA weights). Fit: mean IoU of the "
+             f"round's network-mode labels with the labels it was trained on, on a sample of training images; net "
+             f"weight: the fused unary's network weight that fit set (0: box prior alone). Label IoU: mean "
              f"IoU of the pseudo labels against the ground truth of the training split; box IoU: the filled boxes; "
              f"Spearman: rank correlation of the rows' score with their IoU; mask AP, AP50 and box-as-mask AP: "
              f"the student's EMA weights on the evaluation split, in percent.", "",

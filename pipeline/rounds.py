@@ -14,6 +14,7 @@ Run folder::
     round-<r>/labels/           Parquet shards (pipeline label's layout)
     round-<r>/checkpoint/       Ray Train checkpoints, train_log.jsonl, student.pt, teacher.pt
     round-<r>/metrics.json      the round's figures (written by its evaluate stage)
+    round-<r>/fusion.json       the fused weights calibrated for the round (rounds >= 1, adaptive fusion)
     round-<r>/<stage>.done      a stage's completion record (json), written atomically once its outputs are whole
     report.md, plots/, logs/run.log
 
@@ -38,6 +39,7 @@ import yaml
 from student.config import StudentConfig
 from student.train import latest_checkpoint, stretch_schedule
 
+from .calibration import Calibration, load_or_calibrate
 from .config import Config, to_dict
 from .datasets import build_dataset
 from .errors import PipelineError, one_line
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+FUSION_FILE = "fusion.json"             # a round's calibrated fused weights (pipeline.calibration)
 # Keys that say how a run executes, not what it computes: they may differ between invocations of one run.
 EXECUTION_KEYS = frozenset({
     "run.name", "run.root", "run.rounds", "run.address", "run.dashboard_host",
@@ -234,12 +237,28 @@ class RoundRunner:
 
     def _label(self, r: int) -> dict:
         cfg = copy.deepcopy(self.cfg)
+        calibration = self._calibrate(cfg, r)
         service = prepare_label(cfg, self.folder.labels(r), os.fspath(self.folder.teacher(r)) if r else None, r)
         summary = run_label(service, self.folder.labels(r))
         print(f"  {summary.line()}", flush=True)
         return {"teacher": service.teacher_id, "images": summary.images_labeled, "instances": summary.instances,
                 "rejects": summary.rejects, "skipped": summary.images_skipped,
-                "images_per_s": round(summary.images_labeled / summary.seconds, 3) if summary.seconds else None}
+                "images_per_s": round(summary.images_labeled / summary.seconds, 3) if summary.seconds else None,
+                "fusion": dataclasses.asdict(calibration) if calibration else None}
+
+    def _calibrate(self, cfg: Config, r: int) -> Optional[Calibration]:
+        """Round r's fused weights from its student's fit to round r-1's labels (`pipeline.calibration`), set in
+        ``cfg.teacher.fusion``; None where the round is not fused adaptively."""
+        fusion = cfg.teacher.fusion
+        if not r or cfg.teacher.unary != "fused" or not fusion.adaptive or fusion.network_weight <= 0:
+            return None
+        result = load_or_calibrate(self.folder.round_dir(r) / FUSION_FILE, cfg.teacher, build_dataset(cfg.dataset),
+                                   self.folder.teacher(r), self.folder.labels(r - 1), cfg.evaluation.min_box_side)
+        cfg.teacher.fusion = result.fusion(fusion)
+        print(f"  fusion: the student reproduces round {r - 1}'s labels with mean IoU {result.fit:.3f} "
+              f"({result.instances} instances, {result.images} images): network weight {result.network_weight:g}, "
+              f"box prior {result.prior_weight:g}", flush=True)
+        return result
 
     def _evaluate(self, r: int) -> dict:
         cfg = copy.deepcopy(self.cfg)

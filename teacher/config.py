@@ -146,6 +146,12 @@ class FusionConfig:
 
     network_weight: float = 0.5
     prior_weight: float = 0.5
+    # `pipeline run` scales network_weight each round by how far that round's student went from reproducing its
+    # training labels as well as the filled boxes do towards reproducing them exactly (pipeline.calibration):
+    # x 0 for no gain, x 1 from gain_full on. `pipeline label` uses network_weight as given.
+    adaptive: bool = True
+    calibration_images: int = 32      # training images the fit is measured on
+    gain_full: float = 0.3
 
 
 @dataclass

@@ -202,7 +202,9 @@ def metrics_of(round_: int, iou: float, ap: float | None) -> dict:
                                          "per_class": {"car": {"mean_iou": iou, "count": 3},
                                                        "person": {"mean_iou": iou - 0.1, "count": 2}}},
                               "box_as_mask": {"overall": {"mean_iou": 0.6, "count": 5}}, "score_spearman": 0.5},
-            "student": student, "stages": {"label": {"seconds": 3.0}, "evaluate": {"seconds": 1.0},
+            "student": student, "stages": {"label": {"seconds": 3.0, "fusion": None if round_ == 0 else {
+                "fit": 0.8123, "network_weight": 0.4, "prior_weight": 0.5, "instances": 9, "images": 3}},
+                "evaluate": {"seconds": 1.0},
                                            **({"train": {"seconds": 9.0}} if round_ else {})}}
 
 
@@ -211,8 +213,8 @@ def test_the_report_tabulates_every_round_and_draws_the_plots(tmp_path):
     path = write_report(tmp_path, "Run x", metrics, rounds_planned=3)
     text = path.read_text()
     assert "3 of 4 rounds evaluated" in text
-    assert "| 1 | abcdef012345 | 0.7200 | 0.6000 | 0.500 | 30.0 | 40.0 | 15.0 | 9 | 3 | 1 |" in text
-    assert "| 0 | box-prior | 0.7000 | 0.6000 | 0.500 | - | - | - | - | 3 | 1 |" in text
+    assert "| 1 | abcdef012345 | 0.812 | 0.400 | 0.7200 | 0.6000 | 0.500 | 30.0 | 40.0 | 15.0 | 9 | 3 | 1 |" in text
+    assert "| 0 | box-prior | - | - | 0.7000 | 0.6000 | 0.500 | - | - | - | - | 3 | 1 |" in text
     for name in ("pseudo_label_iou.png", "mask_ap.png"):
         assert f"(plots/{name})" in text
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -330,6 +332,12 @@ def test_an_interrupted_run_resumes_to_the_content_of_an_uninterrupted_one(clust
     assert metrics["student"]["split"] == "val" and metrics["student"]["held_out"] is True
     assert metrics["stages"]["train"]["warm_start"] is True and metrics["stages"]["train"]["iterations"] == 4
     assert 0.0 < metrics["pseudo_labels"]["labels"]["overall"]["mean_iou"] <= 1.0
+    # Each trained round calibrated its fused weights against the labels it learned from, and kept them.
+    fusion = metrics["stages"]["label"]["fusion"]
+    assert fusion == json.loads((run / "round-2" / "fusion.json").read_text())
+    assert 0.0 <= fusion["fit"] <= 1.0 and fusion["images"] == 6 and fusion["instances"] > 0
+    assert 0.0 <= fusion["network_weight"] <= 0.5 and fusion["prior_weight"] == 0.5
+    assert json.loads((run / "round-0" / "metrics.json").read_text())["stages"]["label"]["fusion"] is None
     report = (run / "report.md").read_text()
     assert "3 of 3 rounds evaluated" in report and "plots/round-2-worst.png" in report
 
