@@ -7,12 +7,14 @@ Three parts are ours:
 
 - ``BoxSupervisedRoIHeads``: torchvision's box branch and losses, and a mask branch trained without mask targets
   (``student.losses``);
-- ``MaskPredictor``: bilinear instead of transposed-conv upsampling (see its docstring);
+- ``MaskPredictor``: bilinear instead of transposed-conv upsampling, optionally class-agnostic (see its docstring);
 - ``PixelAlignedTransform``: torchvision's normalise / resize / batch, fixed for per-pixel targets (see its
   docstring).
 
-Normalisation: with pretrained weights the stem and BatchNorm are frozen (the papers' detectron2 setting); from
-random init frozen BatchNorm is an identity that cripples training, so BatchNorm trains (``norm: auto``).
+The backbone is a ResNet or MobileNetV2 with an FPN (``build_backbone``). ``cfg.weights``: ``imagenet`` for
+torchvision's ImageNet file of the backbone (``student.weights``), a path, or "" for random init. Normalisation:
+with pretrained weights the stem and BatchNorm are frozen (the papers' detectron2 setting); from random init frozen
+BatchNorm is an identity that cripples training, so BatchNorm trains (``norm: auto``).
 """
 from __future__ import annotations
 
