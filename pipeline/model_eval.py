@@ -21,8 +21,8 @@ from student.predict import predict
 
 from .config import Config
 from .datasets import build_dataset
-from .datasets.coco import HOLDOUT_SPLIT
 from .datasets.base import Dataset, box_to_mask
+from .datasets.coco import HOLDOUT_SPLIT
 from .errors import InputError, PipelineError
 from .evaluation import CocoMaskEvaluator, CocoMaskResult
 

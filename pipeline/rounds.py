@@ -252,12 +252,12 @@ class RoundRunner:
         fusion = cfg.teacher.fusion
         if not r or cfg.teacher.unary != "fused" or not fusion.adaptive or fusion.network_weight <= 0:
             return None
-        result = load_or_calibrate(self.folder.round_dir(r) / FUSION_FILE, cfg.teacher, build_dataset(cfg.dataset),
+        result = load_or_calibrate(self.folder.round_dir(r) / FUSION_FILE, cfg.teacher, cfg.dataset,
                                    self.folder.teacher(r), self.folder.labels(r - 1), cfg.evaluation.min_box_side)
         cfg.teacher.fusion = result.fusion(fusion)
-        print(f"  fusion: the student reproduces round {r - 1}'s labels with mean IoU {result.fit:.3f} "
-              f"({result.instances} instances, {result.images} images): network weight {result.network_weight:g}, "
-              f"box prior {result.prior_weight:g}", flush=True)
+        print(f"  fusion: the student reproduces round {r - 1}'s labels with mean IoU {result.fit:.3f}, the filled "
+              f"boxes {result.box_fit:.3f} (gain {result.gain:.2f}; {result.instances} instances, {result.images} "
+              f"images): network weight {result.network_weight:g}, box prior {result.prior_weight:g}", flush=True)
         return result
 
     def _evaluate(self, r: int) -> dict:

@@ -180,15 +180,11 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
     return model
 
 
-# A bare classification network's state dict: (prefix of its feature layers, prefix of its classifier).
-_CLASSIFIER_LAYOUTS = (("", "fc."), ("features.", "classifier."))
-
-
 def _backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An ImageNet ResNet (``conv1.*`` .. ``fc.*``) or MobileNetV2 (``features.N.*``, ``classifier.*``) state dict
     -> the student's names (``backbone.body.*``), classifier dropped."""
-    features, classifier = next(((f, c) for f, c in _CLASSIFIER_LAYOUTS[1:] if any(k.startswith(f) for k in state)),
-                                _CLASSIFIER_LAYOUTS[0])
+    mobilenet_layout = any(k.startswith("features.") for k in state)
+    features, classifier = ("features.", "classifier.") if mobilenet_layout else ("", "fc.")
     return {f"backbone.body.{k[len(features):]}": v for k, v in state.items()
             if k.startswith(features) and not k.startswith(classifier)}
 

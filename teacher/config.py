@@ -146,10 +146,11 @@ class FusionConfig:
     With an ImageNet MobileNetV2 student (configs/coco_cpu.yaml, coco_tiny training images) 0.5 / 0.5 stays the
     best: 0.6846 against 0.6839 (1 / 1), 0.6844 (0.35 / 0.35), 0.6832 (0.25 / 0.5) and 0.6816 (1 / 0.5) with the
     round-1 student; network weight 0.5 / 0.75 / 1.0 / 1.5 gave 0.6842 / 0.6827 / 0.6813 / 0.6784 with the
-    round-2 one (60 images), and prior weights 0.35 and 0.25 lost. So the adaptive weight only scales network_weight down. gain_full 0.3: the random-init ResNet-18
-    students' gains were -0.33 to -0.08 (their network mode 0.14 below the box prior), the pretrained ones' 0.31
-    to 0.61 and the toy students' 0.33 to 0.49 (network mode at or above it, or fusion gaining); bench/RESULTS.md,
-    "coco_tiny: a pretrained student and adaptive fusion".
+    round-2 one (60 images), and prior weights 0.35 and 0.25 lost. So the adaptive weight only scales
+    network_weight down. gain_full 0.3: the random-init ResNet-18 students' gains were -0.33 to -0.08 (their
+    network mode 0.14 below the box prior), the pretrained ones' 0.31 to 0.61 and the toy students' 0.33 to 0.49
+    (network mode at or above it, or fusion gaining); bench/RESULTS.md, "coco_tiny: a pretrained student and
+    adaptive fusion".
     """
 
     network_weight: float = 0.5

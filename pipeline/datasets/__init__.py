@@ -46,10 +46,6 @@ def dataset_root(cfg: DatasetConfig) -> Path:
 def dataset_splits(cfg: DatasetConfig) -> list[str]:
     """Splits the dataset has: for a COCO file, its one split (``cfg.split``); for Cityscapes-layout data,
     those of train / val with a ``leftImg8bit/<split>`` folder."""
-    if not 0.0 <= cfg.holdout < 1.0:
-        raise ConfigError("dataset.holdout", f"must be a fraction in [0, 1), got {cfg.holdout}")
-    if cfg.holdout and cfg.name != "coco":
-        raise ConfigError("dataset.holdout", f"splits COCO-format files only; {cfg.name} has its own val split")
     root = dataset_root(cfg)
     if cfg.name == "coco":
         return [cfg.split]
