@@ -14,7 +14,7 @@
     (||T1-a||_1 + ||T^T1-b||_1, measured on POT's plans), so ours is at least as accurate on every pair. Ours runs
     in float32 (the teacher's dtype; `sinkhorn_speedup_vs_pot`) and in float64 (`..._float64`).
 
-Prints a table; the last line is one JSON object.
+Prints a table; the last line is one JSON object. Both are recorded as bench/results/kernels.json (bench/results.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from kernels import extension  # noqa: E402
 from kernels.meanfield import meanfield_sweeps, meanfield_sweeps_reference  # noqa: E402
 from kernels.message_passing import message_passing, neighbour_offsets  # noqa: E402
 from kernels.sinkhorn import sinkhorn  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, after the packages: for bench.results
+from bench import results as bench_results  # noqa: E402
 
 
 def best_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -178,6 +181,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     cuda = torch.cuda.is_available()
+    printed = bench_results.Capture()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", GPU {torch.cuda.get_device_name()}" if cuda else ", no GPU"))
     if extension.load_cpu() is None or extension.load_meanfield_cpu() is None:
@@ -228,7 +232,13 @@ def main() -> None:
     summary["sinkhorn_tol"] = sk["tol"]
     if cuda:
         summary["gpu_sinkhorn_speedup_vs_pot"] = sk["ours"]["cuda-float32"]["speedup"]
-    print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in summary.items()}))
+    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in summary.items()}
+    table = printed.stop()
+    print(json.dumps(out))
+    bench_results.record("kernels", "Kernels: soft mean-field and Sinkhorn (`bench/kernels.py`)",
+                         bench_results.command(), bench_results.fenced(table), out,
+                         "Goals: mean-field >= 5x the PyTorch reference at >= 30 % of the copy bandwidth; Sinkhorn "
+                         ">= 3x POT (float32) at least as accurate. Each time is the minimum over --repeats runs.")
 
 
 if __name__ == "__main__":

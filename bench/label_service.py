@@ -14,7 +14,7 @@ Each worker has its own memory bank, so with 2 workers each bank sees half the i
 is not identical between the two runs (fewer bank partners early on), which the table's instances column
 lets you judge.
 
-Prints a table and ends with one JSON line:
+Prints a table and ends with one JSON line (both recorded as bench/results/label_service.json, bench/results.py):
 {"images_per_s_1", "images_per_s_2", "scaling", "idle_fraction_1", "idle_fraction_2",
  "driver_peak_rss_mib", "worker_peak_rss_mib", ...}.
 
@@ -41,6 +41,7 @@ from pipeline.config import config_path_for, load_config  # noqa: E402
 from pipeline.datasets import build_dataset  # noqa: E402
 from pipeline.label_service import LabelService, TeacherFactory, init_ray, label_digest  # noqa: E402
 from pipeline.shards import BOX_PRIOR  # noqa: E402
+from bench import results as bench_results  # noqa: E402
 
 
 def current_rss_mib() -> float:
@@ -104,6 +105,7 @@ def main() -> None:
             print(f"  {w} worker(s): {results[-1]['images_per_s']:.3f} images/s", flush=True)
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    printed = bench_results.Capture()
     print(f"\n{'workers':>7} {'images':>6} {'inst':>5} {'label s':>8} {'wall s':>7} {'img/s':>7} {'idle':>6} "
           f"{'cpu/busy':>8} {'driver cpu s':>12} {'driver +RSS MiB':>15} {'worker RSS MiB':>14}")
     for r in results:
@@ -123,7 +125,12 @@ def main() -> None:
         out[f"worker_known_images_{w}"] = r["worker_known_images"]
     if 1 in by and 2 in by and by[1]["images_per_s"] > 0:
         out["scaling"] = round(by[2]["images_per_s"] / by[1]["images_per_s"], 3)
+    table = printed.stop()
     print(json.dumps(out))
+    bench_results.record("label_service", "Label service: 1 and 2 Ray label workers (`bench/label_service.py`)",
+                         bench_results.command(), bench_results.fenced(table), out,
+                         f"{args.images} toy images at {args.size}, box-prior teacher; images/s counts labeling "
+                         "time only (actor start-up left out).")
 
 
 if __name__ == "__main__":

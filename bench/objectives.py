@@ -3,12 +3,13 @@
 Compares ``teacher.affinity.asymmetric_affinity_loss`` with a straightforward ``F.unfold`` implementation of the
 same maths (the baseline below), on 8 instances at 256x512 with BoxInst colour edges and AsyInst depth edges
 built from a synthetic scene. Prints a table and ends with one JSON line:
-{"speedup": unfold_time / ours_time, "max_abs_diff": largest |difference| in loss or gradient, ...}.
+{"speedup": unfold_time / ours_time, "max_abs_diff": largest |difference| in loss or gradient, ...}; both are
+recorded as bench/results/objectives.json (bench/results.py).
 
 Run: .venv/bin/python bench/objectives.py [--repeats 10] [--device cpu] [--threads N]
 
-Measured 2026-11-29 on the quiet 2-core dev machine, default 2 threads: unfold 961 ms, ours 17.5 ms (54.9x);
-results agree to 7e-12 (float32) and 2e-16 (float64).
+Current figures: bench/RESULTS.md (2026-11-29, commit not recorded, the quiet 2-core dev machine, default 2 threads:
+unfold 961 ms, ours 17.5 ms, 54.9x; results agree to 7e-12 in float32 and 2e-16 in float64).
 Most of the gain is from evaluating only each instance's edge region (here ~5% of the image per instance);
 the rest from one evaluation per unordered pixel pair and the closed-form gradient.
 """
@@ -31,6 +32,7 @@ if sys.path[0] == str(Path(__file__).resolve().parent):
 from teacher.affinity import asymmetric_affinity_loss, box_bitmasks, color_edges, depth_edges  # noqa: E402
 from teacher.color import image_color_similarity  # noqa: E402
 from teacher.config import ObjectiveConfig  # noqa: E402
+from bench import results as bench_results  # noqa: E402
 
 
 def unfold_affinity_loss(mask_logits: torch.Tensor, edges: torch.Tensor, delta: float, gamma: float,
@@ -133,6 +135,7 @@ def main() -> None:
     speedup = results["unfold"] / results["ours"]
 
     n_col, n_dep = (int(e.sum()) for e in edge_sets)
+    printed = bench_results.Capture()
     print(f"colour + depth asymmetric affinity loss, forward + backward, {args.instances} instances at "
           f"{args.height}x{args.width}, {device}, {torch.get_num_threads()} threads")
     print(f"edges: colour {n_col}, depth {n_dep}; loss {loss.item():.6f}")
@@ -141,11 +144,14 @@ def main() -> None:
         print(f"{name:<16}{1e3 * med:>12.2f}{1e3 * best:>12.2f}")
     print(f"speedup (unfold / ours, median): {speedup:.2f}x; max |diff| float32 {max_diff['float32']:.3g}, "
           f"float64 {max_diff['float64']:.3g}")
-    print(json.dumps({"speedup": round(speedup, 3), "max_abs_diff": max_diff["float32"],
-                      "max_abs_diff_float64": max_diff["float64"], "ours_ms": round(1e3 * results["ours"], 3),
-                      "unfold_ms": round(1e3 * results["unfold"], 3), "device": str(device),
-                      "threads": torch.get_num_threads(), "instances": args.instances,
-                      "size": [args.height, args.width]}))
+    out = {"speedup": round(speedup, 3), "max_abs_diff": max_diff["float32"],
+           "max_abs_diff_float64": max_diff["float64"], "ours_ms": round(1e3 * results["ours"], 3),
+           "unfold_ms": round(1e3 * results["unfold"], 3), "device": str(device),
+           "threads": torch.get_num_threads(), "instances": args.instances, "size": [args.height, args.width]}
+    table = printed.stop()
+    print(json.dumps(out))
+    bench_results.record("objectives", "Asymmetric affinity loss against `F.unfold` (`bench/objectives.py`)",
+                         bench_results.command(), bench_results.fenced(table), out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ evaluation images): the labels are measured on the training images, the mask AP 
 
 Each run is the CLI in a subprocess, in a fresh run folder (under --work, default a temporary folder), with a
 fresh toy cache, so the toy wall time includes generating the data and starting Ray. Prints a readable table, then
-one JSON line with the figures.
+one JSON line with the figures, and records each run it ran as bench/results/run-<name>.json (bench/results.py).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.report import round_rows, text_table  # noqa: E402
 from pipeline.rounds import RunFolder  # noqa: E402
+from bench import results as bench_results  # noqa: E402
 
 COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
 HOLDOUT = 0.2
@@ -110,6 +111,18 @@ RUNS = {
 }
 
 
+# What each run's section on bench/RESULTS.md says besides its table.
+RUN_NOTES = {
+    "toy": "Label IoU: the pseudo labels' mean IoU against the training split's ground truth (box sides >= 8 px); "
+           "mask AP and box-as-mask AP: the round's EMA student on the validation split, percent. The wall time "
+           "includes generating the toy data and starting Ray.",
+    "coco_random": f"dataset.holdout {HOLDOUT}: labels scored on the training images, AP on the held-out ones. "
+                   "`COCO_SETTINGS` in bench/run.py shrink configs/coco.yaml to the student before ImageNet weights.",
+    "coco_cpu": f"dataset.holdout {HOLDOUT}: labels scored on the training images, AP on the held-out ones. Fit: "
+                "the round's calibration (round-r/fusion.json); net weight: the fused network weight it set.",
+}
+
+
 def run_args(name: str, out: Path, coco: Path) -> list[str]:
     _, config, settings, rounds = RUNS[name]
     if name == "toy":
@@ -139,6 +152,7 @@ def main() -> None:
     coco = Path(args.coco_root)
     out: dict = {}
     tables = []
+    recorded = []
     for name in names:
         if name in existing:
             folder, wall = Path(existing[name]), None
@@ -149,12 +163,18 @@ def main() -> None:
             folder = work / name
             wall = run_cli(run_args(name, folder, coco), env)
         metrics = read_run(folder)
-        out.update(figures(name, metrics, wall))
+        fig = figures(name, metrics, wall)
+        out.update(fig)
         tables.append(table(RUNS[name][0], metrics, wall) +
                       f"\nlargest IoU drop between rounds {out[f'{name}_largest_drop']:.4f}; goals met: "
                       f"{out[f'{name}_goals_met']}")
+        if wall is not None:  # an --existing folder's date and commit are not this run's: it is not recorded
+            recorded.append((name, fig, tables[-1]))
     print("\n\n".join(tables))
     print(json.dumps(out))
+    for name, fig, text in recorded:
+        bench_results.record(f"run-{name}", f"`bench/run.py`, {name}: {RUNS[name][0]}", bench_results.command(),
+                             bench_results.fenced(text), fig, RUN_NOTES[name])
 
 
 if __name__ == "__main__":

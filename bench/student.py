@@ -6,7 +6,8 @@ mask head's IoU on ground-truth boxes vs the filled box's, trained from boxes al
     .venv/bin/python bench/student.py --skip-quality     # speed only
     .venv/bin/python bench/student.py --skip-speed       # quality only
 
-Prints a readable table, then one JSON line with the figures.
+Prints a readable table, then one JSON line with the figures, and records them (bench/results.py) as
+bench/results/student-speed-<config>.json and bench/results/student-quality.json.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from pipeline.label_service import init_ray  # noqa: E402
 from pipeline.training import build_job  # noqa: E402
 from student.data import TrainImages, collate  # noqa: E402
 from student.model import build_backbone, build_model  # noqa: E402
-from student.train import TRAIN_LOG, fit  # noqa: E402
+from student.train import fit  # noqa: E402
+from bench import results as bench_results  # noqa: E402
 
 
 def ray_speed(config: str, overrides: list[str], workers: int, iterations: int, out: Path) -> dict:
@@ -45,13 +47,12 @@ def ray_speed(config: str, overrides: list[str], workers: int, iterations: int, 
                                                 f"student.batch_size={workers}", f"student.iterations={iterations}",
                                                 "student.log_every=1", f"student.checkpoint_every={iterations}"])
     cfg.student.cpus_per_worker = 1.0
-    fit(build_job(cfg, str(out)))
-    recs = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    recs = fit(build_job(cfg, str(out)))["history"]
     steps = [r for r in recs if r.get("iteration", 0) >= 3]
     wall = steps[-1]["time"] - steps[0]["time"]
-    rss = [json.loads(p.read_text()).get("peak_rss_mb", float("nan")) for p in sorted((out / "replicas").glob("*.json"))]
     return {"images_per_s": workers * (len(steps) - 1) / wall,
-            "step_s": float(np.mean([r["seconds"] for r in steps[1:]])), "peak_rss_mb": max(rss)}
+            "step_s": float(np.mean([r["seconds"] for r in steps[1:]])),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in recs)}
 
 
 def plain_maskrcnn(cfg, num_classes: int):
@@ -99,7 +100,6 @@ def step_ratio(config: str, overrides: list[str], steps: int = 6) -> dict:
                       "masks": torch.from_numpy(masks)}]
     out = {}
     ours = build_model(cfg.student, len(job.classes))
-    ours.roi_heads.iteration = cfg.student.objectives.warmup_iters  # past the warm-up: every term computed
     for name, model, tg in (("ours", ours, targets),
                             ("plain", plain_maskrcnn(cfg.student, len(job.classes)), plain_targets)):
         model.train()
@@ -181,6 +181,9 @@ def quality(tmp: Path, iterations: int, train_images: int, val_images: int, seed
     return res
 
 
+SPEED_NOTES = ("Ray Train on the local cluster, 1 worker then 2 workers with 1 CPU each, one image per worker per "
+               "step; images/s from wall-clock time after step 3. ours/plain: one process, one thread, our training "
+               "step against torchvision's MaskRCNN with real mask targets (same backbone, heads and sizes).")
 TOY_SPEED = []
 CITY_SPEED = ["student.backbone=resnet50", "student.fpn_channels=256", "student.box_head_dim=1024",
               "student.rpn_proposals=2000", "student.rois_per_image=512", "student.mask_rois_per_image=64",
@@ -192,18 +195,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (bench/RESULTS.md, "Four quality
-    # seeds tie").
+    # At 300 steps box AP is 2-3%, and detection noise hides the masks' difference (ab30a6f; bench/NOTEBOOK.md, "Four
+    # quality seeds tie").
     ap.add_argument("--iterations", type=int, default=900,
                     help="training steps of the quality runs (as pipeline train --iterations: the lr step and the "
                          "affinity warm-up keep their fractions of the toy config's run)")
     # With the toy config's 24 images the mask head memorises: even one trained on the true masks scores under the
-    # filled box on val (bench/RESULTS.md). The generator makes more for the cost of rendering them.
+    # filled box on val (4469fd1; bench/NOTEBOOK.md, "The boxes-only head beats the box"). The generator makes more
+    # for the cost of rendering them.
     ap.add_argument("--train-images", type=int, default=200, help="toy training images of the quality runs")
     # AP on the toy config's 8 val images moves by points between runs; 64 cost half a minute of evaluation.
     ap.add_argument("--val-images", type=int, default=64, help="toy val images the quality runs are scored on")
     # One seed's AP moves by about half a point between trainings, as much as the two students differ; two seeds
-    # were not enough either (their mean favoured shards, four seeds' tie: bench/RESULTS.md, "Four quality seeds tie").
+    # were not enough either (their mean favoured shards, four seeds' tie at ab30a6f: bench/NOTEBOOK.md, "Four quality
+    # seeds tie").
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated student.seed values of the quality runs; "
                                                  "figures are means over them")
     ap.add_argument("--speed-iterations", type=int, default=40,
@@ -231,15 +236,20 @@ def main() -> int:
             figures["quality"] = quality(tmp, args.iterations, args.train_images, args.val_images,
                                          [int(x) for x in args.seeds.split(",")])
     speed = [name for name in ("toy", "cityscapes-crop") if name in figures]
-    if speed:
-        print(f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} "
+    header = (f"{'config':16s} {'1 worker img/s':>15s} {'2 workers img/s':>16s} {'ratio':>6s} "
               f"{'ours/plain step':>16s} {'peak RSS/worker':>16s}")
+    rows = {}
+    if speed:
+        print(header)
     for name in speed:
         r = figures[name]
-        print(f"{name:16s} {r['w1']['images_per_s']:15.2f} {r['w2']['images_per_s']:16.2f} {r['scaling']:6.2f} "
-              f"{r['step_vs_plain']['ratio']:16.2f} {max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
+        rows[name] = (f"{name:16s} {r['w1']['images_per_s']:15.2f} {r['w2']['images_per_s']:16.2f} "
+                      f"{r['scaling']:6.2f} {r['step_vs_plain']['ratio']:16.2f} "
+                      f"{max(r['w1']['peak_rss_mb'], r['w2']['peak_rss_mb']):13.0f} MB")
+        print(rows[name])
     if "quality" in figures:
         print()
+        printed = bench_results.Capture()
         title = f"toy val {args.val_images} ({args.iterations} it, {args.train_images} img, seeds {args.seeds})"
         print(f"{title:44s} {'mask AP':>8s} {'AP50':>6s} {'box-as-mask AP':>15s} "
               f"{'box AP':>7s} {'head IoU on GT boxes':>21s} {'filled box IoU':>15s}")
@@ -247,7 +257,21 @@ def main() -> int:
             print(f"{'trained from ' + name:44s} {100 * q['mask_ap']:8.1f} {100 * q['mask_ap50']:6.1f} "
                   f"{100 * q['box_as_mask_ap']:15.1f} {100 * q['box_ap']:7.1f} {q['mask_head_iou']:21.4f} "
                   f"{q['filled_box_iou']:15.4f}")
+        quality_table = printed.stop()
     print(json.dumps(figures))
+    for name in speed:
+        bench_results.record(f"student-speed-{name}", f"Student training speed, {name} (`bench/student.py`)",
+                             bench_results.command(), bench_results.fenced(header + "\n" + rows[name]),
+                             {name: figures[name]}, SPEED_NOTES)
+    if "quality" in figures:
+        bench_results.record("student-quality", "Student quality on toy val (`bench/student.py`)",
+                             bench_results.command(), bench_results.fenced(quality_table),
+                             {"quality": figures["quality"]},
+                             f"Students trained {args.iterations} steps on {args.train_images} generated toy images, "
+                             f"from boxes alone and from box-prior shards, scored on {args.val_images} toy val "
+                             f"images; AP in percent, means over seeds {args.seeds} (each seed's figures under "
+                             "per_seed in the json). Head IoU: the EMA mask head on val's ground-truth boxes, against "
+                             "the filled box's.")
     return 0
 
 

@@ -5,7 +5,8 @@ mean IoU and ms per instance for box-as-mask, the inscribed ellipse, OpenCV Grab
 per-stage time split, its score calibration (Spearman correlation of score and IoU, mean IoU per score quintile),
 optionally a stage ablation (--ablation), a toy-data table with and without depth (--depth-ablation) and the
 overlap table (--occlusion: `teacher.occlusion` off against joint, split by how much of each box overlaps another,
-beside the oracle). Timing runs on ONE CPU thread. The last line is one JSON object.
+beside the oracle). Timing runs on ONE CPU thread. The last line is one JSON object; each table is also recorded
+(bench/results.py) as bench/results/teacher.json, teacher-occlusion.json or teacher-network-<dataset>.json.
 
     .venv/bin/python bench/teacher.py [--data ../shared/devdata/coco_tiny] [--limit N] [--ablation]
                                       [--depth-ablation] [--no-grabcut]
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from teacher import StructuredTeacher  # noqa: E402
 from teacher.config import TeacherConfig  # noqa: E402
 from teacher.structured_teacher import STAGES  # noqa: E402
+from bench import results as bench_results  # noqa: E402
 
 MIN_SIDE = 8.0
 GRABCUT_ITERS = 5
@@ -251,6 +253,7 @@ def network_tables(args) -> dict:
         else:
             records, depth = load_coco(args.data, args.limit, args.holdout), False
         n = sum(len(r["boxes"]) for r in records)
+        printed = bench_results.Capture()
         print(f"\n{name}: {len(records)} images, {n} instances (box sides >= {MIN_SIDE:g} px), checkpoint {ckpt}")
         print(f"{'mode':28s} {'mean IoU':>9s} {'ms/inst':>9s} {'Spearman':>9s}")
         modes = [("box-prior", None, base)]
@@ -267,7 +270,16 @@ def network_tables(args) -> dict:
                 figures[f"{name}_{mode}_miou"] = round(r["miou"], 4)
                 figures[f"{name}_{mode}_ms"] = round(r["ms"], 2)
                 figures[f"{name}_{mode}_spearman"] = round(rho, 3)
+        bench_results.record(f"teacher-network-{name}", f"Network-mode teacher on {name} (`bench/teacher.py`)",
+                             bench_results.command(), bench_results.fenced(printed.stop()),
+                             {k: v for k, v in figures.items() if k.startswith(f"{name}_")}, NETWORK_NOTES)
     return figures
+
+
+NETWORK_NOTES = ("Pseudo-label mean IoU against the ground truth (box sides >= 8 px), ms per instance on one CPU "
+                 "thread, and Spearman = rank correlation of the label's score with its IoU, per teacher.unary mode; "
+                 "the teacher section of each dataset's config otherwise. `fused wn wp`: fusion.network_weight and "
+                 "prior_weight.")
 
 
 OVERLAP_BINS = (("none", 0.0, 0.0), ("< 30 %", 1e-9, 0.3 - 1e-9), (">= 30 %", 0.3, 1.0))
@@ -371,7 +383,14 @@ def main() -> None:
 
     figures: dict = {}
     if args.occlusion:
+        printed = bench_results.Capture()
         figures.update(occlusion_tables(args))
+        bench_results.record("teacher-occlusion", "Overlapping boxes: `teacher.occlusion` off against joint "
+                             "(`bench/teacher.py --occlusion`)",
+                             bench_results.command(), bench_results.fenced(printed.stop()), dict(figures),
+                             "Mean IoU against the ground truth (box sides >= 8 px), one CPU thread. Oracle: the off "
+                             "labels minus every pixel that only other instances' ground truth holds; captured = "
+                             "(joint - off) / (oracle - off); x = ms joint / ms off; rho = score Spearman.")
     elif args.toy_checkpoint or args.coco_checkpoint:
         figures.update(network_tables(args))
     if args.skip_anchors:
@@ -379,6 +398,7 @@ def main() -> None:
         return
     records = load_coco(args.data, args.limit)
     n = sum(len(r["boxes"]) for r in records)
+    printed = bench_results.Capture()
     print(f"coco_tiny: {len(records)} images, {n} instances (non-crowd, box sides >= {MIN_SIDE:g} px), 1 thread")
     rows = [("box as mask",) + run_anchor(records, lambda im, b, h, w: box_as_mask(b, h, w), "box"),
             ("inscribed ellipse",) + run_anchor(records, lambda im, b, h, w: ellipse(b, h, w), "ellipse")]
@@ -412,9 +432,15 @@ def main() -> None:
 
     anchors = {name: m for name, m, _ in rows if name != "teacher (box prior)"}
     grab = [ms for name, _, ms in rows if name.startswith("GrabCut")]
-    print(json.dumps({"teacher_miou": round(res["miou"], 4), "best_anchor_miou": round(max(anchors.values()), 4),
-                      "teacher_ms_per_instance": round(res["ms"], 2), "teacher_score_spearman": round(rho, 3),
-                      "grabcut_ms_per_instance": round(grab[0], 2) if grab else None, **figures}))
+    out = {"teacher_miou": round(res["miou"], 4), "best_anchor_miou": round(max(anchors.values()), 4),
+           "teacher_ms_per_instance": round(res["ms"], 2), "teacher_score_spearman": round(rho, 3),
+           "grabcut_ms_per_instance": round(grab[0], 2) if grab else None}
+    table = printed.stop()
+    print(json.dumps({**out, **figures}))
+    bench_results.record("teacher", "Box-prior teacher against classical anchors on coco_tiny (`bench/teacher.py`)",
+                         bench_results.command(), bench_results.fenced(table), out,
+                         "TeacherConfig's defaults, one CPU thread; mean mask IoU over non-crowd instances with both "
+                         "box sides >= 8 px.")
 
 
 if __name__ == "__main__":

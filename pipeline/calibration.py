@@ -11,7 +11,7 @@ and each label is compared with round r-1's label of the same instance, the one 
 The network weight is ``fusion.network_weight`` x min(1, gain / ``fusion.gain_full``), 0 for a negative gain; the
 box prior's weight stays, so a network that learned nothing leaves the box prior's labels. On coco_tiny a
 random-init ResNet-18 student (300 steps) reproduces its labels worse than the boxes (gain -0.29 to -0.08), an
-ImageNet MobileNetV2 one goes a third of the way or more (0.31 to 0.61); bench/RESULTS.md, "coco_tiny: a
+ImageNet MobileNetV2 one goes a third of the way or more (0.31 to 0.61); bench/NOTEBOOK.md, "coco_tiny: a
 pretrained student and adaptive fusion".
 
 The result is written to ``round-r/fusion.json`` and read back by a resumed run, so that the weight, which the
@@ -30,16 +30,17 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from boxmask_common.files import atomic_write_bytes
 from teacher import StructuredTeacher
 from teacher.config import FusionConfig, TeacherConfig
 
 from .config import DatasetConfig
 from .datasets import build_dataset
 from .datasets.base import Dataset, Sample, box_to_mask
-from .errors import InputError, PipelineError
+from .errors import InputError, UserError
 from .evaluation import paired_mask_iou
 from .label_service import load_checkpoint
-from .shards import atomic_write_bytes, decode_rle, iter_shard_tables
+from .shards import decode_rle, iter_shard_tables
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ def calibrate(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, checkpoint
     fit, box_fit, count = measure_fit(network, dataclasses.replace(teacher_cfg, device="cpu"), samples, labels_dir,
                                       min_box_side)
     if count == 0:
-        raise PipelineError(labels_dir, "no previous label matches an instance of the calibration images; the "
-                                        "fused weights cannot be calibrated")
+        raise UserError(labels_dir, "no previous label matches an instance of the calibration images; the "
+                                    "fused weights cannot be calibrated")
     gain = fit_gain(fit, box_fit)
     weight = round(fusion.network_weight * weight_factor(gain, fusion.gain_full), 3)
     return Calibration(round(fit, 4), round(box_fit, 4), round(gain, 4), count, len(samples), weight,
@@ -143,7 +144,7 @@ def load_or_calibrate(path: Path, *args, **kwargs) -> Calibration:
     except FileNotFoundError:
         pass
     except (ValueError, TypeError) as exc:
-        raise PipelineError(path, f"unreadable calibration ({exc}); delete it to calibrate again") from None
+        raise UserError(path, f"unreadable calibration ({exc}); delete it to calibrate again") from None
     result = calibrate(*args, **kwargs)
     atomic_write_bytes(path, json.dumps(dataclasses.asdict(result), indent=1).encode())
     return result

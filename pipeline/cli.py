@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from .errors import PipelineError
+from .errors import UserError
 from .log import setup_logging
 
 # Module names under pipeline.commands, in the order `pipeline --help` lists them.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         result = args.func(args)
-    except PipelineError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,14 +16,14 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from student.checkpoint import load_model
-from student.model import StudentError
+
 from student.predict import predict
 
 from .config import Config
 from .datasets import build_dataset
 from .datasets.base import Dataset, box_to_mask
 from .datasets.coco import HOLDOUT_SPLIT
-from .errors import InputError, PipelineError
+from .errors import InputError, UserError
 from .evaluation import CocoMaskEvaluator, CocoMaskResult
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike, limit: Optio
                         ) -> StudentEvaluation:
     """Run a student export over ``cfg.dataset`` (first ``limit`` images) with a progress bar: COCO mask AP, box
     AP and box-as-mask AP of the same detections, and the detections as COCO results."""
-    try:
-        model, meta = load_model(checkpoint)
-    except StudentError as exc:
-        raise PipelineError(exc.where, exc.problem) from None
+    model, meta = load_model(checkpoint)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     dataset = build_dataset(cfg.dataset)
     ids = [int(c["id"]) for c in meta["classes"]]
     known = {c.id for c in dataset.categories}
     if not set(ids) <= known:
-        raise PipelineError(checkpoint, f"checkpoint classes {sorted(set(ids) - known)} are not categories "
-                                        f"of {dataset.name}")
+        raise UserError(checkpoint, f"checkpoint classes {sorted(set(ids) - known)} are not categories "
+                                    f"of {dataset.name}")
     samples = list(dataset)[:limit] if limit else list(dataset)
     evaluators = {"mask": CocoMaskEvaluator(dataset), "box": CocoMaskEvaluator(dataset, "bbox"),
                   "box-as-mask": CocoMaskEvaluator(dataset)}

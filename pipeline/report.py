@@ -14,10 +14,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from boxmask_common.files import atomic_write_bytes
+
 from .datasets.base import Dataset
 from .evaluation import ShardQuality
 from .render import contact_sheet, label_tile
-from .shards import atomic_write_bytes, decode_rle, iter_shard_tables
+from .shards import decode_rle, iter_shard_tables
 
 
 def _pct(v) -> str:

@@ -36,18 +36,19 @@ from typing import Any, Optional
 
 import yaml
 
+from boxmask_common.files import atomic_write_bytes
 from student.config import StudentConfig
-from student.train import latest_checkpoint, stretch_schedule
+from student.schedule import stretch_schedule
+from student.train import latest_checkpoint
 
 from .calibration import Calibration, load_or_calibrate
 from .config import Config, to_dict
 from .datasets import build_dataset
-from .errors import PipelineError, one_line
+from .errors import UserError, one_line
 from .evaluation import evaluate_shards
 from .labeling import prepare_label, run_label
 from .model_eval import eval_dataset_config, evaluate_checkpoint
 from .report import gallery, round_rows, text_table, write_png, write_report
-from .shards import atomic_write_bytes
 from .training import build_job, check_student, run_training
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,15 @@ class RunFolder:
             try:
                 stored = yaml.safe_load(config_file.read_text()) or {}
             except yaml.YAMLError as exc:
-                raise PipelineError(config_file, f"unreadable ({one_line(exc)})") from None
+                raise UserError(config_file, f"unreadable ({one_line(exc)})") from None
             diff = config_differences(stored, to_dict(cfg))
             if diff:
-                raise PipelineError(config_file, f"this run was started with another config; differing keys: "
-                                                 f"{', '.join(diff)}. Use another --out, or the run's own config")
+                raise UserError(config_file, f"this run was started with another config; differing keys: "
+                                             f"{', '.join(diff)}. Use another --out, or the run's own config")
         elif resume:
-            raise PipelineError(self.path, "--resume: no run here (config.yaml is missing)")
+            raise UserError(self.path, "--resume: no run here (config.yaml is missing)")
         elif self.path.exists() and any(self.path.iterdir()):
-            raise PipelineError(self.path, "exists and is not a run folder (no config.yaml); choose another --out")
+            raise UserError(self.path, "exists and is not a run folder (no config.yaml); choose another --out")
 
     def write_config(self, cfg: Config) -> None:
         """Create the folder and write ``config.yaml`` (after ``check``). Rewritten by every invocation, so that
@@ -213,8 +214,8 @@ class RoundRunner:
             dataset = build_dataset(copy.deepcopy(cfg.dataset))
             if len(dataset) == 0:
                 key = "dataset.split" if role == "training" else "evaluation.split"
-                raise PipelineError(dataset.root, f"the {role} split {cfg.dataset.split!r} has no usable images "
-                                                  f"(set {key})")
+                raise UserError(dataset.root, f"the {role} split {cfg.dataset.split!r} has no usable images "
+                                              f"(set {key})")
 
     # -- stages
     def _train(self, r: int) -> dict:

@@ -63,7 +63,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .errors import PipelineError, one_line
+from boxmask_common.files import atomic_path, atomic_write_bytes
+
+from .errors import UserError, one_line
 
 SCHEMA_VERSION = "1"
 MANIFEST = "_manifest.json"
@@ -203,14 +205,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _sigint_deferred():
     """Hold back Ctrl-C (SIGINT) until the block is done, then raise it: a KeyboardInterrupt in the middle of a
@@ -233,27 +227,17 @@ def _sigint_deferred():
                 raise KeyboardInterrupt
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """The parsed ``_manifest.json`` of a shard directory; ``PipelineError`` when missing or malformed."""
+    """The parsed ``_manifest.json`` of a shard directory; ``UserError`` when missing or malformed."""
     path = Path(out_dir) / MANIFEST
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise PipelineError(out_dir, f"not a shard directory (no {MANIFEST})") from None
+        raise UserError(out_dir, f"not a shard directory (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(path, f"malformed manifest ({exc})") from None
+        raise UserError(path, f"malformed manifest ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("shards"), list) or "meta" not in data:
-        raise PipelineError(path, "malformed manifest (expected keys 'meta' and 'shards')")
+        raise UserError(path, "malformed manifest (expected keys 'meta' and 'shards')")
     return data
 
 
@@ -273,13 +257,13 @@ def read_rejects(out_dir: str | os.PathLike) -> list[dict]:
 
 def read_shard(path: str | os.PathLike, columns: Optional[list[str]] = None,
                filters: Optional[list] = None) -> pa.Table:
-    """One shard file as a table; ``PipelineError`` naming the file when it is not readable Parquet."""
+    """One shard file as a table; ``UserError`` naming the file when it is not readable Parquet."""
     try:
         return pq.read_table(path, columns=columns, filters=filters)
     except FileNotFoundError:
-        raise PipelineError(path, "shard file not found") from None
+        raise UserError(path, "shard file not found") from None
     except (OSError, pa.ArrowException) as exc:
-        raise PipelineError(path, f"unreadable shard ({one_line(exc)})") from None
+        raise UserError(path, f"unreadable shard ({one_line(exc)})") from None
 
 
 def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
@@ -298,17 +282,17 @@ def iter_shard_tables(out_dir: str | os.PathLike, columns: Optional[list[str]] =
 
 def check_resumable(out_dir: str | os.PathLike, meta: ShardMeta) -> Optional[dict]:
     """The manifest of ``out_dir`` (None when there is none) if a run with ``meta`` may add to it;
-    ``PipelineError`` when the directory holds shards of another schema version or config."""
+    ``UserError`` when the directory holds shards of another schema version or config."""
     if not (Path(out_dir) / MANIFEST).exists():
         return None
     manifest = read_manifest(out_dir)
     old = manifest["meta"]
     if old.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineError(out_dir, f"holds shards of schema version {old.get('schema_version')!r}, this code "
-                                     f"writes {SCHEMA_VERSION!r}: use another --out, or --overwrite")
+        raise UserError(out_dir, f"holds shards of schema version {old.get('schema_version')!r}, this code "
+                                 f"writes {SCHEMA_VERSION!r}: use another --out, or --overwrite")
     if (old.get("config_digest"), old.get("dataset"), old.get("split")) != (
             meta.config_digest, meta.dataset, meta.split):
-        raise PipelineError(
+        raise UserError(
             out_dir,
             f"holds shards of another config (dataset {old.get('dataset')}, split {old.get('split')}, "
             f"teacher {old.get('teacher')}, digest {old.get('config_digest')}); this run has dataset "
@@ -333,7 +317,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, meta: ShardMeta, shard_rows: int = 2000,
                  overwrite: bool = False, retry_rejects: bool | Container[str] = False):
         if shard_rows < 1:
-            raise PipelineError("label.shard_rows", f"must be at least 1, got {shard_rows}")
+            raise UserError("label.shard_rows", f"must be at least 1, got {shard_rows}")
         self.out_dir = Path(out_dir)
         self.meta = meta
         self.shard_rows = shard_rows
@@ -375,14 +359,14 @@ class ShardWriter:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PipelineError(self.out_dir, f"cannot create output directory ({exc.strerror})") from None
+            raise UserError(self.out_dir, f"cannot create output directory ({exc.strerror})") from None
         self._lock_fd = os.open(self.out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise PipelineError(self.out_dir, "another label run is writing to this directory") from None
+            raise UserError(self.out_dir, "another label run is writing to this directory") from None
         try:
             if self.overwrite:
                 self._clear()
@@ -416,10 +400,10 @@ class ShardWriter:
             entry = ShardEntry(**raw)
             path = self.out_dir / entry.file
             if not path.exists():
-                raise PipelineError(path, "listed in the manifest but missing; restore it or use --overwrite")
+                raise UserError(path, "listed in the manifest but missing; restore it or use --overwrite")
             if sha256_file(path) != entry.sha256:
-                raise PipelineError(path, "sha256 differs from the manifest (file changed or corrupt); "
-                                          "restore it or use --overwrite")
+                raise UserError(path, "sha256 differs from the manifest (file changed or corrupt); "
+                                      "restore it or use --overwrite")
             self.entries.append(entry)
             self.done.update(entry.image_ids)
             self.rows_written += entry.rows
@@ -506,16 +490,12 @@ class ShardWriter:
         index = 1 + max((int(SHARD_PATTERN.match(e.file).group(1)) for e in self.entries), default=-1)
         name = f"part-{index:05d}.parquet"
         path = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp"
         schema = self.meta.schema()
         table = pa.concat_tables(self._pending) if self._pending else SCHEMA.empty_table()
         table = table.replace_schema_metadata(schema.metadata)
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(self.out_dir)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+            digest = sha256_file(tmp)
         entry = ShardEntry(file=name, rows=table.num_rows, sha256=digest, image_ids=list(self._pending_ids),
                            empty_images=list(self._pending_empty))
         self.entries.append(entry)

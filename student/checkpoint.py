@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from boxmask_common.errors import UserError
+from boxmask_common.files import atomic_path, load_weights_only
 from teacher.config import ObjectiveConfig
 
 from .config import StudentConfig
-from .model import StudentError, build_model, first_line
+from .model import build_model
 
 FORMAT = "boxmask-student/1"
 NETWORK = "maskrcnn-student"
@@ -44,10 +45,8 @@ def export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], cfg: St
                "config": dataclasses.asdict(cfg), "classes": [{"id": int(c["id"]), "name": str(c["name"])}
                                                              for c in classes],
                "iteration": int(iteration), "dataset": str(dataset), "digest": digest}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return digest
 
 
@@ -60,31 +59,20 @@ def config_from_dict(data: dict) -> StudentConfig:
     return StudentConfig(**values)
 
 
-def _read(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True; ``StudentError`` naming the file when it cannot (or may not) be loaded."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StudentError(path, "checkpoint file not found") from None
-    except Exception as exc:  # noqa: BLE001 - an unpickling error means a payload we refuse to run
-        raise StudentError(path, f"refused: not loadable with weights_only=True, it may carry a pickle payload "
-                                 f"({first_line(exc, 160)})") from None
-
-
 def load_export(path: str | os.PathLike) -> dict[str, Any]:
-    """Load ``student.pt`` / ``teacher.pt`` safely and check its fields; ``StudentError`` naming the file otherwise."""
-    return check_export(_read(path), path)
+    """Load ``student.pt`` / ``teacher.pt`` safely and check its fields; ``UserError`` naming the file otherwise."""
+    return check_export(load_weights_only(path), path)
 
 
 def check_export(data: Any, where: str | os.PathLike) -> dict[str, Any]:
-    """An export dict's format, fields and weights digest; ``StudentError(where, ...)`` when one is wrong."""
+    """An export dict's format, fields and weights digest; ``UserError(where, ...)`` when one is wrong."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise StudentError(where, f"not a student export (expected format {FORMAT!r})")
+        raise UserError(where, f"not a student export (expected format {FORMAT!r})")
     for key in ("state_dict", "config", "classes", "iteration", "digest"):
         if key not in data:
-            raise StudentError(where, f"student export lacks {key!r}")
+            raise UserError(where, f"student export lacks {key!r}")
     if data["digest"] != weights_digest(data["state_dict"]):
-        raise StudentError(where, "weights do not match the recorded digest (file altered or truncated)")
+        raise UserError(where, "weights do not match the recorded digest (file altered or truncated)")
     return data
 
 
@@ -94,7 +82,7 @@ def model_from_export(data: dict[str, Any], where: str | os.PathLike):
     try:
         cfg = config_from_dict(data["config"])
     except TypeError as exc:
-        raise StudentError(where, f"unreadable student config ({exc})") from None
+        raise UserError(where, f"unreadable student config ({exc})") from None
     if cfg.norm == "auto":  # the weights file is not needed again, but the normalisation it implied is
         cfg.norm = "frozen_bn" if cfg.weights else "bn"
     cfg.weights = ""
@@ -105,15 +93,15 @@ def model_from_export(data: dict[str, Any], where: str | os.PathLike):
 
 def _load_exact(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], where: str | os.PathLike,
                 target: str) -> None:
-    """Every key and shape of ``state_dict`` into ``model``; ``StudentError`` naming the first mismatch."""
+    """Every key and shape of ``state_dict`` into ``model``; ``UserError`` naming the first mismatch."""
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise StudentError(where, f"weights do not fit {target} ({first[:200]})") from None
+        raise UserError(where, f"weights do not fit {target} ({first[:200]})") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise StudentError(where, f"weights do not fit {target} (first mismatched key {key!r})")
+        raise UserError(where, f"weights do not fit {target} (first mismatched key {key!r})")
 
 
 def warm_start(model: torch.nn.Module, path: str | os.PathLike, classes: list[dict]) -> None:
@@ -123,11 +111,11 @@ def warm_start(model: torch.nn.Module, path: str | os.PathLike, classes: list[di
     have = [int(c["id"]) for c in data["classes"]]
     want = [int(c["id"]) for c in classes]
     if have != want:
-        raise StudentError(path, f"classes {have} differ from the training classes {want}")
+        raise UserError(path, f"classes {have} differ from the training classes {want}")
     _load_exact(model, data["state_dict"], path, "this run's student config")
 
 
 def load_model(path: str | os.PathLike):
     """(model in eval mode, export dict) from an export file (checked once, by `model_from_export`)."""
-    data = _read(path)
+    data = load_weights_only(path)
     return model_from_export(data, path), data

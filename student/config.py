@@ -76,8 +76,8 @@ class StudentConfig:
     context_scale: list[float] = field(default_factory=lambda: [1.2, 1.8])
     # The box term of the mask loss: "dice" is BoxInst's projection Dice (the papers'); "bce" a log loss on the same
     # row/column maxima (losses.projection_bce_loss); "dice+bce" their sum. Dice alone lets the logits saturate,
-    # after which the head's masks are its boxes (bench/RESULTS.md, "boxes-only mask head"); the log loss keeps them
-    # in range.
+    # after which the head's masks are its boxes (bench/NOTEBOOK.md, "The boxes student's masks are its boxes");
+    # the log loss keeps them in range.
     projection: str = "dice"
     detections_per_image: int = 100
     score_thresh: float = 0.05

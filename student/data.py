@@ -16,15 +16,16 @@ queue (its RoI grid no longer spans the object the shard matched).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from boxmask_common.errors import UserError
 
 from .config import StudentConfig
-from .model import StudentError
 from .pseudo_labels import PseudoLabels
 
 # Boxes left with less than this share of their area, or a side under 2 px, after a crop are dropped.
@@ -86,9 +87,9 @@ class TrainImages(Dataset):
             labels = [self.pseudo.get(s.image_id, int(i)) for i in instance_ids]
             for lab in labels:
                 if lab is not None and lab.mask.shape != image.shape[:2]:
-                    raise StudentError(self.pseudo.source, f"pseudo mask of image {s.image_id} is "
-                                                           f"{lab.mask.shape}, the image is {image.shape[:2]}: "
-                                                           f"shards of another dataset?")
+                    raise UserError(self.pseudo.source, f"pseudo mask of image {s.image_id} is "
+                                                        f"{lab.mask.shape}, the image is {image.shape[:2]}: "
+                                                        f"shards of another dataset?")
             masks = np.zeros((len(labels), *image.shape[:2]), np.float32)
             for k, lab in enumerate(labels):
                 if lab is not None:
@@ -163,3 +164,29 @@ class TrainImages(Dataset):
 def collate(batch):
     """A list of (image, target) -> (list of images, list of targets), torchvision detection's batch format."""
     return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def epoch_batches(sampler, epoch: int, batch: int, sizes: Sequence[int], seed: int) -> list[list[tuple[int, int]]]:
+    """This rank's batches of epoch ``epoch`` as (index, short side) pairs; batch k has the same short side on every
+    rank (``step_sizes``)."""
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    steps = len(order) // batch
+    shorts = step_sizes(steps, sizes, seed * 100_003 + epoch)
+    return [[(i, shorts[k]) for i in order[k * batch:(k + 1) * batch]] for k in range(steps)]
+
+
+def batch_stream(data: TrainImages, cfg: StudentConfig, rank: int, world: int) -> Callable[[int], Iterator]:
+    """This rank's batches as a function of the start step: start -> an iterator of (images, targets) from that
+    step on, epoch after epoch, ``batch_size / world`` images each (a resumed run skips what its epoch did)."""
+    per_worker = max(1, cfg.batch_size // world)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // per_worker  # >= 1: fit() refuses a split that cannot fill one batch
+
+    def stream(start: int) -> Iterator:
+        epoch, skip = divmod(start, per_epoch)
+        while True:
+            batches = epoch_batches(sampler, epoch, per_worker, cfg.min_size, cfg.seed)[skip:]
+            yield from DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=cfg.loader_workers)
+            epoch, skip = epoch + 1, 0
+    return stream

@@ -19,6 +19,7 @@ class FeatureQueue:
             raise ValueError(f"FeatureQueue: capacity must be >= 0, got {capacity}")
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._staged: list[tuple[tuple[str, int], torch.Tensor]] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -38,8 +39,20 @@ class FeatureQueue:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def stage(self, key: tuple[str, int], features: torch.Tensor) -> None:
+        """Hold (C, G) features for ``key`` until ``commit`` (a training step's features enter the queue only once
+        the step is taken; ``get`` does not see them before)."""
+        self._staged.append((key, features.detach()))
+
+    def commit(self) -> None:
+        """``push`` the staged features, in the order they were staged."""
+        staged, self._staged = self._staged, []
+        for key, features in staged:
+            self.push(key, features)
+
     def clear(self) -> None:
         self._items.clear()
+        self._staged.clear()
 
     def state_dict(self) -> dict:
         """Oldest first, as plain lists and one stacked tensor (loads with ``weights_only=True``)."""

@@ -34,8 +34,10 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from boxmask_common.errors import UserError
+from boxmask_common.files import load_weights_only
 from .config import StudentConfig
-from .errors import StudentError, first_line
+
 from .roi_heads import PROJECTIONS, BoxSupervisedRoIHeads
 from .transform import PixelAlignedTransform
 from .weights import resolve as resolve_weights
@@ -94,7 +96,7 @@ def norm_layer(cfg: StudentConfig) -> Callable[[int], nn.Module]:
         kind = "frozen_bn" if cfg.weights else "bn"
     layers = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "gn": _group_norm}
     if kind not in layers:
-        raise StudentError("student.norm", f"unknown norm {cfg.norm!r}; expected auto, bn, frozen_bn or gn")
+        raise UserError("student.norm", f"unknown norm {cfg.norm!r}; expected auto, bn, frozen_bn or gn")
     return layers[kind]
 
 
@@ -132,8 +134,8 @@ def build_backbone(cfg: StudentConfig) -> BackboneWithFPN:
     elif cfg.backbone in BACKBONES:
         body, taps, channels = _resnet_body(cfg)
     else:
-        raise StudentError("student.backbone", f"unknown backbone {cfg.backbone!r}; expected "
-                                               f"{', '.join([*BACKBONES, 'mobilenet_v2'])}")
+        raise UserError("student.backbone", f"unknown backbone {cfg.backbone!r}; expected "
+                                            f"{', '.join([*BACKBONES, 'mobilenet_v2'])}")
     return BackboneWithFPN(body, taps, channels, cfg.fpn_channels)
 
 
@@ -143,18 +145,18 @@ def build_model(cfg: StudentConfig, num_classes: int) -> GeneralizedRCNN:
     The mask head's output side is ``cfg.mask_size`` (its RoIAlign runs at half that, torchvision's ratio).
     """
     if num_classes < 1:
-        raise StudentError("classes", "the student needs at least one class")
+        raise UserError("classes", "the student needs at least one class")
     if cfg.mask_size < 4 or cfg.mask_size % 2:
-        raise StudentError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
+        raise UserError("student.mask_size", f"must be an even number >= 4, got {cfg.mask_size}")
     if not cfg.min_size or min(cfg.min_size) < 1:
-        raise StudentError("student.min_size", f"needs at least one positive short side, got {cfg.min_size}")
+        raise UserError("student.min_size", f"needs at least one positive short side, got {cfg.min_size}")
     if cfg.projection not in PROJECTIONS:
-        raise StudentError("student.projection", f"unknown projection {cfg.projection!r}; expected "
-                                                 f"{', '.join(PROJECTIONS)}")
+        raise UserError("student.projection", f"unknown projection {cfg.projection!r}; expected "
+                                              f"{', '.join(PROJECTIONS)}")
     backbone = build_backbone(cfg)
     channels = backbone.out_channels
     if len(cfg.anchor_sizes) != 5:
-        raise StudentError("student.anchor_sizes", f"needs one size per FPN level (5), got {cfg.anchor_sizes}")
+        raise UserError("student.anchor_sizes", f"needs one size per FPN level (5), got {cfg.anchor_sizes}")
     anchors = AnchorGenerator(tuple((int(s),) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     rpn = RegionProposalNetwork(
         anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
@@ -192,23 +194,18 @@ def _backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | os.PathLike, strict_backbone: bool = False) -> None:
     """Load weights with ``weights_only=True``: a torchvision Mask R-CNN (v1, ``maskrcnn_resnet50_fpn``) state dict,
     a bare ResNet or MobileNetV2 (ImageNet) state dict for the backbone, or a ``student.pt`` / ``teacher.pt`` export.
-    A file that does not fit raises ``StudentError`` naming the file and the first mismatched key. A classifier
+    A file that does not fit raises ``UserError`` naming the file and the first mismatched key. A classifier
     (``fc.*``, ``classifier.*``), torchvision's transposed-conv mask upsampling and the class-specific predictors of
     another class count are skipped, so COCO or ImageNet weights fit a dataset with other classes.
 
     ``strict_backbone``: every backbone body parameter and buffer must come from the file (ImageNet weights named
     as ``imagenet``: a partial load would silently train half a random backbone)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StudentError(path, "weights file not found") from None
-    except Exception as exc:  # noqa: BLE001 - pickle payloads, truncated files: all one-line errors
-        raise StudentError(path, f"cannot load weights with weights_only=True ({first_line(exc)})") from None
+    state = load_weights_only(path, "weights")
     for key in ("model", "state_dict"):  # a training checkpoint, or a student.pt / teacher.pt export
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StudentError(path, "not a state dict (expected a mapping of parameter names to tensors)")
+        raise UserError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     own = model.state_dict()
     if not any(k in own for k in state):
         state = _backbone_state(state)
@@ -217,20 +214,20 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict_backbone: boo
         if key not in own and (key.endswith("num_batches_tracked") or key.startswith("roi_heads.mask_predictor.")):
             continue  # a counter frozen BatchNorm does not keep; torchvision's transposed-conv mask predictor
         if key not in own:
-            raise StudentError(path, f"key {key!r} does not exist in the {type(model).__name__} student")
+            raise UserError(path, f"key {key!r} does not exist in the {type(model).__name__} student")
         if own[key].shape != value.shape:
             if key.startswith(("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits")):
                 continue  # another dataset's class count, or a class-agnostic head: these start from scratch
-            raise StudentError(path, f"key {key!r} has shape {tuple(value.shape)}, the student expects "
-                                     f"{tuple(own[key].shape)}")
+            raise UserError(path, f"key {key!r} has shape {tuple(value.shape)}, the student expects "
+                                  f"{tuple(own[key].shape)}")
         fitted[key] = value
     if strict_backbone:
         missing = [k for k in own if k.startswith("backbone.body.") and k not in fitted
                    and not k.endswith("num_batches_tracked")]
         if missing:
-            raise StudentError(path, f"not the backbone's full weights: {len(missing)} keys missing, the first "
-                                     f"{missing[0]!r}")
+            raise UserError(path, f"not the backbone's full weights: {len(missing)} keys missing, the first "
+                                  f"{missing[0]!r}")
     model.load_state_dict(fitted, strict=False)
 
 
-__all__ = ["BACKBONES", "StudentError", "build_backbone", "build_model", "load_weights", "norm_layer"]
+__all__ = ["BACKBONES", "UserError", "build_backbone", "build_model", "load_weights", "norm_layer"]

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .model import StudentError, first_line
+from boxmask_common.errors import UserError, one_line
+
 
 MANIFEST = "_manifest.json"
 COLUMNS = ["image_id", "instance_id", "height", "width", "mask_rle", "score", "correspondences"]
@@ -60,23 +61,23 @@ class PseudoLabels:
         try:
             data = json.loads(manifest.read_text())
         except FileNotFoundError:
-            raise StudentError(path, f"not a shard directory (no {MANIFEST})") from None
+            raise UserError(path, f"not a shard directory (no {MANIFEST})") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StudentError(manifest, f"malformed manifest ({exc})") from None
+            raise UserError(manifest, f"malformed manifest ({exc})") from None
         shards = data.get("shards") if isinstance(data, dict) else None
         if not isinstance(shards, list):
-            raise StudentError(manifest, "malformed manifest (no 'shards' list)")
+            raise UserError(manifest, "malformed manifest (no 'shards' list)")
         tables = []
         for entry in shards:
             if not isinstance(entry, dict) or not entry.get("file"):
-                raise StudentError(manifest, f"malformed manifest entry {str(entry)[:80]!r}")
+                raise UserError(manifest, f"malformed manifest entry {str(entry)[:80]!r}")
             file = path / str(entry["file"])
             try:
                 tables.append(pq.read_table(file, columns=COLUMNS))
             except FileNotFoundError:
-                raise StudentError(file, "shard listed in the manifest is missing") from None
+                raise UserError(file, "shard listed in the manifest is missing") from None
             except (OSError, pa.ArrowException) as exc:
-                raise StudentError(file, f"unreadable shard ({first_line(exc)})") from None
+                raise UserError(file, f"unreadable shard ({one_line(exc)})") from None
         return cls(tables, os.fspath(path))
 
     def __len__(self) -> int:

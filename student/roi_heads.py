@@ -16,9 +16,11 @@ correspondences     optional list (len N) of lists of ``(partner_key, grid, src,
 
 Mask losses per positive proposal (at most ``mask_rois_per_image`` per image, sampled at random, to bound the
 per-step cost): the box term against the matched box (``cfg.projection``: the projection Dice, a log loss on
-the same projections, or both), asymmetric colour and depth affinity (weights warmed up
-linearly over ``objectives.warmup_iters``; ``iteration`` is set by the training loop), L_con where the matched
-instance has a pseudo mask and L_nce where it has correspondences whose partners are in the feature queue.
+the same projections, or both), asymmetric colour and depth affinity at their full weights (the training loop
+warms them up: ``student.schedule.loss_scales``), L_con where the matched instance has a pseudo mask and L_nce
+where it has correspondences whose partners are in the feature queue. The heads hold one piece of state, that
+queue: L_nce stages this batch's instance features in it, and the training loop commits them once the step is
+taken (a step dropped for a non-finite loss leaves the queue as it was).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
-from teacher.affinity import projection_loss, warmup_weight
+from teacher.affinity import projection_loss
 
 from .config import StudentConfig
 from .feature_queue import FeatureQueue
@@ -62,7 +64,6 @@ class BoxSupervisedRoIHeads(RoIHeads):
     def __init__(self, *args, cfg: StudentConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
-        self.iteration = 0
         self.queue = FeatureQueue(cfg.queue_size)
 
     def check_targets(self, targets):
@@ -132,8 +133,7 @@ class BoxSupervisedRoIHeads(RoIHeads):
         weight = torch.cat(weight)
 
         losses = {"loss_proj": PROJECTIONS[cfg.projection](logits, inside)}
-        lam_c = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_color)
-        lam_d = warmup_weight(self.iteration, obj.warmup_iters, obj.lambda_depth)
+        lam_c, lam_d = obj.lambda_color, obj.lambda_depth
         losses["loss_color"] = (lam_c * color_term(logits, torch.cat(rgb), torch.cat(valid), inside, obj)
                                 if len(logits) and lam_c > 0 else zero)
         with_depth = any("depth" in t for t in targets)
@@ -157,7 +157,7 @@ class BoxSupervisedRoIHeads(RoIHeads):
         return F.normalize(F.adaptive_avg_pool2d(x, self.cfg.correspondence_grid), dim=1).float()
 
     def nce(self, features, image_shapes, targets) -> torch.Tensor:
-        """L_nce over the targets' correspondences, then the queue takes this batch's instance features."""
+        """L_nce over the targets' correspondences; this batch's instance features are staged in the queue."""
         grid = self.cfg.correspondence_grid
         feats = self.instance_features(features, [t["boxes"] for t in targets], image_shapes)
         per_image = feats.flatten(2).split([len(t["boxes"]) for t in targets])  # (N_i, C, G) each
@@ -185,5 +185,5 @@ class BoxSupervisedRoIHeads(RoIHeads):
             ok = t.get("queue_ok")
             for i in range(len(f)):
                 if ok is None or bool(ok[i]):
-                    self.queue.push((t["image_id"], int(t["instance_ids"][i])), f[i].flatten(1).cpu())
+                    self.queue.stage((t["image_id"], int(t["instance_ids"][i])), f[i].flatten(1).cpu())
         return loss

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from boxmask_common.errors import UserError
 from teacher.network import register_network
 
 from .checkpoint import NETWORK, model_from_export
-from .model import StudentError
 
 
 class StudentTeacherNetwork(nn.Module):
@@ -60,11 +60,11 @@ class StudentTeacherNetwork(nn.Module):
 
 def build_from_export(checkpoint: dict, where: str = "checkpoint") -> StudentTeacherNetwork:
     """The registry's builder: a loaded ``teacher.pt`` / ``student.pt`` dict -> the network on the CPU, in eval
-    mode. A tampered or malformed export raises ``StudentError``."""
+    mode. A tampered or malformed export raises ``UserError``."""
     model = model_from_export(checkpoint, where)
     ids = [int(c["id"]) for c in checkpoint["classes"]]
     if len(set(ids)) != len(ids):
-        raise StudentError(where, f"duplicate class ids in {ids}")
+        raise UserError(where, f"duplicate class ids in {ids}")
     return StudentTeacherNetwork(model, ids).eval()
 
 

@@ -2,7 +2,7 @@
 
 ``student.weights: imagenet`` names the ImageNet weights of ``student.backbone`` through torchvision's own
 ``Weights`` enums, so the file, its URL and its hash are torchvision's. ``resolve`` returns the cached file,
-downloading it with torchvision where the machine can reach the model hub; where it cannot, a ``StudentError`` says
+downloading it with torchvision where the machine can reach the model hub; where it cannot, a ``UserError`` says
 in one line which file is missing, where torch looks for it and how to put it there (``pipeline weights install``).
 
 A file is checked before use the way ``torch.hub`` checks a download: the sha256 digest must start with the hash
@@ -23,7 +23,9 @@ from torch.hub import HASH_REGEX
 from torchvision.models import MobileNet_V2_Weights, ResNet18_Weights, ResNet50_Weights
 from torchvision.models._api import WeightsEnum
 
-from .errors import StudentError
+from boxmask_common.errors import UserError
+from boxmask_common.files import atomic_path
+
 
 # backbone -> torchvision's ImageNet weights for it (V1: the weights torchvision's own detection models start from).
 IMAGENET: dict[str, WeightsEnum] = {
@@ -59,10 +61,10 @@ def cache_dir() -> Path:
 
 
 def imagenet_file(backbone: str, where: str = "student.weights") -> WeightsFile:
-    """The ImageNet weights file torchvision publishes for ``backbone``; ``StudentError`` when it has none."""
+    """The ImageNet weights file torchvision publishes for ``backbone``; ``UserError`` when it has none."""
     if backbone not in IMAGENET:
-        raise StudentError(where, f"no ImageNet weights for backbone {backbone!r}; torchvision has them for "
-                                  f"{', '.join(IMAGENET)}")
+        raise UserError(where, f"no ImageNet weights for backbone {backbone!r}; torchvision has them for "
+                               f"{', '.join(IMAGENET)}")
     return WeightsFile(backbone, IMAGENET[backbone].url)
 
 
@@ -75,18 +77,18 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def check_file(path: str | os.PathLike, filename: str) -> str:
-    """``path``'s sha256 against torchvision's hash for ``filename``; returns the digest, ``StudentError`` naming
+    """``path``'s sha256 against torchvision's hash for ``filename``; returns the digest, ``UserError`` naming
     the file when it differs."""
     digest = sha256(path)
     full = FULL_SHA256.get(filename)
     match = HASH_REGEX.search(filename)
     prefix = match.group(1) if match else ""
     if full is not None and digest != full:
-        raise StudentError(path, f"sha256 {digest} is not torchvision's {full} for {filename}; "
-                                 f"the file is corrupt or another model's")
+        raise UserError(path, f"sha256 {digest} is not torchvision's {full} for {filename}; "
+                              f"the file is corrupt or another model's")
     if not digest.startswith(prefix):
-        raise StudentError(path, f"sha256 {digest[:16]}... does not start with {prefix}, torchvision's hash "
-                                 f"for {filename}; the file is corrupt or another model's")
+        raise UserError(path, f"sha256 {digest[:16]}... does not start with {prefix}, torchvision's hash "
+                              f"for {filename}; the file is corrupt or another model's")
     return digest
 
 
@@ -102,19 +104,18 @@ def install(backbone: str, source: Optional[str | os.PathLike] = None,
     if source is not None:
         source = Path(source)
         if not source.is_file():
-            raise StudentError(source, "weights file not found")
+            raise UserError(source, "weights file not found")
         check_file(source, wf.filename)
-        tmp = target.with_name(target.name + ".partial")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
         return target
     try:
         (download or _download)(wf)
-    except StudentError as exc:
-        raise StudentError(exc.where, f"{exc.problem}; {_offline_hint(wf)}") from None
+    except UserError as exc:
+        raise UserError(exc.where, f"{exc.problem}; {_offline_hint(wf)}") from None
     try:
         check_file(target, wf.filename)
-    except StudentError:
+    except UserError:
         target.unlink(missing_ok=True)
         raise
     return target
@@ -124,7 +125,7 @@ def _download(wf: WeightsFile) -> None:
     try:
         torch.hub.download_url_to_file(wf.url, os.fspath(wf.path), progress=True)
     except OSError as exc:  # URLError and socket errors: no route to the hub
-        raise StudentError(wf.url, f"cannot download ({' '.join(str(exc).split())})") from None
+        raise UserError(wf.url, f"cannot download ({' '.join(str(exc).split())})") from None
 
 
 def _offline_hint(wf: WeightsFile) -> str:
@@ -141,10 +142,10 @@ def resolve(weights: str, backbone: str, download: Optional[Callable[[WeightsFil
     if not wf.path.is_file():
         try:
             install(backbone, download=download)
-        except StudentError as exc:
-            raise StudentError("student.weights", f"imagenet: {wf.filename} is not in torch's cache "
-                                                  f"{wf.path.parent} and cannot be fetched ({exc.problem})"
-                               ) from None
+        except UserError as exc:
+            raise UserError("student.weights", f"imagenet: {wf.filename} is not in torch's cache "
+                                               f"{wf.path.parent} and cannot be fetched ({exc.problem})"
+                            ) from None
     return os.fspath(wf.path)
 
 

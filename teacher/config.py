@@ -149,7 +149,7 @@ class FusionConfig:
     round-2 one (60 images), and prior weights 0.35 and 0.25 lost. So the adaptive weight only scales
     network_weight down. gain_full 0.3: the random-init ResNet-18 students' gains were -0.33 to -0.08 (their
     network mode 0.14 below the box prior), the pretrained ones' 0.31 to 0.61 and the toy students' 0.33 to 0.49
-    (network mode at or above it, or fusion gaining); bench/RESULTS.md, "coco_tiny: a pretrained student and
+    (network mode at or above it, or fusion gaining); bench/NOTEBOOK.md, "coco_tiny: a pretrained student and
     adaptive fusion".
     """
 
@@ -169,7 +169,7 @@ class JointConfig:
     "joint": a multi-label mean-field over the pixels inside two or more boxes that some label claims, whose
     unaries are the instances' refined log-odds plus the cues below (weights in logit units).
 
-    How the weights were set (figures: bench/teacher.py --occlusion and bench/RESULTS.md, "Overlapping boxes"):
+    How the weights were set (figures: bench/teacher.py --occlusion and bench/NOTEBOOK.md, "Overlapping boxes"):
     - Which cue tells whose a contested pixel is, measured on coco_tiny (60 images, pixels inside two boxes that
       at least one of the two labels claims and exactly one ground truth holds): the refined log-odds alone are
       right for 72 % of them, the colour models 68 %, the box centres 69 %, containment 64 %, the lower bottom

@@ -10,10 +10,11 @@ score = certainty x agreement, both over the box pixels of the RoI:
   the object and the label is more often wrong.
 
 Calibration is measured, not assumed: bench/teacher.py prints the Spearman correlation of score and IoU per mode on
-coco_tiny and toy (figures in bench/RESULTS.md). Candidates that did no better on coco_tiny (Spearman, box-prior
-mode): certainty alone 0.43, the fg/bg colour histogram overlap 0.36, the share of similar-colour neighbour pairs
-the mask cuts -0.38, fg/bg colour separation 0.30, mask-to-box coverage of rows and columns 0.06-0.09, stability
-under a 5% box jitter 0.29, box area -0.10, and a least-squares blend of six of these 0.50 (cross-validated).
+coco_tiny and toy (figures: bench/RESULTS.md; bench/NOTEBOOK.md, "Network-mode teacher"). Candidates that did no
+better on coco_tiny (Spearman, box-prior mode): certainty alone 0.43, the fg/bg colour histogram overlap 0.36, the
+share of similar-colour neighbour pairs the mask cuts -0.38, fg/bg colour separation 0.30, mask-to-box coverage of
+rows and columns 0.06-0.09, stability under a 5% box jitter 0.29, box area -0.10, and a least-squares blend of six
+of these 0.50 (cross-validated).
 """
 from __future__ import annotations
 

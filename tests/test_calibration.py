@@ -15,7 +15,7 @@ from pipeline.calibration import (Calibration, calibration_samples, fit_gain, lo
 from pipeline.config import config_path_for, load_config
 from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.toy import generate_toy
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.shards import ShardMeta, ShardWriter, encode_rle, rows_to_table
 from teacher import StructuredTeacher
 
@@ -117,7 +117,7 @@ def test_a_stored_calibration_is_reused_and_a_broken_one_named(tmp_path):
     path.write_text(json.dumps(dataclasses.asdict(stored)))
     assert load_or_calibrate(path) == stored             # no calibration runs: it would need its arguments
     path.write_text("{not json")
-    with pytest.raises(PipelineError, match="fusion.json: unreadable calibration .*; delete it to calibrate again"):
+    with pytest.raises(UserError, match="fusion.json: unreadable calibration .*; delete it to calibrate again"):
         load_or_calibrate(path)
     fused = stored.fusion(teacher_cfg().fusion)
     assert (fused.network_weight, fused.prior_weight) == (0.5, 0.5)

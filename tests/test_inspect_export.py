@@ -12,7 +12,7 @@ import labelkit
 from pipeline.cli import main
 from pipeline.commands.export_coco import export_coco
 from pipeline.commands.inspect import summarize
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.render import overlay, palette
 from pipeline.shards import ShardMeta, ShardWriter, encode_rle, rows_to_table
 
@@ -154,7 +154,7 @@ def test_inspect_finds_an_image_by_its_file_name_and_suggests_close_ids(shard_di
     assert resolve_image_id(out, "im001") == "im001"
     assert resolve_image_id(out, "img-001.png") == "im001"       # the file name the user sees
     assert resolve_image_id(out, "img-001") == "im001"           # its stem
-    with pytest.raises(PipelineError, match=r"im01: image id is not in the finished shards .*close matches: .*im001"):
+    with pytest.raises(UserError, match=r"im01: image id is not in the finished shards .*close matches: .*im001"):
         resolve_image_id(out, "im01")
 
 

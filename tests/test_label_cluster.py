@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import LabelConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.label_service.cluster import check_fits, resolve_gpus_per_worker, resolve_workers
 
 
@@ -16,9 +16,9 @@ def test_auto_worker_count_fits_the_cluster():
     assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, 0.5) == 4           # half a GPU each
     assert resolve_workers("auto", {"CPU": 16.0, "GPU": 2.0}, 1.0, -1.0, "cpu") == 16  # CPU teacher
     assert resolve_workers(3, {"CPU": 2.0}, 1.0, -1.0) == 3   # as given; the resource check names the shortfall
-    with pytest.raises(PipelineError, match="label.workers: auto: the Ray cluster has 1 CPUs"):
+    with pytest.raises(UserError, match="label.workers: auto: the Ray cluster has 1 CPUs"):
         resolve_workers("auto", {"CPU": 1.0}, 2.0, -1.0)
-    with pytest.raises(PipelineError, match="at least 1 or auto"):
+    with pytest.raises(UserError, match="at least 1 or auto"):
         resolve_workers(0, {"CPU": 2.0}, 1.0, -1.0)
 
 
@@ -39,8 +39,8 @@ def test_gpus_per_worker_defaults_to_an_equal_share_of_the_cluster_gpus():
 def test_workers_that_do_not_fit_are_refused_naming_the_shortfall():
     check_fits(2, {"CPU": 2.0}, 1.0, 0.0)
     check_fits(2, {"CPU": 4.0, "GPU": 1.0}, 1.0, 0.5)
-    with pytest.raises(PipelineError, match=r"label.workers: 4 workers x 1 CPUs need 4 CPUs, the Ray cluster has 2: "
+    with pytest.raises(UserError, match=r"label.workers: 4 workers x 1 CPUs need 4 CPUs, the Ray cluster has 2: "
                                             r"lower --workers or label.cpus_per_worker"):
         check_fits(4, {"CPU": 2.0}, 1.0, 0.0)
-    with pytest.raises(PipelineError, match=r"2 workers x 1 GPUs need 2 GPUs, the Ray cluster has 0: .*gpus_per_worker"):
+    with pytest.raises(UserError, match=r"2 workers x 1 GPUs need 2 GPUs, the Ray cluster has 0: .*gpus_per_worker"):
         check_fits(2, {"CPU": 4.0}, 1.0, 1.0)

@@ -15,7 +15,7 @@ from pipeline.config import Config
 from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.coco import CocoDataset
 from pipeline.datasets.toy import generate_toy
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.label_service import label_digest
 from pipeline.labeling import prepare_label
 from pipeline.shards import ShardWriter, check_resumable
@@ -89,10 +89,10 @@ def test_a_labeling_run_resumes_after_the_data_moved_but_not_after_an_edit(tmp_p
     moved = write_coco(tmp_path / "moved", "B.json", [1, 1, 4, 4])
     assert prepare(tmp_path / "moved", moved).meta.config_digest == service.meta.config_digest
     write_coco(tmp_path / "data", "A.json", [1, 1, 4, 5])
-    with pytest.raises(PipelineError, match="out: holds shards of another config"):
+    with pytest.raises(UserError, match="out: holds shards of another config"):
         prepare(tmp_path / "data", ann)
     assert check_resumable(tmp_path / "out", service.meta) is not None
-    with pytest.raises(PipelineError, match="missing.json"):
+    with pytest.raises(UserError, match="missing.json"):
         prepare(tmp_path / "data", tmp_path / "missing.json")
 
 
@@ -109,7 +109,7 @@ def test_shards_written_with_another_occlusion_setting_are_refused(tmp_path):
     with ShardWriter(tmp_path / "out", service.meta):
         pass
     assert prepare("off").meta.config_digest == service.meta.config_digest
-    with pytest.raises(PipelineError, match="out: holds shards of another config"):
+    with pytest.raises(UserError, match="out: holds shards of another config"):
         prepare("joint")
 
 

@@ -24,7 +24,7 @@ from interrupts import interrupt_when
 
 from pipeline.config import LabelConfig, RunConfig
 from pipeline.datasets.base import box_to_mask
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.label_service import NAMESPACE, LabelService, init_ray
 from pipeline.shards import decode_rle, read_manifest, read_rejects
 
@@ -176,7 +176,7 @@ def test_limit_labels_a_prefix_and_strict_stops_at_the_first_bad_input(cluster, 
                          "box-prior", "t1", limit=3).run()
     assert first.images_total == 3 and first.images_labeled == 3
     assert {i for s in read_manifest(out)["shards"] for i in s["image_ids"]} == {"im000", "im001", "im002"}
-    with pytest.raises(PipelineError, match=r"img-005.png: .*unreadable image.*--strict"):
+    with pytest.raises(UserError, match=r"img-005.png: .*unreadable image.*--strict"):
         LabelService(LabelConfig(workers=1, batch_images=1, max_inflight=1), out, dataset,
                      labelkit.BoxLabelerFactory(), "box-prior", "t1", strict=True).run()
     # Images finished before the bad one are kept; the bad one is recorded.

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.shards import (MANIFEST, REJECTS, ShardMeta, ShardWriter, decode_rle, encode_rle, read_manifest,
                              read_rejects, rle_area, rows_to_table)
 
@@ -167,7 +167,7 @@ def test_ctrl_c_during_a_shard_commit_never_lists_an_image_twice(tmp_path, monke
 def test_config_mismatch_is_an_error_unless_overwrite(tmp_path):
     with ShardWriter(tmp_path, meta("d1"), shard_rows=1) as w:
         w.add("a", image_table("a"))
-    with pytest.raises(PipelineError, match="another config.*--overwrite"):
+    with pytest.raises(UserError, match="another config.*--overwrite"):
         ShardWriter(tmp_path, meta("d2")).open()
     with ShardWriter(tmp_path, meta("d2"), shard_rows=1, overwrite=True) as w:
         assert w.done == set()
@@ -183,24 +183,24 @@ def test_changed_or_missing_shard_is_an_error(tmp_path):
         w.add("a", image_table("a"))
     path = tmp_path / "part-00000.parquet"
     path.write_bytes(path.read_bytes()[:-1] + b"x")
-    with pytest.raises(PipelineError, match="part-00000.parquet: sha256 differs"):
+    with pytest.raises(UserError, match="part-00000.parquet: sha256 differs"):
         ShardWriter(tmp_path, meta()).open()
     path.unlink()
-    with pytest.raises(PipelineError, match="part-00000.parquet: listed in the manifest but missing"):
+    with pytest.raises(UserError, match="part-00000.parquet: listed in the manifest but missing"):
         ShardWriter(tmp_path, meta()).open()
 
 
 def test_second_writer_on_the_same_directory_is_refused(tmp_path):
     with ShardWriter(tmp_path, meta()):
-        with pytest.raises(PipelineError, match="another label run"):
+        with pytest.raises(UserError, match="another label run"):
             ShardWriter(tmp_path, meta()).open()
 
 
 def test_malformed_manifest_is_a_one_line_error(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(PipelineError, match="_manifest.json: malformed manifest"):
+    with pytest.raises(UserError, match="_manifest.json: malformed manifest"):
         ShardWriter(tmp_path, meta()).open()
-    with pytest.raises(PipelineError, match="no _manifest.json"):
+    with pytest.raises(UserError, match="no _manifest.json"):
         read_manifest(tmp_path / "nowhere")
 
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from boxmask_common.errors import UserError
 from student.config import StudentConfig
 from student.losses import (color_term, consistency_loss, dense_nce_loss, depth_term, projection_bce_loss,
                             roi_box_masks, roi_depth, roi_in_image, roi_sample)
-from student.model import StudentError, build_model
+from student.model import build_model
 from student.roi_heads import PROJECTIONS
 from teacher.affinity import projection_loss
 from teacher.color import rgb_to_lab
@@ -243,7 +244,9 @@ def tiny_batch(h: int = 96, w: int = 128, corr_partner=("a", 1)):
 def test_every_term_is_finite_and_has_gradients_on_a_tiny_model():
     model = build_model(tiny_cfg(), 2).train()
     images, targets = tiny_batch()
-    model(images, targets)                         # fills the feature queue, so image "b" finds partner ("a", 1)
+    model(images, targets)                         # stages this batch's features in the feature queue
+    assert ("a", 1) not in model.roi_heads.queue    # not visible before the training loop commits the step
+    model.roi_heads.queue.commit()                 # so image "b" finds partner ("a", 1)
     assert ("a", 1) in model.roi_heads.queue
     losses = model(*tiny_batch())
     for name in ("loss_proj", "loss_color", "loss_depth", "loss_con", "loss_nce"):
@@ -280,9 +283,9 @@ def test_the_projection_setting_picks_the_box_term(monkeypatch):
 
 
 def test_an_unknown_projection_is_refused_naming_the_setting():
-    with pytest.raises(StudentError, match=r"student.projection: unknown projection 'mil'; expected dice, bce"):
+    with pytest.raises(UserError, match=r"student.projection: unknown projection 'mil'; expected dice, bce"):
         build_model(tiny_cfg(projection="mil"), 2)
-    with pytest.raises(StudentError, match=r"student.min_size: needs at least one positive short side"):
+    with pytest.raises(UserError, match=r"student.min_size: needs at least one positive short side"):
         build_model(tiny_cfg(min_size=[]), 2)
 
 

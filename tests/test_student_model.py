@@ -10,11 +10,12 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from boxmask_common.errors import UserError
 from student.checkpoint import export, load_export, load_model, weights_digest
 from student.config import StudentConfig
 from student.ema import ModelEMA, ema_momentum
-from student.model import StudentError, build_model
-from student.train import effective_lr, lr_factor
+from student.model import build_model
+from student.schedule import effective_lr, lr_factor
 
 
 def cfg(**kw) -> StudentConfig:
@@ -53,16 +54,16 @@ def test_a_weights_file_that_does_not_fit_names_the_file_and_the_key(tmp_path):
     state["backbone.fpn.extra_thing"] = torch.zeros(1)
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
-    with pytest.raises(StudentError) as exc:
+    with pytest.raises(UserError) as exc:
         build_model(cfg(weights=str(bad)), 3)
     assert str(bad) in str(exc.value) and "backbone.fpn.extra_thing" in str(exc.value)
     assert "\n" not in str(exc.value)
     shape = build_model(cfg(), 3).state_dict()
     shape["backbone.fpn.layer_blocks.0.0.weight"] = torch.zeros(1, 2, 3, 3)
     torch.save(shape, bad)
-    with pytest.raises(StudentError, match="layer_blocks.0.0.weight"):
+    with pytest.raises(UserError, match="layer_blocks.0.0.weight"):
         build_model(cfg(weights=str(bad)), 3)
-    with pytest.raises(StudentError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         build_model(cfg(weights=str(tmp_path / "missing.pth")), 3)
 
 
@@ -140,17 +141,17 @@ def test_a_tampered_export_is_refused(tmp_path):
     data = torch.load(path, weights_only=True)
     evil = tmp_path / "evil.pt"
     torch.save({**data, "extra": Payload()}, evil)
-    with pytest.raises(StudentError) as exc:
+    with pytest.raises(UserError) as exc:
         load_export(evil)
     assert str(evil) in str(exc.value) and "refused" in str(exc.value) and "\n" not in str(exc.value)
     with open(tmp_path / "pickled.pt", "wb") as f:
         pickle.dump(Payload(), f)
-    with pytest.raises(StudentError, match="refused"):
+    with pytest.raises(UserError, match="refused"):
         load_export(tmp_path / "pickled.pt")
     data["state_dict"]["backbone.fpn.layer_blocks.0.0.weight"] += 1.0
     altered = tmp_path / "altered.pt"
     torch.save(data, altered)
-    with pytest.raises(StudentError, match="digest"):
+    with pytest.raises(UserError, match="digest"):
         load_export(altered)
 
 

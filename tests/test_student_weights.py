@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from boxmask_common.errors import UserError
 from pipeline.cli import main
 from student import weights
 from student.config import StudentConfig
-from student.model import StudentError, build_model, load_weights
+from student.model import build_model, load_weights
 from student.teacher_network import StudentTeacherNetwork
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
@@ -35,7 +36,7 @@ def hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     def offline(wf):
-        raise StudentError(wf.url, "cannot download (<urlopen error [Errno -2] Name or service not known>)")
+        raise UserError(wf.url, "cannot download (<urlopen error [Errno -2] Name or service not known>)")
     monkeypatch.setattr(weights, "_download", offline)
     return tmp_path / "torch" / "hub" / "checkpoints"
 
@@ -48,11 +49,11 @@ def small_cfg(**kw) -> StudentConfig:
 def test_install_refuses_a_file_whose_sha256_is_not_torchvisions(hub, tmp_path):
     wrong = tmp_path / MOBILENET
     torch.save({"features.0.0.weight": torch.zeros(1)}, wrong)
-    with pytest.raises(StudentError, match=f"{wrong}: sha256 [0-9a-f]{{64}} is not torchvision's b0353104"):
+    with pytest.raises(UserError, match=f"{wrong}: sha256 [0-9a-f]{{64}} is not torchvision's b0353104"):
         weights.install("mobilenet_v2", wrong)
     assert not (hub / MOBILENET).exists() and not any(hub.glob("*")), "a refused file must not enter the cache"
     # A file without a known full digest is checked by torchvision's prefix in its name.
-    with pytest.raises(StudentError, match="does not start with f37072fd, torchvision's hash for resnet18"):
+    with pytest.raises(UserError, match="does not start with f37072fd, torchvision's hash for resnet18"):
         weights.install("resnet18", wrong)
 
 
@@ -62,13 +63,13 @@ def test_install_copies_the_packaged_file_and_a_corrupt_copy_is_refused(hub, tmp
     assert weights.sha256(hub / MOBILENET) == weights.FULL_SHA256[MOBILENET]
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(src.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(StudentError, match="is not torchvision's"):
+    with pytest.raises(UserError, match="is not torchvision's"):
         weights.install("mobilenet_v2", corrupt)
     assert weights.sha256(hub / MOBILENET) == weights.FULL_SHA256[MOBILENET], "the good copy stays"
 
 
 def test_the_offline_message_is_one_line_naming_the_file_the_cache_and_the_command(hub):
-    with pytest.raises(StudentError) as err:
+    with pytest.raises(UserError) as err:
         build_model(small_cfg(backbone="resnet18", weights="imagenet"), 2)
     msg = str(err.value)
     assert "\n" not in msg
@@ -93,7 +94,7 @@ def test_the_cli_reports_offline_and_bad_files_in_one_line_and_lists_the_cache(h
 
 
 def test_a_backbone_without_imagenet_weights_is_refused():
-    with pytest.raises(StudentError, match="student.weights: no ImageNet weights for backbone 'small'"):
+    with pytest.raises(UserError, match="student.weights: no ImageNet weights for backbone 'small'"):
         build_model(small_cfg(backbone="small", weights="imagenet"), 2)
 
 
@@ -114,7 +115,7 @@ def test_imagenet_mobilenet_loads_strictly_with_frozen_batchnorm(hub):
     # A partial backbone file is refused when the backbone must load whole.
     partial = hub.parent / "partial.pth"
     torch.save({k: v for k, v in src.items() if not k.startswith("features.18.")}, partial)
-    with pytest.raises(StudentError, match=r"partial.pth: not the backbone's full weights: \d+ keys missing, the "
+    with pytest.raises(UserError, match=r"partial.pth: not the backbone's full weights: \d+ keys missing, the "
                                            r"first 'backbone.body.18.0.weight'"):
         load_weights(build_model(small_cfg(backbone="mobilenet_v2"), 3), partial, strict_backbone=True)
 

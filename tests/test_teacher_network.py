@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import student  # noqa: F401  (registers maskrcnn-student)
+from boxmask_common.errors import UserError
 from pipeline.config import config_path_for, load_config
-from pipeline.errors import PipelineError
 from pipeline.label_service import check_network_classes, label_digest, load_checkpoint
 from student.checkpoint import NETWORK, export
-from student.model import StudentError, build_model
+from student.model import build_model
 from student.teacher_network import StudentTeacherNetwork, build_from_export
 from teacher.network import TeacherNetwork, UnknownNetwork, build_network, known_networks, register_network
 
@@ -146,12 +146,12 @@ def test_a_tampered_or_mismatched_checkpoint_is_refused_before_any_worker_starts
     key = next(iter(data["state_dict"]))
     data["state_dict"][key] = data["state_dict"][key] + 1
     torch.save(data, tmp_path / "tampered.pt")
-    with pytest.raises(PipelineError, match="tampered.pt: weights do not match the recorded digest"):
+    with pytest.raises(UserError, match="tampered.pt: weights do not match the recorded digest"):
         load_checkpoint(tmp_path / "tampered.pt")
-    with pytest.raises(StudentError, match="weights do not match"):
+    with pytest.raises(UserError, match="weights do not match"):
         build_from_export(data, "tampered.pt")
     network, _ = load_checkpoint(path)
-    with pytest.raises(PipelineError, match=r"teacher.pt: the network predicts classes \[24, 26\]; the dataset "
+    with pytest.raises(UserError, match=r"teacher.pt: the network predicts classes \[24, 26\]; the dataset "
                                             r"also has \[25\]"):
         check_network_classes(network, [24, 25, 26], path)
     # Through the CLI: one line, and nothing written (the toy classes are 8, the export knows 2).

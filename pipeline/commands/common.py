@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import Config, config_path_for, load_config
-from ..errors import PipelineError
+from ..errors import UserError
 from ..label_service import init_ray
 
 DATASETS = ("toy", "cityscapes", "coco")
@@ -57,7 +57,7 @@ def connect_ray(cfg: Config, address: str | None) -> None:
 def at_least_one(flag: str, value: int | None) -> int | None:
     """``value`` of an optional count flag, refused in one line when it is below 1."""
     if value is not None and value < 1:
-        raise PipelineError(flag, f"must be at least 1, got {value}")
+        raise UserError(flag, f"must be at least 1, got {value}")
     return value
 
 

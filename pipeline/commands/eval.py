@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
+
+from boxmask_common.files import atomic_write_text
 
 from ..evaluation import CocoMaskResult, cityscapes_table
 from ..model_eval import eval_dataset_config, evaluate_checkpoint
@@ -63,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(cityscapes_table({"mask": results["mask"], "box-as-mask": results["box-as-mask"]}))
     out = Path(args.out or f"{args.checkpoint}.{ev.dataset.split}.predictions.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(ev.records))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(ev.records))
     print(f"predictions: {out}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=1))

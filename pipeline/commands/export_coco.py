@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from ..errors import PipelineError
+from boxmask_common.files import atomic_path
+
+from ..errors import UserError
 from ..shards import read_manifest, read_shard, rle_area
 
 
@@ -46,10 +47,9 @@ def export_coco(out_dir: str | Path, out_file: str | Path) -> dict:
     info = {"description": f"boxmask pseudo labels of {meta['dataset']} {meta['split']}, round {meta['round']}, "
                            f"teacher {meta['teacher']}", "config_digest": meta["config_digest"]}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
     n_ann = 0
     try:
-        with open(tmp, "w") as f:
+        with atomic_path(out_file) as tmp, open(tmp, "w") as f:
             f.write('{"info": ' + json.dumps(info) + ', "categories": ' + json.dumps(categories))
             f.write(', "images": ' + json.dumps(list(images.values())) + ', "annotations": [')
             for entry in manifest["shards"]:
@@ -63,13 +63,8 @@ def export_coco(out_dir: str | Path, out_file: str | Path) -> dict:
                     f.write((", " if n_ann else "") + json.dumps(ann))
                     n_ann += 1
             f.write("]}\n")
-        os.replace(tmp, out_file)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise PipelineError(out_file, f"cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise UserError(out_file, f"cannot write ({exc.strerror or exc})") from None
     return {"images": len(images), "annotations": n_ann, "categories": len(categories)}
 
 

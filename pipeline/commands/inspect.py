@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..datasets.images import read_image_rgb
-from ..errors import PipelineError
+from ..errors import UserError
 from ..render import contact_sheet, label_tile, overlay
 from ..shards import SCHEMA, decode_rle, read_manifest, read_rejects, read_shard, rle_area, sha256_file
 
@@ -127,7 +127,7 @@ def resolve_image_id(out_dir: str | Path, wanted: str) -> str:
         return by_name[wanted]
     close = difflib.get_close_matches(wanted, list(dict.fromkeys(ids + list(by_name))), n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise PipelineError(wanted, f"image id is not in the finished shards of {out_dir}{hint}")
+    raise UserError(wanted, f"image id is not in the finished shards of {out_dir}{hint}")
 
 
 def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional[dict]]:
@@ -141,7 +141,7 @@ def image_rows(out_dir: str | Path, image_id: str) -> tuple[list[dict], Optional
             table = read_shard(out_dir / entry["file"], filters=[("image_id", "=", image_id)])
             empty = next((e for e in entry["empty_images"] if e["image_id"] == image_id), None)
             return table.to_pylist(), empty
-    raise PipelineError(image_id, f"image id is not in the finished shards of {out_dir}")
+    raise UserError(image_id, f"image id is not in the finished shards of {out_dir}")
 
 
 def _data_root(out_dir: str | Path, data_root: Optional[str]) -> Path:
@@ -153,8 +153,8 @@ def _read_image(root: Path, info: dict) -> np.ndarray:
     the size the shards recorded."""
     image = read_image_rgb(root / info["file_name"])
     if image.shape[:2] != (info["height"], info["width"]):
-        raise PipelineError(root / info["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
-                                                      f"say {info['width']}x{info['height']} (wrong --data-root?)")
+        raise UserError(root / info["file_name"], f"image is {image.shape[1]}x{image.shape[0]}, the shards "
+                                                  f"say {info['width']}x{info['height']} (wrong --data-root?)")
     return image
 
 
@@ -185,7 +185,7 @@ def render_worst(out_dir: str | Path, k: int, data_root: Optional[str] = None, c
     'score category image_id'."""
     rows = worst_rows(out_dir, k)
     if not rows:
-        raise PipelineError(out_dir, "no labels in the finished shards")
+        raise UserError(out_dir, "no labels in the finished shards")
     root = _data_root(out_dir, data_root)
     image_id, image = None, None  # rows of one image are often neighbours: keep the last image read
     tiles = []
@@ -202,21 +202,21 @@ def _write_png(path: str, drawn: np.ndarray) -> None:
     png = Path(path)
     png.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(png), drawn[:, :, ::-1]):
-        raise PipelineError(png, "cannot write PNG")
+        raise UserError(png, "cannot write PNG")
     print(f"wrote {png}")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worst is not None:
         if args.worst < 1:
-            raise PipelineError("--worst", f"expected a count >= 1, got {args.worst}")
+            raise UserError("--worst", f"expected a count >= 1, got {args.worst}")
         if args.png is None or args.image is not None:
-            raise PipelineError("--worst", "give --worst K with --png OUT (and without --image)")
+            raise UserError("--worst", "give --worst K with --png OUT (and without --image)")
         _write_png(args.png, render_worst(args.dir, args.worst, args.data_root))
         return 0
     if args.image is not None or args.png is not None:
         if args.image is None or args.png is None:
-            raise PipelineError("--image/--png", "give both --image ID and --png OUT")
+            raise UserError("--image/--png", "give both --image ID and --png OUT")
         _write_png(args.png, render_image(args.dir, args.image, args.data_root))
         return 0
     summary = summarize(args.dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import ToyConfig
 from ..datasets.toy import (TOY_MANIFEST, TOY_TREES, describe_toy, generate_toy, parse_size,
                             read_toy_manifest, toy_manifest)
-from ..errors import PipelineError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,17 @@ def _os_problem(exc: OSError) -> str:
 
 
 def prepare_out(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Make ``out`` ready for the dataset ``manifest`` describes, or raise a one-line ``PipelineError``:
+    """Make ``out`` ready for the dataset ``manifest`` describes, or raise a one-line ``UserError``:
     it must be a writable folder holding nothing, the same toy dataset, or (with ``overwrite``) anything,
     whose dataset folders are then deleted."""
     if out.exists() and not out.is_dir():
-        raise PipelineError(out, "exists and is not a folder; choose another --out")
+        raise UserError(out, "exists and is not a folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
-        raise PipelineError(out, f"cannot write the toy dataset here ({_os_problem(exc)})") from None
+        raise UserError(out, f"cannot write the toy dataset here ({_os_problem(exc)})") from None
     old = read_toy_manifest(out)
     trees = [name for name in TOY_TREES if (out / name).exists()]
     if old == manifest:
@@ -74,20 +74,20 @@ def prepare_out(out: Path, manifest: dict, overwrite: bool) -> None:
     held = (f"a different toy dataset ({describe_toy(old)}; asked for {describe_toy(manifest)})" if old
             else f"a dataset make-toy did not write ({', '.join(trees)} without a valid {TOY_MANIFEST})")
     if not overwrite:
-        raise PipelineError(out, f"already holds {held}; pass --overwrite to replace it or choose another --out")
+        raise UserError(out, f"already holds {held}; pass --overwrite to replace it or choose another --out")
     log.warning("%s: --overwrite: deleting %s", out, held)
     try:
         for name in trees:
             shutil.rmtree(out / name)
         (out / TOY_MANIFEST).unlink(missing_ok=True)
     except OSError as exc:
-        raise PipelineError(getattr(exc, "filename", None) or out,
-                            f"cannot delete the old dataset ({_os_problem(exc)})") from None
+        raise UserError(getattr(exc, "filename", None) or out,
+                        f"cannot delete the old dataset ({_os_problem(exc)})") from None
 
 
 def run(args: argparse.Namespace) -> int:
     if args.train < 0 or args.val < 0:
-        raise PipelineError("--train/--val", "image counts must be >= 0")
+        raise UserError("--train/--val", "image counts must be >= 0")
     size = parse_size(args.size, "--size")
     out = Path(args.out)
     prepare_out(out, toy_manifest(args.train, args.val, args.seed, size), args.overwrite)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         generate_toy(out, args.train, args.val, args.seed, size, progress=True)
     except OSError as exc:
-        raise PipelineError(exc.filename or out, f"cannot write the toy dataset ({_os_problem(exc)})") from None
+        raise UserError(exc.filename or out, f"cannot write the toy dataset ({_os_problem(exc)})") from None
     log.info("wrote %d train + %d val images (%dx%d) to %s in %.1f s", args.train, args.val, size[0],
              size[1], out, time.perf_counter() - start)
     return 0

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..datasets import build_dataset, dataset_root, dataset_splits
 from ..datasets.base import Dataset
-from ..errors import InputError, PipelineError
+from ..errors import InputError, UserError
 from ..evaluation import PseudoLabelEvaluator, PseudoLabelResult, box_mask_predictions
 from .common import add_config_args, add_dataset_args, config_from_args
 
@@ -176,10 +176,10 @@ def format_split(fig: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg: Config = config_from_args(args)
     if args.min_box_side < 0:
-        raise PipelineError("--min-box-side", f"must be >= 0, got {args.min_box_side:g}")
+        raise UserError("--min-box-side", f"must be >= 0, got {args.min_box_side:g}")
     splits = [cfg.dataset.split] if args.split else dataset_splits(cfg.dataset)
     if not splits:
-        raise PipelineError(dataset_root(cfg.dataset), "no split folders (leftImg8bit/train or val) found")
+        raise UserError(dataset_root(cfg.dataset), "no split folders (leftImg8bit/train or val) found")
     report = {"dataset": cfg.dataset.name, "min_box_side": args.min_box_side, "splits": {}}
     for split in splits:
         dataset = build_dataset(dataclasses.replace(cfg.dataset, split=split))
@@ -193,5 +193,5 @@ def run(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
-            raise PipelineError(path, f"cannot write the JSON summary ({exc.strerror or exc})") from None
+            raise UserError(path, f"cannot write the JSON summary ({exc.strerror or exc})") from None
     return 0

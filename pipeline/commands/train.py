@@ -1,15 +1,16 @@
 """``pipeline train``: train the student (Mask R-CNN) from boxes, and from pseudo labels when --labels is given.
 
-Runs on Ray Train (``student.workers`` DDP workers; gloo on CPU, nccl on GPU). Checkpoints go to OUT every
-student.checkpoint_every iterations; a dead worker is restarted from the newest one, and --resume continues an
-interrupted run from it. At the end OUT holds student.pt and teacher.pt (the EMA weights, the next round's
-teacher), both loadable with torch.load(weights_only=True), and train_log.jsonl with the per-term losses.
+Runs on Ray Train (``student.workers`` DDP workers; gloo on CPU, nccl on GPU) as the run OUT/train. Checkpoints
+go there every student.checkpoint_every iterations; a dead worker is restarted from the newest one, and --resume
+continues an interrupted run from it (refused, naming the keys, when the config changed what a step computes). At
+the end OUT holds student.pt and teacher.pt (the EMA weights, the next round's teacher), both loadable with
+torch.load(weights_only=True). The per-term losses go to the log as the workers report them.
 """
 from __future__ import annotations
 
 import argparse
 
-from student.train import effective_lr, stretch_schedule
+from student.schedule import effective_lr, stretch_schedule
 
 from ..config import override_keys
 from ..training import build_job, check_student, run_training
@@ -50,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     connect_ray(cfg, args.address)
     result = run_training(job, resume=args.resume)
+    last = result["metrics"]
+    terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(last.items()) if k.startswith("loss_"))
+    print(f"trained to iteration {result['iteration']}: loss {last['loss']:.4f} ({terms})")
     print(f"student: {result['student']}\nteacher: {result['teacher']}")
     print(f"evaluate with: pipeline eval --dataset {cfg.dataset.name} --checkpoint {result['teacher']}")
     return 0

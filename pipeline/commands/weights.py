@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from student.errors import StudentError
+
 from student.weights import IMAGENET, install, listing
 
-from ..errors import PipelineError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,9 +44,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    try:
-        path = install(args.backbone, args.source)
-    except StudentError as exc:
-        raise PipelineError(exc.where, exc.problem) from None
+    path = install(args.backbone, args.source)
     print(f"{args.backbone}: {path} (sha256 checked)")
     return 0

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import PipelineError, one_line
+from boxmask_common.files import load_weights_only
+
+from ..errors import UserError
 from ..shards import sha256_file
 
 
@@ -17,31 +19,23 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
     (``teacher.network``), on the CPU, so a bad file is refused before any worker starts.
 
     Returns (network, teacher id): the export's weights digest where it records one, else the short sha256 of the
-    file. Raises ``PipelineError(path, ...)`` otherwise.
+    file. Raises ``UserError(path, ...)`` otherwise.
     """
-    import torch
-
     import student  # noqa: F401  (registers the student's network)
     from teacher.network import UnknownNetwork, build_network, known_networks
 
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(path, "checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign or unsafe files
-        raise PipelineError(path, f"cannot load checkpoint with weights_only=True ({one_line(exc, limit=240)})"
-                            ) from None
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network"), str):
-        raise PipelineError(path, f"checkpoint does not name its network (expected a dict with a 'network' "
-                                  f"key; known networks: {', '.join(known_networks())})")
+        raise UserError(path, f"checkpoint does not name its network (expected a dict with a 'network' "
+                              f"key; known networks: {', '.join(known_networks())})")
     try:
         network = build_network(ckpt, str(path))
     except UnknownNetwork as exc:
-        raise PipelineError(path, f"checkpoint names network {exc.name!r}, which this code does not know "
-                                  f"(known networks: {', '.join(known_networks())})") from None
+        raise UserError(path, f"checkpoint names network {exc.name!r}, which this code does not know "
+                              f"(known networks: {', '.join(known_networks())})") from None
     except ValueError as exc:  # the builder's one-line errors name the file already
-        raise PipelineError(path, str(exc).removeprefix(f"{path}: ")) from None
+        raise UserError(path, str(exc).removeprefix(f"{path}: ")) from None
     digest = ckpt.get("digest")
     return network, (str(digest) if isinstance(digest, str) and digest else sha256_file(path)[:12])
 
@@ -50,9 +44,9 @@ def check_network_classes(network: Any, category_ids: list[int], path: str | os.
     """Refuse a network that predicts no mask for some of the dataset's categories (another dataset's teacher)."""
     missing = sorted(set(int(c) for c in category_ids) - set(int(c) for c in network.classes))
     if missing:
-        raise PipelineError(path, f"the network predicts classes {sorted(network.classes)[:10]}"
-                                  f"{' ...' if len(network.classes) > 10 else ''}; the dataset also has "
-                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        raise UserError(path, f"the network predicts classes {sorted(network.classes)[:10]}"
+                              f"{' ...' if len(network.classes) > 10 else ''}; the dataset also has "
+                              f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
 
 
 @dataclass

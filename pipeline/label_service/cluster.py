@@ -7,7 +7,7 @@ import os
 from typing import Mapping, Optional
 
 from ..config import RunConfig
-from ..errors import PipelineError
+from ..errors import UserError
 
 NAMESPACE = "pipeline"
 
@@ -32,7 +32,7 @@ def init_ray(run_cfg: RunConfig, address: Optional[str] = None) -> str:
             ctx = ray.init(namespace=NAMESPACE, include_dashboard=True, dashboard_host=run_cfg.dashboard_host,
                            log_to_driver=False)
     except ConnectionError as exc:
-        raise PipelineError(address or "ray", f"cannot connect to the Ray cluster ({exc})") from None
+        raise UserError(address or "ray", f"cannot connect to the Ray cluster ({exc})") from None
     return _http(ctx.dashboard_url or "")
 
 
@@ -76,26 +76,26 @@ def resolve_workers(requested: int | str, resources: Mapping[str, float], cpus_p
                     gpus_per_worker: float, device: str = "auto") -> int:
     """The label worker count: ``requested`` as given, or for "auto" as many as the cluster's CPUs allow at
     ``cpus_per_worker``, and with a GPU teacher (cluster GPUs, ``device`` not "cpu") no more than its GPUs allow
-    (one each when ``gpus_per_worker`` is auto). Raises ``PipelineError`` for a count below 1."""
+    (one each when ``gpus_per_worker`` is auto). Raises ``UserError`` for a count below 1."""
     if requested != "auto":
         if int(requested) < 1:
-            raise PipelineError("label.workers", f"must be at least 1 or auto, got {requested}")
+            raise UserError("label.workers", f"must be at least 1 or auto, got {requested}")
         return int(requested)
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     n = int(math.floor(cpus / cpus_per_worker + 1e-9)) if cpus_per_worker > 0 else int(cpus)
     if gpus > 0 and device != "cpu" and gpus_per_worker != 0:
         n = min(n, int(math.floor(gpus / (gpus_per_worker if gpus_per_worker > 0 else 1.0) + 1e-9)))
     if n < 1:
-        raise PipelineError("label.workers", f"auto: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, not enough "
-                                             f"for one worker at label.cpus_per_worker {cpus_per_worker:g}")
+        raise UserError("label.workers", f"auto: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, not enough "
+                                         f"for one worker at label.cpus_per_worker {cpus_per_worker:g}")
     return n
 
 
 def check_fits(workers: int, resources: Mapping[str, float], cpus_per_worker: float, gpus_per_worker: float) -> None:
-    """Actors that do not fit would wait for resources forever: a ``PipelineError`` naming the shortfall instead."""
+    """Actors that do not fit would wait for resources forever: a ``UserError`` naming the shortfall instead."""
     for kind, per_worker, key in (("CPU", cpus_per_worker, "cpus_per_worker"),
                                   ("GPU", gpus_per_worker, "gpus_per_worker")):
         need, have = workers * per_worker, resources.get(kind, 0.0)
         if need > have + 1e-9:
-            raise PipelineError("label.workers", f"{workers} workers x {per_worker:g} {kind}s need {need:g} {kind}s, "
-                                                 f"the Ray cluster has {have:g}: lower --workers or label.{key}")
+            raise UserError("label.workers", f"{workers} workers x {per_worker:g} {kind}s need {need:g} {kind}s, "
+                                             f"the Ray cluster has {have:g}: lower --workers or label.{key}")

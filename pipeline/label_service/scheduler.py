@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from ..config import LabelConfig
 from ..datasets.base import Sample
-from ..errors import PipelineError, one_line
+from ..errors import UserError, one_line
 from .cluster import actor_name
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class Scheduler:
             self._reprobe()
             self._issue()
             if not self.inflight and not self.reprobe_at:
-                raise PipelineError("label workers", "all label workers died; finished shards are kept, re-run "
-                                                     "the same command to resume")
+                raise UserError("label workers", "all label workers died; finished shards are kept, re-run "
+                                                 "the same command to resume")
             if self.queue and not any(self._free(i) or (self.alive[i] and self._probing(i))
                                       for i in range(len(self.workers))):
                 self._restart_hung()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from ..config import LabelConfig
 from ..datasets.base import Dataset, Sample
-from ..errors import PipelineError, one_line
+from ..errors import UserError, one_line
 from ..shards import ShardMeta, ShardWriter, check_resumable
 from .cluster import NAMESPACE, actor_name, check_fits, resolve_gpus_per_worker, resolve_workers
 from .scheduler import Scheduler
@@ -75,8 +75,8 @@ class ShardSink:
                 self.writer.reject(image_id, res["file"], res["reason"], res["stage"])
                 rejects += 1
                 if self.strict:
-                    raise PipelineError(res["file"] or image_id, f"{res['reason']} (--strict stops at the first "
-                                                                  f"bad input)")
+                    raise UserError(res["file"] or image_id, f"{res['reason']} (--strict stops at the first "
+                                                              f"bad input)")
         self._count(images, instances, rejects, worker)
 
     def lost(self, sample: Sample, attempts: int, why: str, worker: int) -> None:
@@ -133,7 +133,7 @@ class LabelService:
         import ray
 
         if self.cfg.batch_timeout_s <= 0:
-            raise PipelineError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
+            raise UserError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
         resources = ray.cluster_resources()
         n = resolve_workers(self.cfg.workers, resources, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker,
                             self.device)
@@ -150,7 +150,7 @@ class LabelService:
         try:
             infos = ray.get([a.ready.remote() for a in actors])
         except ray.exceptions.RayActorError as exc:
-            raise PipelineError("label worker", f"failed to start: {one_line(exc, last=True)}") from None
+            raise UserError("label worker", f"failed to start: {one_line(exc, last=True)}") from None
         for info in infos:
             log.info("%s: pid %d on %s (%g CPUs, %g GPUs)", actor_name(info["index"]), info["pid"],
                      info["device"], self.cfg.cpus_per_worker, self.gpus_per_worker)
@@ -169,8 +169,8 @@ class LabelService:
             except ValueError as exc:
                 # The name of a worker from a run that just ended is released asynchronously.
                 if "already taken" not in str(exc) or time.monotonic() > deadline:
-                    raise PipelineError(actor_name(i), f"actor name taken in namespace {NAMESPACE!r}: is another "
-                                                       f"label run using this Ray cluster?") from None
+                    raise UserError(actor_name(i), f"actor name taken in namespace {NAMESPACE!r}: is another "
+                                                   f"label run using this Ray cluster?") from None
                 time.sleep(0.5)
 
     def _stop_workers(self, hung: set[int] = frozenset()) -> list[dict]:
