@@ -12,7 +12,7 @@ Run folder::
 
     config.yaml                 the resolved config (a re-run must match it, execution keys aside)
     round-<r>/labels/           Parquet shards (pipeline label's layout)
-    round-<r>/checkpoint/       Ray Train checkpoints, train_log.jsonl, student.pt, teacher.pt
+    round-<r>/checkpoint/       the Ray Train run (train/: its checkpoints), student.pt, teacher.pt
     round-<r>/metrics.json      the round's figures (written by its evaluate stage)
     round-<r>/fusion.json       the fused weights calibrated for the round (rounds >= 1, adaptive fusion)
     round-<r>/<stage>.done      a stage's completion record (json), written atomically once its outputs are whole
