@@ -60,6 +60,11 @@ def build_job(cfg: Config, out: str | os.PathLike, labels: Optional[str | os.Pat
                     init_from=os.path.abspath(init_from) if init_from else "")
 
 
+def loss_terms(record: dict) -> str:
+    """A metrics record's loss terms, ``name=value`` without the ``loss_`` prefix, for a log or summary line."""
+    return " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(record.items()) if k.startswith("loss_"))
+
+
 def run_training(job: TrainJob, resume: bool = False) -> dict:
     """``student.train.fit`` with a progress bar (loss, lr, ETA) and per-term loss lines in the log; returns its
     result (``student.train.fit``'s)."""
@@ -68,8 +73,7 @@ def run_training(job: TrainJob, resume: bool = False) -> dict:
     def progress(rec: dict) -> None:
         bar.update(rec["iteration"] - bar.n)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2g}")
-        terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(rec.items()) if k.startswith("loss_"))
-        log.info("iter %d loss %.4f %s", rec["iteration"], rec["loss"], terms)
+        log.info("iter %d loss %.4f %s", rec["iteration"], rec["loss"], loss_terms(rec))
 
     try:
         return fit(job, resume=resume, progress=progress)

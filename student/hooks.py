@@ -104,15 +104,17 @@ class RayTrainReport(HookBase):
         import ray.train
 
         it, cfg = self.trainer.iter, self.cfg
-        last = it == self.trainer.max_iter
-        if not (last or it % cfg.checkpoint_every == 0 or it % cfg.log_every == 0 or it == 1):
-            return
-        if not (last or it % cfg.checkpoint_every == 0):
+        if it == self.trainer.max_iter or it % cfg.checkpoint_every == 0:
+            self._report_with_checkpoint(it)
+        elif it % cfg.log_every == 0 or it == 1:
             ray.train.report(self.metrics())
-            return
+
+    def _report_with_checkpoint(self, it: int) -> None:
+        import ray.train
+
         with tempfile.TemporaryDirectory() as tmp:
             if self.trainer.rank == 0:
-                self.state.save(Path(tmp), it, cfg)
+                self.state.save(Path(tmp), it, self.cfg)
             ray.train.report(self.metrics(),
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.trainer.rank == 0 else None)
 

@@ -54,7 +54,7 @@ class Trainer:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.module = model.module if hasattr(model, "module") else model
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.iter, self.start_iter, self.max_iter = start_iter, start_iter, max_iter
+        self.iter, self.max_iter = start_iter, max_iter
         self.device, self.grad_clip, self.rank, self.world = device, grad_clip, rank, world
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.losses: dict[str, torch.Tensor] = {}
@@ -69,7 +69,7 @@ class Trainer:
             getattr(h, stage)()
 
     def train(self) -> int:
-        """Steps from ``start_iter`` to ``max_iter``; returns the number of steps taken in all (``max_iter``)."""
+        """Steps from ``iter`` (the step it starts at) to ``max_iter``; returns the number of steps taken in all (``max_iter``)."""
         self.call("before_train")
         batches = self.data(self.iter)
         self.module.train()

@@ -13,7 +13,7 @@ import argparse
 from student.schedule import effective_lr, stretch_schedule
 
 from ..config import override_keys
-from ..training import build_job, check_student, run_training
+from ..training import build_job, check_student, loss_terms, run_training
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     connect_ray(cfg, args.address)
     result = run_training(job, resume=args.resume)
     last = result["metrics"]
-    terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(last.items()) if k.startswith("loss_"))
-    print(f"trained to iteration {result['iteration']}: loss {last['loss']:.4f} ({terms})")
+    print(f"trained to iteration {result['iteration']}: loss {last['loss']:.4f} ({loss_terms(last)})")
     print(f"student: {result['student']}\nteacher: {result['teacher']}")
     print(f"evaluate with: pipeline eval --dataset {cfg.dataset.name} --checkpoint {result['teacher']}")
     return 0
