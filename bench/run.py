@@ -5,7 +5,8 @@ weight each round calibrated, and student mask AP per round, for:
 - coco_random: coco_tiny with configs/coco.yaml shrunk to a random-init ResNet-18 with a class-specific mask head
   (the student before ImageNet weights), 2 rounds;
 - coco_cpu: coco_tiny with configs/coco_cpu.yaml as shipped (ImageNet MobileNetV2, class-agnostic head), 2 rounds;
-- coco_random_agnostic: coco_random with the class-agnostic mask head (not in the default --runs).
+- coco_random_agnostic: coco_random with the class-agnostic mask head (not in the default --runs);
+- coco_cpu_specific: coco_cpu with a class-specific mask head (not in the default --runs).
 
 Both coco_tiny runs hold out a fifth of the images by image id (dataset.holdout 0.2: 132 training, 26
 evaluation images): the labels are measured on the training images, the mask AP on the held-out ones.
@@ -111,6 +112,8 @@ RUNS = {
                  2),
     "coco_random_agnostic": ("coco_tiny, random-init ResNet-18, class-agnostic head", "coco.yaml",
                              [*COCO_SETTINGS, "student.class_agnostic_mask=true"], 2),
+    "coco_cpu_specific": ("coco_tiny, configs/coco_cpu.yaml with a class-specific head", "coco_cpu.yaml",
+                          ["student.class_agnostic_mask=false"], 2),
 }
 DEFAULT_RUNS = ("toy", "coco_random", "coco_cpu")
 
@@ -126,6 +129,8 @@ RUN_NOTES = {
                 "the round's calibration (round-r/fusion.json); net weight: the fused network weight it set.",
     "coco_random_agnostic": f"dataset.holdout {HOLDOUT}: as coco_random, with one mask channel for every class "
                             "(the head of every shipped config).",
+    "coco_cpu_specific": f"dataset.holdout {HOLDOUT}: as coco_cpu, with one mask channel per class, to measure "
+                         "what the shipped class-agnostic head is worth with a pretrained backbone.",
 }
 
 

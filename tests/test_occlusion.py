@@ -202,3 +202,31 @@ def test_resolve_without_overlap_returns_the_thresholded_masks():
 def test_bad_occlusion_setting_is_refused():
     with pytest.raises(ValueError, match="occlusion"):
         StructuredTeacher.box_prior(TeacherConfig(occlusion="maybe"))
+
+
+def test_bench_disjoint_oracle_gives_contested_pixels_to_the_smallest_true_owner():
+    """bench/teacher.py's ceiling of joint resolution, on a table holding a cup (COCO's convention: the table's
+    mask includes the cup) and a stray pixel both boxes hold that no ground truth does."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.teacher import disjoint_oracle_ious
+
+    shape = (20, 20)
+    table_gt = np.zeros(shape, bool)
+    table_gt[2:18, 2:18] = True
+    cup_gt = np.zeros(shape, bool)
+    cup_gt[5:9, 5:9] = True
+    boxes = np.array([[2, 2, 18, 18], [4, 4, 10, 10]], np.float32)
+    table = table_gt.copy()
+    cup = np.zeros(shape, bool)
+    cup[4:10, 4:10] = True                       # spills one pixel ring onto the table
+    stray = np.zeros(shape, bool)
+    stray[4, 4] = True
+    table_gt[4, 4] = False                       # nobody's pixel, claimed by both labels
+    out = disjoint_oracle_ious([table, cup], [table_gt, cup_gt], boxes)
+    # The cup keeps only its true pixels; the table keeps the ring it owns and loses the cup and the stray pixel.
+    table_best = table & ~cup_gt & ~stray
+    assert out[1] == 1.0
+    assert out[0] == pytest.approx((table_best & table_gt).sum() / (table_best | table_gt).sum())
+    assert disjoint_oracle_ious([cup], [cup_gt], boxes[1:]) == [16 / 36]
