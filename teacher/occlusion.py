@@ -55,7 +55,8 @@ _OWN_SHARE = 0.1   # an instance's "own" pixels must weigh this share of its for
 class Resolution:
     """Result of `resolve`: masks N (H,W) bool (disjoint); contested (N,) share of each instance's own
     (unresolved) mask that lay on pixels another instance claimed too; margin (N,) mean winning margin
-    Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any)."""
+    Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any; on a
+    grid of every s-th pixel, over the grid points)."""
 
     masks: list[torch.Tensor]
     contested: torch.Tensor
@@ -187,42 +188,45 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     masks = threshold_windows(windows, height, width, thresh)
     contested_share = torch.zeros(n, device=image.device)
     margin = torch.ones(n, device=image.device)
-    found = _contested_pixels(windows, masks)
+    found = _contested_region(windows, masks)
     if found is None:
         return Resolution(masks, contested_share, margin)
-    members, ys, xs, rect = found
-    covers, claims, logits = _claims(windows, members, ys, xs, thresh)
-    members_t = torch.as_tensor(members, device=image.device)
-    sub_depth = None if depth_median is None else depth_median[members_t]
-    member_boxes = boxes[members_t].to(torch.float32)
+    members, contested, rect = found
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
     # their grid point (s = 1 on images of a few hundred pixels a side).
     stride = _stride(rect, cfg.max_pixels)
-    g = torch.nonzero(((ys - rect[0]) % stride == 0) & ((xs - rect[2]) % stride == 0))[:, 0]
-    gy, gx, g_covers = ys[g], xs[g], covers[:, g]
+    cell = torch.nonzero(contested[::stride, ::stride])
+    gy, gx = cell[:, 0] * stride + rect[0], cell[:, 1] * stride + rect[2]
+    covers, claims, logits = _claims(windows, members, gy, gx, thresh)
+    members_t = torch.as_tensor(members, device=image.device)
+    sub_depth = None if depth_median is None else depth_median[members_t]
+    member_boxes = boxes[members_t].to(torch.float32)
     lab = rgb_to_lab(image[gy, gx].to(torch.float32)).T                                   # (3,G)
     d = None if depth is None else depth[gy, gx].to(torch.float32)
-    cues = _pixel_cues(lab, d, gy, gx, g_covers, member_boxes, hist[members_t], sub_depth, cfg)
+    cues = _pixel_cues(lab, d, gy, gx, covers, member_boxes, hist[members_t], sub_depth, cfg)
     order = order_evidence(member_boxes, sub_depth, cfg)
-    unary = torch.where(g_covers, cfg.logit_weight * logits[:, g] + cues + order @ g_covers.to(torch.float32),
+    unary = torch.where(covers, cfg.logit_weight * logits + cues + order @ covers.to(torch.float32),
                         torch.full_like(cues, float("-inf")))
     q = _meanfield(unary, gy, gx, rect, stride, [masks[i] for i in members], image, lab_scale, cfg)   # (K,G)
     top = q.topk(2, dim=0)
     winner, won_margin = top.indices[0], top.values[0] - top.values[1]
-    if stride > 1:
-        winner, won_margin = _spread(winner, won_margin, g, ys, xs, rect, stride, covers, logits)
+    winners = _winner_map(winner, cell, contested, rect, stride, [windows[i] for i in members])
     emptied = []
     for slot, i in enumerate(members):
-        claimed = claims[slot]
-        n_claimed = int(claimed.sum())
-        n_own = int((windows[i].prob >= thresh).sum())
-        contested_share[i] = n_claimed / max(n_own, 1)
-        wins = winner == slot
+        win = windows[i]
+        rs, cs = _overlap_slices(win, rect)[0]
+        part = masks[i][rect[0] : rect[1] + 1, rect[2] : rect[3] + 1][rs, cs]   # a view: updates write the mask
+        cont = contested[rs, cs]
+        claimed = part & cont
+        wins = winners[rs, cs] == slot
         keep = wins & (claimed | cfg.give_won)
-        if n_claimed:
-            margin[i] = float((won_margin * (claimed & wins)).sum()) / n_claimed
-        changed = keep != claimed                    # lost pixels, and won pixels the mask had left out
-        masks[i][ys[changed], xs[changed]] = keep[changed]
+        n_claimed = int(claimed.sum())
+        n_own = int((win.prob >= thresh).sum())
+        contested_share[i] = n_claimed / max(n_own, 1)
+        grid_claimed = claims[slot]
+        if grid_claimed.any():
+            margin[i] = float((won_margin * (grid_claimed & (winner == slot))).sum()) / int(grid_claimed.sum())
+        part.copy_(torch.where(cont, keep, part))
         if n_own and n_own - n_claimed + int((keep & claimed).sum()) == 0:
             emptied.append(i)
     for i in emptied:
@@ -230,12 +234,12 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     return Resolution(masks, contested_share, margin)
 
 
-def _contested_pixels(windows: list[Window], masks: list[torch.Tensor]
-                      ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int, int, int]] | None:
+def _contested_region(windows: list[Window], masks: list[torch.Tensor]
+                      ) -> tuple[np.ndarray, torch.Tensor, tuple[int, int, int, int]] | None:
     """The contested pixels: inside two or more boxes and claimed by at least one of those instances' masks
-    (nobody's pixel stays background). Returns the instances whose box holds one of them (K,), their rows and
-    columns ys, xs (P,) and their bounding rectangle (R0, R1, C0, C1), grown by one pixel for the messages; None
-    when there are none."""
+    (nobody's pixel stays background). Returns the instances whose box holds one of them (K,), the contested map
+    (h,w) bool over their bounding rectangle (R0, R1, C0, C1), grown by one pixel for the messages; None when there
+    are none."""
     height, width = masks[0].shape
     inter = pair_overlaps(windows)
     members = np.nonzero(inter.sum(1) > 0)[0]
@@ -247,8 +251,7 @@ def _contested_pixels(windows: list[Window], masks: list[torch.Tensor]
     a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
     R0, R1 = int(np.maximum(a[:, 0], b[:, 0]).min()), int(np.minimum(a[:, 1], b[:, 1]).max())
     C0, C1 = int(np.maximum(a[:, 2], b[:, 2]).min()), int(np.minimum(a[:, 3], b[:, 3]).max())
-    w = C1 - C0 + 1
-    count = torch.zeros((R1 - R0 + 1, w), dtype=torch.int32, device=masks[0].device)
+    count = torch.zeros((R1 - R0 + 1, C1 - C0 + 1), dtype=torch.int32, device=masks[0].device)
     claimed_any = torch.zeros_like(count, dtype=torch.bool)
     for i in members:
         win = windows[i]
@@ -256,14 +259,31 @@ def _contested_pixels(windows: list[Window], masks: list[torch.Tensor]
         if r1 >= r0 and c1 >= c0:
             count[r0 - R0 : r1 - R0 + 1, c0 - C0 : c1 - C0 + 1] += 1
         claimed_any |= masks[i][R0 : R1 + 1, C0 : C1 + 1]
-    pix = torch.nonzero(((count >= 2) & claimed_any).flatten())[:, 0]
+    contested = (count >= 2) & claimed_any
+    pix = torch.nonzero(contested)
     if len(pix) == 0:
         return None
-    ys, xs = pix // w + R0, pix % w + C0
-    holds = _holds(torch.as_tensor(spans[members], device=ys.device), ys, xs).any(1)
-    rect = (max(int(ys.min()) - 1, 0), min(int(ys.max()) + 1, height - 1),
-            max(int(xs.min()) - 1, 0), min(int(xs.max()) + 1, width - 1))
-    return members[holds.cpu().numpy()], ys, xs, rect
+    rect = (max(int(pix[:, 0].min()) + R0 - 1, 0), min(int(pix[:, 0].max()) + R0 + 1, height - 1),
+            max(int(pix[:, 1].min()) + C0 - 1, 0), min(int(pix[:, 1].max()) + C0 + 1, width - 1))
+    grown = torch.zeros((rect[1] - rect[0] + 1, rect[3] - rect[2] + 1), dtype=torch.bool, device=count.device)
+    # The grown rectangle may reach one pixel past the intersections' rectangle: those pixels are not contested.
+    rs = slice(max(R0, rect[0]) - rect[0], min(R1, rect[1]) - rect[0] + 1)
+    cs = slice(max(C0, rect[2]) - rect[2], min(C1, rect[3]) - rect[2] + 1)
+    grown[rs, cs] = contested[max(rect[0] - R0, 0) : min(rect[1], R1) - R0 + 1,
+                              max(rect[2] - C0, 0) : min(rect[3], C1) - C0 + 1]
+    holds = [bool(grown[_overlap_slices(windows[i], rect)[0]].any()) for i in members]
+    return members[np.asarray(holds, dtype=bool)], grown, rect
+
+
+def _overlap_slices(win: Window, rect: tuple[int, int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where window ``win`` and rectangle rect (R0, R1, C0, C1) overlap: (rows, cols) slices into the rectangle and
+    (rows, cols) slices into the window (empty slices where they do not overlap)."""
+    R0, _, C0, _ = rect
+    r0, r1 = max(win.r0, R0), min(win.r1, rect[1])
+    c0, c1 = max(win.c0, C0), min(win.c1, rect[3])
+    r1, c1 = max(r1, r0 - 1), max(c1, c0 - 1)
+    return ((slice(r0 - R0, r1 - R0 + 1), slice(c0 - C0, c1 - C0 + 1)),
+            (slice(r0 - win.r0, r1 - win.r0 + 1), slice(c0 - win.c0, c1 - win.c0 + 1)))
 
 
 def _holds(span: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -274,8 +294,8 @@ def _holds(span: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tens
 
 def _claims(windows: list[Window], members: np.ndarray, ys: torch.Tensor, xs: torch.Tensor, thresh: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At the P contested pixels (ys, xs), for the K members: covers (K,P) bool (the box holds the pixel), claims
-    (K,P) bool (the instance's own mask holds it) and its clamped log-odds (K,P) float32 (0 where not covered)."""
+    """At the P pixels (ys, xs), for the K members: covers (K,P) bool (the box holds the pixel), claims (K,P) bool
+    (the instance's own mask holds it) and its clamped log-odds (K,P) float32 (0 where not covered)."""
     spans = [[windows[i].r0, windows[i].r1, windows[i].c0, windows[i].c1] for i in members]
     covers = _holds(torch.as_tensor(spans, device=ys.device), ys, xs)
     claims = torch.zeros(covers.shape, dtype=torch.bool, device=ys.device)
@@ -331,31 +351,34 @@ def _stride(rect: tuple[int, int, int, int], max_pixels: int) -> int:
     return max(1, math.ceil(math.sqrt((R1 - R0 + 1) * (C1 - C0 + 1) / max(max_pixels, 1))))
 
 
-def _spread(winner: torch.Tensor, margin: torch.Tensor, g: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-            rect: tuple[int, int, int, int], stride: int, covers: torch.Tensor, logits: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Winners and winning margins (P,) of all contested pixels from those of the contested grid points (winner,
-    margin (G,); g (G,) their indices among the P): each pixel takes its grid point's winner when that instance's
-    box holds it; where it does not, or the grid point is not contested, the instances' own log-odds (logits
-    (K,P)) decide among those whose box holds the pixel (covers (K,P) bool)."""
-    R0, R1, C0, C1 = rect
-    h, w = R1 - R0 + 1, C1 - C0 + 1
-    at = torch.full((h * w,), -1, dtype=torch.int64, device=winner.device)
-    at[(ys[g] - R0) * w + (xs[g] - C0)] = torch.arange(len(g), device=winner.device)
-    point = at[torch.div(ys - R0, stride, rounding_mode="floor") * stride * w
-               + torch.div(xs - C0, stride, rounding_mode="floor") * stride]
-    have = point >= 0
-    out_winner = winner[point.clamp(min=0)]
-    out_margin = margin[point.clamp(min=0)]
-    pixels = torch.arange(len(ys), device=winner.device)
-    own = torch.nonzero(~(have & covers[out_winner, pixels]))[:, 0]
-    if len(own):
-        q = torch.softmax(torch.where(covers[:, own], logits[:, own], torch.full_like(logits[:, own],
-                                                                                     float("-inf"))), 0)
-        top = q.topk(2, dim=0)
-        out_winner[own] = top.indices[0]
-        out_margin[own] = top.values[0] - top.values[1]
-    return out_winner, out_margin
+def _winner_map(winner: torch.Tensor, cell: torch.Tensor, contested: torch.Tensor, rect: tuple[int, int, int, int],
+                stride: int, windows: list[Window]) -> torch.Tensor:
+    """(h,w) int16 over rect (R0, R1, C0, C1): the winning member's slot at every contested pixel (-1 elsewhere).
+
+    winner (G,) slots of the contested grid points cell (G,2) (row, column on the grid of every ``stride``-th pixel
+    of rect); contested (h,w) bool; windows: the K members' windows. Each pixel takes its grid point's winner when
+    that instance's box holds it; where it does not, or its grid point is not contested, the instances' own
+    pasted log-odds decide among those whose box holds the pixel. With stride 1 every contested pixel is a grid
+    point whose winner's box holds it.
+    """
+    h, w = contested.shape
+    none = torch.tensor(-1, dtype=torch.int16, device=winner.device)
+    grid = torch.full((-(-h // stride), -(-w // stride)), -1, dtype=torch.int16, device=winner.device)
+    grid[cell[:, 0], cell[:, 1]] = winner.to(torch.int16)
+    if stride == 1:
+        return torch.where(contested, grid, none)
+    spread = grid[:, None, :, None].expand(-1, stride, -1, stride).reshape(grid.shape[0] * stride, -1)[:h, :w]
+    held = torch.zeros_like(contested)
+    best = torch.full((h, w), -1.0, device=winner.device)
+    fallback = torch.full_like(spread, -1)
+    for slot, win in enumerate(windows):
+        (rs, cs), (ws_r, ws_c) = _overlap_slices(win, rect)
+        held[rs, cs] |= spread[rs, cs] == slot
+        odds = win.prob[ws_r, ws_c]
+        better = odds > best[rs, cs]
+        best[rs, cs] = torch.maximum(odds, best[rs, cs])
+        fallback[rs, cs].masked_fill_(better, slot)
+    return torch.where(contested, torch.where(held, spread, fallback), none)
 
 
 def _meanfield(unary: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, rect: tuple[int, int, int, int],
