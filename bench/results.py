@@ -34,7 +34,7 @@ FINDINGS = BENCH / "FINDINGS.md"
 # Section order; results not named here follow, alphabetically.
 ORDER = ["kernels", "student-speed-toy", "student-speed-cityscapes-crop", "student-quality", "teacher",
          "teacher-occlusion", "teacher-network-toy", "teacher-network-coco_tiny", "label_service", "objectives",
-         "run-toy", "run-coco_cpu", "run-coco_random", "run-coco_random_agnostic"]
+         "run-toy", "run-coco_cpu", "run-coco_cpu_specific", "run-coco_random", "run-coco_random_agnostic"]
 
 
 def get(figures: dict, key: str):

@@ -185,13 +185,16 @@ class JointConfig:
       score_weight 0.25); score_weight 0 / 0.1 / 0.25 gave toy 0.634 / 0.642 / 0.558 and coco_tiny 0.401 /
       0.600 / 0.626, so 0.1.
     On coco_tiny joint resolution stays below off whatever the weights (best 0.644 against 0.658 on 60 images):
-    a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), which
-    no disjoint answer gets right; configs/coco.yaml therefore keeps "off".
+    a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), and a
+    disjoint answer must give each to one of them. Given to the smallest true owner the labels would reach 0.789
+    (the disjoint ceiling, bench/teacher.py --occlusion), but no cue measured finds that owner well enough
+    (bench/NOTEBOOK.md, "Overlapping boxes"); configs/coco.yaml therefore keeps "off".
     """
 
     iters: int = 3                    # mean-field sweeps over the contested pixels (0 = unaries' arg-max)
     max_pixels: int = 65536           # above this many pixels in the contested rectangle, decide on a grid of every
                                       # s-th pixel (the others follow their grid point); bounds large images
+                                      # (1024x2048 toy: 32,768 saves 1 ms/instance and loses 0.006 IoU)
     w1: float = 1.0                   # colour Potts weight of the multi-label mean-field
     zeta: float = 0.5                 # colour bandwidth, on LAB / BoxPriorConfig.lab_scale as in the CRF
     logit_weight: float = 0.2         # the instances' own refined log-odds
