@@ -15,7 +15,7 @@ import torch
 
 from teacher import StructuredTeacher
 from teacher.config import JointConfig, TeacherConfig
-from teacher.occlusion import order_evidence, own_pixels, owned_by_others, pair_overlaps, resolve
+from teacher.occlusion import _winner_map, order_evidence, own_pixels, owned_by_others, pair_overlaps, resolve
 from teacher.roi import Window, roi_grid
 
 DATA = Path(__file__).parent / "data"
@@ -230,3 +230,26 @@ def test_bench_disjoint_oracle_gives_contested_pixels_to_the_smallest_true_owner
     assert out[1] == 1.0
     assert out[0] == pytest.approx((table_best & table_gt).sum() / (table_best | table_gt).sum())
     assert disjoint_oracle_ious([cup], [cup_gt], boxes[1:]) == [16 / 36]
+
+
+def test_the_grid_winners_spread_to_their_cells_and_the_pasted_odds_decide_where_no_grid_point_is_contested():
+    # A holds columns 0-2 at 0.9, B columns 1-3 at 0.6; columns 1-2 are contested. On the grid of every 2nd pixel
+    # only the points of column 2 are contested, and B won them: column 2 (and its cell's column 3, which is not
+    # contested) follows them, while column 1's grid points (column 0) are not contested, so A's higher pasted
+    # probability takes it.
+    a = Window(torch.full((4, 3), 0.9), 0, 3, 0, 2)
+    b = Window(torch.full((4, 3), 0.6), 0, 3, 1, 3)
+    contested = torch.zeros((4, 4), dtype=torch.bool)
+    contested[:, 1:3] = True
+    cell = torch.tensor([[0, 1], [1, 1]])
+    winners = _winner_map(torch.tensor([1, 1]), cell, contested, (0, 3, 0, 3), 2, [a, b])
+    expected = torch.full((4, 4), -1, dtype=torch.int16)
+    expected[:, 1] = 0
+    expected[:, 2] = 1
+    assert torch.equal(winners, expected)
+    # Had A won column 2's grid points, column 2 would be A's too; stride 1 is the grid itself.
+    winners = _winner_map(torch.tensor([0, 0]), cell, contested, (0, 3, 0, 3), 2, [a, b])
+    assert (winners[:, 1:3] == 0).all() and (winners[:, [0, 3]] == -1).all()
+    full = torch.nonzero(contested)
+    one = _winner_map(torch.arange(len(full)) % 2, full, contested, (0, 3, 0, 3), 1, [a, b])
+    assert torch.equal(one[contested], (torch.arange(len(full)) % 2).to(torch.int16))
