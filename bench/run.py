@@ -40,7 +40,8 @@ from bench import results as bench_results  # noqa: E402
 COCO_TINY = REPO.parent / "shared" / "devdata" / "coco_tiny"
 HOLDOUT = 0.2
 # coco_tiny on 2 cores from random init: a ResNet-18 student like the toy one, 300 steps per round.
-COCO_SETTINGS = ["student.backbone=resnet18", "student.weights=", "student.class_agnostic_mask=false", "student.fpn_channels=128", "student.box_head_dim=256",
+COCO_SETTINGS = ["student.backbone=resnet18", "student.weights=", "student.class_agnostic_mask=false",
+                 "student.fpn_channels=128", "student.box_head_dim=256",
                  "student.anchor_sizes=[16,32,64,128,256]", "student.rpn_proposals=500", "student.rois_per_image=128",
                  "student.mask_rois_per_image=32", "student.min_size=[320,352,384]", "student.max_size=640",
                  "student.test_size=352", "student.crop=[]", "student.iterations=300", "student.batch_size=2",

@@ -154,14 +154,12 @@ def disjoint_oracle_ious(masks: list[np.ndarray], gts: list[np.ndarray], boxes: 
     space): every pixel inside two or more boxes that some label claims goes to the smallest ground-truth instance
     among the labels that claim it, or to none when no claimant's ground truth holds it. "Smallest" because COCO's
     masks overlap (a table's mask holds its cups): the pixel is worth more IoU to the small instance."""
-    if len(masks) < 2:
-        return [iou(m, g) for m, g in zip(masks, gts)]
-    height, width = gts[0].shape
+    if not masks:
+        return []
     claims = np.stack(masks)
-    cover = np.stack([box_as_mask(b, height, width) for b in boxes])
-    contested = (cover.sum(0) >= 2) & claims.any(0)
+    contested = (box_covers(boxes, *claims.shape[1:]).sum(0) >= 2) & claims.any(0)
     out = claims & ~contested
-    taken = np.zeros((height, width), bool)
+    taken = np.zeros(claims.shape[1:], bool)
     for k in np.argsort([g.sum() for g in gts], kind="stable"):
         won = contested & claims[k] & gts[k] & ~taken
         out[k] |= won
@@ -169,11 +167,17 @@ def disjoint_oracle_ious(masks: list[np.ndarray], gts: list[np.ndarray], boxes: 
     return [iou(m, g) for m, g in zip(out, gts)]
 
 
-def overlap_shares(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(N,) share of each box's pixels (floor / ceil of its corners) that lie inside another box."""
+def box_covers(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,H,W) bool: the pixels each box touches (`box_as_mask`)."""
     cover = np.zeros((len(boxes), height, width), bool)
     for k, b in enumerate(boxes):
         cover[k] = box_as_mask(b, height, width)
+    return cover
+
+
+def overlap_shares(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,) share of each box's pixels (floor / ceil of its corners) that lie inside another box."""
+    cover = box_covers(boxes, height, width)
     total = cover.sum(0)
     return np.array([(total[c] >= 2).mean() if c.any() else 0.0 for c in cover])
 
@@ -338,11 +342,10 @@ def occlusion_tables(args) -> dict:
     cases.append(("coco_tiny", "box-prior", coco, False, coco_teacher, None))
     figures: dict = {}
     print("\noverlaps: teacher.occlusion off -> joint; oracle = off's labels minus the pixels that only other "
-          "instances' ground truth holds; captured = (joint - off) / (oracle - off); disjoint = the best disjoint answer "
-          "among the claiming labels (`disjoint_oracle_ious`)")
+          "instances' ground truth holds; captured = (joint - off) / (oracle - off); disjoint = the best disjoint "
+          "answer among the claiming labels (`disjoint_oracle_ious`)")
     print(f"{'data':14s} {'mode':10s} {'inst':>5s} {'off':>7s} {'joint':>7s} {'oracle':>7s} {'disjoint':>8s} "
-          f"{'captured':>9s} "
-          f"{'ms off':>7s} {'ms joint':>9s} {'x':>5s} {'rho off':>8s} {'rho joint':>9s}")
+          f"{'captured':>9s} {'ms off':>7s} {'ms joint':>9s} {'x':>5s} {'rho off':>8s} {'rho joint':>9s}")
     splits = []
     for data, mode, records, depth, cfg, net in cases:
         off = run_teacher(records, dataclasses.replace(cfg, occlusion="off"), f"{data} {mode} off", depth, net, True)
@@ -353,8 +356,8 @@ def occlusion_tables(args) -> dict:
         disjoint = float(off["disjoint_oracle"].mean())
         captured = (joint["miou"] - off["miou"]) / max(oracle - off["miou"], 1e-9)
         print(f"{data:14s} {mode:10s} {len(off['ious']):5d} {off['miou']:7.4f} {joint['miou']:7.4f} {oracle:7.4f} "
-              f"{disjoint:8.4f} {captured:9.2f} {off['ms']:7.2f} {joint['ms']:9.2f} {joint['ms'] / off['ms']:5.2f} {rho_off:8.3f} "
-              f"{rho_joint:9.3f}", flush=True)
+              f"{disjoint:8.4f} {captured:9.2f} {off['ms']:7.2f} {joint['ms']:9.2f} {joint['ms'] / off['ms']:5.2f} "
+              f"{rho_off:8.3f} {rho_joint:9.3f}", flush=True)
         key = f"occlusion_{data.replace(' ', '_')}_{mode.replace('-', '_')}"
         figures.update({f"{key}_off_miou": round(off["miou"], 4), f"{key}_joint_miou": round(joint["miou"], 4),
                         f"{key}_oracle_miou": round(oracle, 4), f"{key}_disjoint_oracle_miou": round(disjoint, 4),
@@ -417,9 +420,9 @@ def main() -> None:
                              "(`bench/teacher.py --occlusion`)",
                              bench_results.command(), bench_results.fenced(printed.stop()), dict(figures),
                              "Mean IoU against the ground truth (box sides >= 8 px), one CPU thread. Oracle: the off "
-                             "labels minus every pixel that only other instances' ground truth holds; disjoint: the best "
-                             "disjoint answer among the claiming labels (the smallest true owner wins); captured = "
-                             "(joint - off) / (oracle - off); x = ms joint / ms off; rho = score Spearman.")
+                             "labels minus every pixel that only other instances' ground truth holds; disjoint: the "
+                             "best disjoint answer among the claiming labels (the smallest true owner wins); "
+                             "captured = (joint - off) / (oracle - off); x = ms joint / ms off; rho = score Spearman.")
     elif args.toy_checkpoint or args.coco_checkpoint:
         figures.update(network_tables(args))
     if args.skip_anchors:

@@ -69,7 +69,8 @@ class Trainer:
             getattr(h, stage)()
 
     def train(self) -> int:
-        """Steps from ``iter`` (the step it starts at) to ``max_iter``; returns the number of steps taken in all (``max_iter``)."""
+        """Steps from ``iter`` (the step it starts at) to ``max_iter``; returns the steps taken in all
+        (``max_iter``)."""
         self.call("before_train")
         batches = self.data(self.iter)
         self.module.train()

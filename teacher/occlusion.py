@@ -245,34 +245,31 @@ def _contested_region(windows: list[Window], masks: list[torch.Tensor]
     members = np.nonzero(inter.sum(1) > 0)[0]
     if len(members) == 0:
         return None
-    # First the bounding rectangle of all pairwise box intersections.
+    # Every pixel inside two boxes lies in the bounding rectangle of the pairwise box intersections; counted over
+    # that rectangle grown by a pixel, the contested map also covers the messages' one-pixel border.
     spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
     pairs = np.argwhere(np.triu(inter) > 0)
     a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
-    R0, R1 = int(np.maximum(a[:, 0], b[:, 0]).min()), int(np.minimum(a[:, 1], b[:, 1]).max())
-    C0, C1 = int(np.maximum(a[:, 2], b[:, 2]).min()), int(np.minimum(a[:, 3], b[:, 3]).max())
-    count = torch.zeros((R1 - R0 + 1, C1 - C0 + 1), dtype=torch.int32, device=masks[0].device)
+    first = np.maximum(a, b)[:, [0, 2]].min(0) - 1          # top row and left column, grown
+    last = np.minimum(a, b)[:, [1, 3]].max(0) + 1           # bottom row and right column, grown
+    E0, F0 = max(int(first[0]), 0), max(int(first[1]), 0)
+    E1, F1 = min(int(last[0]), height - 1), min(int(last[1]), width - 1)
+    area = (E0, E1, F0, F1)
+    count = torch.zeros((E1 - E0 + 1, F1 - F0 + 1), dtype=torch.int32, device=masks[0].device)
     claimed_any = torch.zeros_like(count, dtype=torch.bool)
     for i in members:
-        win = windows[i]
-        r0, r1, c0, c1 = max(win.r0, R0), min(win.r1, R1), max(win.c0, C0), min(win.c1, C1)
-        if r1 >= r0 and c1 >= c0:
-            count[r0 - R0 : r1 - R0 + 1, c0 - C0 : c1 - C0 + 1] += 1
-        claimed_any |= masks[i][R0 : R1 + 1, C0 : C1 + 1]
+        rs, cs = _overlap_slices(windows[i], area)[0]
+        count[rs, cs] += 1
+        claimed_any |= masks[i][E0 : E1 + 1, F0 : F1 + 1]
     contested = (count >= 2) & claimed_any
     pix = torch.nonzero(contested)
     if len(pix) == 0:
         return None
-    rect = (max(int(pix[:, 0].min()) + R0 - 1, 0), min(int(pix[:, 0].max()) + R0 + 1, height - 1),
-            max(int(pix[:, 1].min()) + C0 - 1, 0), min(int(pix[:, 1].max()) + C0 + 1, width - 1))
-    grown = torch.zeros((rect[1] - rect[0] + 1, rect[3] - rect[2] + 1), dtype=torch.bool, device=count.device)
-    # The grown rectangle may reach one pixel past the intersections' rectangle: those pixels are not contested.
-    rs = slice(max(R0, rect[0]) - rect[0], min(R1, rect[1]) - rect[0] + 1)
-    cs = slice(max(C0, rect[2]) - rect[2], min(C1, rect[3]) - rect[2] + 1)
-    grown[rs, cs] = contested[max(rect[0] - R0, 0) : min(rect[1], R1) - R0 + 1,
-                              max(rect[2] - C0, 0) : min(rect[3], C1) - C0 + 1]
-    holds = [bool(grown[_overlap_slices(windows[i], rect)[0]].any()) for i in members]
-    return members[np.asarray(holds, dtype=bool)], grown, rect
+    (r0, c0), (r1, c1) = pix.min(0).values.tolist(), pix.max(0).values.tolist()
+    rect = (max(E0 + r0 - 1, 0), min(E0 + r1 + 1, height - 1), max(F0 + c0 - 1, 0), min(F0 + c1 + 1, width - 1))
+    contested = contested[rect[0] - E0 : rect[1] - E0 + 1, rect[2] - F0 : rect[3] - F0 + 1]
+    holds = [bool(contested[_overlap_slices(windows[i], rect)[0]].any()) for i in members]
+    return members[np.asarray(holds, dtype=bool)], contested, rect
 
 
 def _overlap_slices(win: Window, rect: tuple[int, int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
