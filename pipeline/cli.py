@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from .errors import UserError
 from .log import setup_logging
@@ -28,12 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _disconnect_ray() -> None:
-    # Leave Ray while the interpreter is whole: interrupted just as Ray Train starts, its threads otherwise call
-    # into Python during finalization and the process aborts instead of exiting with 130.
+def _exit_interrupted() -> NoReturn:
+    """Leave Ray, flush what was said, and end the process with 130 without finalizing the interpreter.
+
+    Interrupted while Ray Train starts or stops, threads that Ray, gRPC or torch started in this process can still
+    call into Python during finalization, and the process then aborts (SIGABRT, "the GIL is released") instead of
+    exiting with 130; leaving Ray first was not enough (seen on CI between two stages). Everything a run keeps is
+    already on disk by then, so skipping finalization loses nothing."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
-        _disconnect_ray()
-        return 130
+        _exit_interrupted()
     except Exception:  # a bug, not bad input: keep the traceback for the report
         logging.getLogger("pipeline").exception("unexpected failure")
         return 1
