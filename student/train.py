@@ -8,13 +8,15 @@ a ``student.loop.Trainer`` with the hooks of ``student.hooks``:
 - SGD with linear warm-up and step decay (``student.schedule``); AMP on CUDA;
 - metrics and checkpoints through ``ray.train.report``; the run is ``<out>/train`` (``RUN_NAME``), so Ray Train's
   own restore continues it: ``FailureConfig(max_failures)`` restarts dead workers from the newest checkpoint
-  (``ray.train.get_checkpoint()``), and ``--resume`` starts the same run again, which Ray restores likewise.
+  (``ray.train.get_checkpoint()``), and ``--resume`` starts the same run again, which Ray restores likewise
+  (where Ray's snapshot of the run was cut by a stop during its write, from the newest complete folder instead).
   Ray's controller collects reports at its health checks (every 2 s), so a worker that dies within 2 s of a
   checkpoint may restart from the one before: a longer way to the same weights, since a step is deterministic
   given the restored state.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -35,7 +37,9 @@ from .loop import HookBase, Trainer
 from .model import build_model
 from .pseudo_labels import PseudoLabels
 from .schedule import effective_lr, lr_factor
-from .train_state import RUN_NAME, TrainState, check_resumable, latest_checkpoint
+from .train_state import RUN_NAME, TrainState, check_resumable, latest_checkpoint, unreadable_snapshot
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainJob:
@@ -49,6 +53,8 @@ class TrainJob:
     labels_dir: str = ""              # shard directory of pseudo labels ("" = boxes only)
     init_from: str = ""               # export (student.pt / teacher.pt) whose weights start the run ("" = cfg.weights
                                       # or random init); a resumed run continues from its checkpoint instead
+    resume_from: str = ""             # checkpoint folder to continue from when Ray Train holds none (its snapshot
+                                      # was unreadable, `_prepare`)
     hooks: list[HookBase] = field(default_factory=list)  # extra hooks (tests: fault injection, replica digests)
 
 
@@ -79,6 +85,8 @@ def train_loop(config: dict) -> int:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start = state.load(Path(folder))
+    elif job.resume_from:
+        start = state.load(Path(job.resume_from))
     if rank:
         # Every rank draws its own augmentation and proposal samples (rank 0 keeps the restored RNG state).
         torch.manual_seed(cfg.seed + 1000 * rank + start)
@@ -132,6 +140,12 @@ def _prepare(job: TrainJob, resume: bool) -> Path:
         warm_start(build_model(cfg, len(job.classes)), job.init_from, job.classes)  # likewise a bad export
     if not resume:
         shutil.rmtree(out / RUN_NAME, ignore_errors=True)  # no checkpoint in it: a run stopped before its first
+    snapshot = unreadable_snapshot(out) if resume else None
+    if snapshot is not None:
+        # Ray would refuse to start the run on it; its checkpoints are whole, so the run goes on from the newest.
+        snapshot.replace(snapshot.with_name(snapshot.name + ".unreadable"))
+        job.resume_from = os.fspath(newest)
+        log.warning("%s was cut when the run stopped; set aside, continuing from %s", snapshot, newest.name)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("student.pt", "teacher.pt"):
         (out / stale).unlink(missing_ok=True)

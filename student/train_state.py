@@ -20,6 +20,7 @@ from .ema import ModelEMA
 RUN_NAME = "train"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"   # Ray Train's, in the run folder
 # Keys a resumed run may change: how long and how it runs, not what a step computes.
 RESUMABLE_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures", "loader_workers",
                   "cpus_per_worker", "use_gpu")
@@ -67,14 +68,46 @@ class TrainState:
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest checkpoint folder Ray Train registered for the run under ``out``, or None."""
+    """The newest checkpoint folder of the run under ``out``, or None: the one Ray Train registered or, where its
+    snapshot is unreadable (`unreadable_snapshot`), the newest complete one on disk."""
     from ray.train import Result
+    from ray.train.v2.api.exceptions import RayTrainError
 
+    run = Path(out) / RUN_NAME
     try:
-        result = Result.from_path(Path(out) / RUN_NAME)
-    except (RuntimeError, OSError, ValueError):
+        result = Result.from_path(run)
+    except (RuntimeError, OSError):   # no run, or no checkpoint registered yet
         return None
+    except (RayTrainError, ValueError):
+        return _newest_on_disk(run)
     return Path(result.checkpoint.path) if result.checkpoint is not None else None
+
+
+def unreadable_snapshot(out: str | os.PathLike) -> Path | None:
+    """Ray Train's record of the run's checkpoints under ``out`` where it exists and does not parse, else None.
+
+    Ray rewrites that file in place after every checkpoint, so a run stopped during the write leaves it cut, and
+    Ray then refuses to start the run again: `student.train` sets it aside and continues from the folder."""
+    snapshot = Path(out) / RUN_NAME / SNAPSHOT_FILE
+    try:
+        json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return snapshot
+    return None
+
+
+def _newest_on_disk(run: Path) -> Path | None:
+    found = []
+    for folder in run.glob("checkpoint_*"):
+        try:
+            iteration = int(json.loads((folder / META_FILE).read_text())["iteration"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue   # being written, or cut
+        if (folder / STATE_FILE).is_file():
+            found.append((iteration, folder.name, folder))
+    return max(found)[2] if found else None
 
 
 def check_resumable(checkpoint: Path, cfg: StudentConfig) -> None:

@@ -23,7 +23,8 @@ from student.hooks import AffinityWarmup, NaNGuard
 from student.loop import HookBase, Trainer
 from student.model import build_model
 from student.schedule import loss_scales, stretch_schedule
-from student.train import NonFiniteLoss, fit, latest_checkpoint
+from student.train import RUN_NAME, NonFiniteLoss, fit, latest_checkpoint
+from student.train_state import SNAPSHOT_FILE, unreadable_snapshot
 
 ray = pytest.importorskip("ray")
 import train_hooks  # noqa: E402  (tests/: hooks only tests install)
@@ -214,6 +215,37 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_losses(cluster, t
     assert state["iteration"] == 4 and state["ema"]["updates"] == 4
     for k, v in exported_weights(a).items():
         assert torch.allclose(v.float(), exported_weights(b)[k].float(), atol=1e-5), k
+
+
+def test_a_cut_ray_snapshot_falls_back_to_the_newest_complete_checkpoint_folder(tmp_path):
+    run = tmp_path / RUN_NAME
+    for name, meta, state in [("checkpoint_a", {"iteration": 2}, True), ("checkpoint_b", {"iteration": 4}, True),
+                              ("checkpoint_c", None, False),                 # created, nothing copied in yet
+                              ("checkpoint_d", "{\"iterat", True),           # meta.json cut
+                              ("checkpoint_e", {"iteration": 6}, False)]:    # state.pt not there yet
+        (run / name).mkdir(parents=True)
+        if meta is not None:
+            (run / name / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+        if state:
+            (run / name / "state.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) is None and unreadable_snapshot(tmp_path) is None   # no snapshot: nothing
+    snapshot = run / SNAPSHOT_FILE
+    for cut in ("", '{"checkpoint_results": [{"check'):
+        snapshot.write_text(cut)
+        assert unreadable_snapshot(tmp_path) == snapshot
+        assert latest_checkpoint(tmp_path) == run / "checkpoint_b"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_ray_wrote_its_snapshot_resumes_from_the_folder(cluster, tmp_path, caplog):
+    fit(build_job(tiny_config("student.iterations=2"), str(tmp_path)))
+    snapshot = tmp_path / RUN_NAME / SNAPSHOT_FILE
+    snapshot.write_text(snapshot.read_text()[:40])
+    resumed = fit(build_job(tiny_config("student.iterations=4"), str(tmp_path)), resume=True)
+    assert resumed["iteration"] == 4 and sorted(losses_by_iteration(resumed)) == [3, 4]
+    assert (snapshot.parent / (SNAPSHOT_FILE + ".unreadable")).is_file() and unreadable_snapshot(tmp_path) is None
+    assert "was cut when the run stopped" in caplog.text
+    assert json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["iteration"] == 4
 
 
 @pytest.mark.slow
