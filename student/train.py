@@ -41,6 +41,7 @@ from .train_state import RUN_NAME, TrainState, check_resumable, latest_checkpoin
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TrainJob:
     """Everything a worker needs (pickled to each worker)."""
@@ -140,8 +141,7 @@ def _prepare(job: TrainJob, resume: bool) -> Path:
         warm_start(build_model(cfg, len(job.classes)), job.init_from, job.classes)  # likewise a bad export
     if not resume:
         shutil.rmtree(out / RUN_NAME, ignore_errors=True)  # no checkpoint in it: a run stopped before its first
-    snapshot = unreadable_snapshot(out) if resume else None
-    if snapshot is not None:
+    elif (snapshot := unreadable_snapshot(out)) is not None:
         # Ray would refuse to start the run on it; its checkpoints are whole, so the run goes on from the newest.
         snapshot.replace(snapshot.with_name(snapshot.name + ".unreadable"))
         job.resume_from = os.fspath(newest)
