@@ -344,25 +344,36 @@ def occlusion_tables(args) -> dict:
     print("\noverlaps: teacher.occlusion off -> joint; oracle = off's labels minus the pixels that only other "
           "instances' ground truth holds; captured = (joint - off) / (oracle - off); disjoint = the best disjoint "
           "answer among the claiming labels (`disjoint_oracle_ious`)")
+    print("off: per-box masks scored with the score-only joint pass (`teacher.joint.score_when_off`); alone: the "
+          "same masks without it (the score before that pass); x = ms / ms alone")
     print(f"{'data':14s} {'mode':10s} {'inst':>5s} {'off':>7s} {'joint':>7s} {'oracle':>7s} {'disjoint':>8s} "
-          f"{'captured':>9s} {'ms off':>7s} {'ms joint':>9s} {'x':>5s} {'rho off':>8s} {'rho joint':>9s}")
+          f"{'captured':>9s} {'ms alone':>8s} {'ms off':>7s} {'x':>5s} {'ms joint':>9s} {'x':>5s} "
+          f"{'rho alone':>9s} {'rho off':>8s} {'rho joint':>9s}")
     splits = []
     for data, mode, records, depth, cfg, net in cases:
+        plain = dataclasses.replace(cfg, occlusion="off", joint=dataclasses.replace(cfg.joint, score_when_off=False))
+        alone = run_teacher(records, plain, f"{data} {mode} alone", depth, net)
         off = run_teacher(records, dataclasses.replace(cfg, occlusion="off"), f"{data} {mode} off", depth, net, True)
         joint = run_teacher(records, dataclasses.replace(cfg, occlusion="joint"), f"{data} {mode} joint", depth, net)
+        if not np.array_equal(alone["ious"], off["ious"]):
+            raise SystemExit(f"{data} {mode}: the score-only pass changed the off masks")
+        rho_alone, _ = calibration(alone["ious"], alone["scores"])
         rho_off, _ = calibration(off["ious"], off["scores"])
         rho_joint, _ = calibration(joint["ious"], joint["scores"])
         oracle = float(off["oracle"].mean())
         disjoint = float(off["disjoint_oracle"].mean())
         captured = (joint["miou"] - off["miou"]) / max(oracle - off["miou"], 1e-9)
         print(f"{data:14s} {mode:10s} {len(off['ious']):5d} {off['miou']:7.4f} {joint['miou']:7.4f} {oracle:7.4f} "
-              f"{disjoint:8.4f} {captured:9.2f} {off['ms']:7.2f} {joint['ms']:9.2f} {joint['ms'] / off['ms']:5.2f} "
-              f"{rho_off:8.3f} {rho_joint:9.3f}", flush=True)
+              f"{disjoint:8.4f} {captured:9.2f} {alone['ms']:8.2f} {off['ms']:7.2f} {off['ms'] / alone['ms']:5.2f} "
+              f"{joint['ms']:9.2f} {joint['ms'] / alone['ms']:5.2f} {rho_alone:9.3f} {rho_off:8.3f} {rho_joint:9.3f}",
+              flush=True)
         key = f"occlusion_{data.replace(' ', '_')}_{mode.replace('-', '_')}"
         figures.update({f"{key}_off_miou": round(off["miou"], 4), f"{key}_joint_miou": round(joint["miou"], 4),
                         f"{key}_oracle_miou": round(oracle, 4), f"{key}_disjoint_oracle_miou": round(disjoint, 4),
-                        f"{key}_captured": round(captured, 3),
+                        f"{key}_captured": round(captured, 3), f"{key}_alone_ms": round(alone["ms"], 2),
                         f"{key}_off_ms": round(off["ms"], 2), f"{key}_joint_ms": round(joint["ms"], 2),
+                        f"{key}_off_cost_ratio": round(off["ms"] / alone["ms"], 3),
+                        f"{key}_alone_spearman": round(rho_alone, 3),
                         f"{key}_off_spearman": round(rho_off, 3), f"{key}_joint_spearman": round(rho_joint, 3)})
         shares = np.concatenate([overlap_shares(r["boxes"], *r["image"].shape[:2]) for r in records])
         splits.append((data, mode, shares, off, joint))

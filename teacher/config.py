@@ -184,6 +184,14 @@ class JointConfig:
     - Scores: rescoring over the pixels a label kept raised the score's Spearman with IoU on toy (0.51 -> 0.56 at
       score_weight 0.25); score_weight 0 / 0.1 / 0.25 gave toy 0.634 / 0.642 / 0.558 and coco_tiny 0.401 /
       0.600 / 0.626, so 0.1.
+    - The lost gate (score *= 1 - lost ** lost_power) and the score-only pass in "off" (issue 33; Spearman of score
+      and IoU over a grid of blends, bench/NOTEBOOK.md, "The score sees overlaps"): the share of the own mask that
+      another instance won ranks labels better than the contested share (-0.34 against -0.23 on coco_tiny, off).
+      Power 6 was the best of 1-6 on all three sets at once: coco_tiny off 0.460 -> 0.518, coco_tiny joint 0.571
+      -> 0.576, toy joint 0.642 -> 0.643; linear penalties cost toy up to 0.07. A least-squares or boosted-tree fit
+      of every feature the joint pass gives plus box geometry reaches 0.53 on coco_tiny off (5-fold), so no blend
+      of these features reaches 0.57 there. The score-only pass decides on a grid of at most 4,096 points
+      (score_max_pixels): 0.517 at 1.10x the time of "off" without it, against 0.518 at 1.24x with 65,536.
     On coco_tiny joint resolution stays below off whatever the weights (best 0.644 against 0.658 on 60 images):
     a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), and a
     disjoint answer must give each to one of them. Given to the smallest true owner the labels would reach 0.789
@@ -210,6 +218,9 @@ class JointConfig:
     give_won: bool = False            # a won pixel joins the winner even where its own mask had left it out
     rescore: bool = True              # score a label over its box minus the pixels other instances won
     score_weight: float = 0.1         # score *= 1 - score_weight * contested share * (1 - winning margin)
+    lost_power: float = 6.0           # score *= 1 - (share of the own mask another instance won) ** lost_power
+    score_when_off: bool = True       # with occlusion "off", still resolve, for the score alone (masks stay per box)
+    score_max_pixels: int = 4096      # max_pixels of that score-only resolution (65,536: same Spearman, 1.2x time)
 
 
 @dataclass

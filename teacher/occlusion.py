@@ -56,11 +56,12 @@ class Resolution:
     """Result of `resolve`: masks N (H,W) bool (disjoint); contested (N,) share of each instance's own
     (unresolved) mask that lay on pixels another instance claimed too; margin (N,) mean winning margin
     Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any; on a
-    grid of every s-th pixel, over the grid points)."""
+    grid of every s-th pixel, over the grid points); lost (N,) share of its own mask that another instance won."""
 
     masks: list[torch.Tensor]
     contested: torch.Tensor
     margin: torch.Tensor
+    lost: torch.Tensor
 
 
 def pair_overlaps(windows: list[Window]) -> np.ndarray:
@@ -188,9 +189,10 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     masks = threshold_windows(windows, height, width, thresh)
     contested_share = torch.zeros(n, device=image.device)
     margin = torch.ones(n, device=image.device)
+    lost = torch.zeros(n, device=image.device)
     found = _contested_region(windows, masks)
     if found is None:
-        return Resolution(masks, contested_share, margin)
+        return Resolution(masks, contested_share, margin, lost)
     members, contested, rect = found
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
     # their grid point (s = 1 on images of a few hundred pixels a side).
@@ -223,6 +225,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
         n_claimed = int(claimed.sum())
         n_own = int((win.prob >= thresh).sum())
         contested_share[i] = n_claimed / max(n_own, 1)
+        lost[i] = int((claimed & ~wins).sum()) / max(n_own, 1)
         grid_claimed = claims[slot]
         if grid_claimed.any():
             margin[i] = float((won_margin * (grid_claimed & (winner == slot))).sum()) / int(grid_claimed.sum())
@@ -231,7 +234,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
             emptied.append(i)
     for i in emptied:
         _restore(masks, i, members, windows[i], thresh)
-    return Resolution(masks, contested_share, margin)
+    return Resolution(masks, contested_share, margin, lost)
 
 
 def _contested_region(windows: list[Window], masks: list[torch.Tensor]

@@ -39,3 +39,21 @@ def agreement(a: torch.Tensor, b: torch.Tensor, inside: torch.Tensor) -> torch.T
 def mask_score(prob: torch.Tensor, crf: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """certainty(prob) x agreement(prob, crf): prob and crf (N,1,R,R) in [0, 1], inside (N,1,R,R) bool -> (N,)."""
     return certainty(prob, inside) * agreement(prob, crf, inside)
+
+
+def overlap_score(score: torch.Tensor, contested: torch.Tensor, margin: torch.Tensor, lost: torch.Tensor,
+                  weight: float, lost_power: float) -> torch.Tensor:
+    """The score of labels whose boxes overlap others, from what joint resolution knows (`teacher.occlusion`):
+
+        score x (1 - weight x contested x (1 - margin)) x (1 - lost ** lost_power)
+
+    score (N,) of each label over the pixels its written mask holds; contested, margin, lost (N,) in [0, 1] from
+    `teacher.occlusion.Resolution`: the share of its own mask that another label claimed too, how clearly it won
+    those pixels, and the share another instance won. The lost gate leaves a label that lost a few pixels almost
+    as it was (0.3 ** 6 < 0.001) and takes a label that lost most of its mask towards 0: its mask is then mostly
+    another object. lost_power 0 turns the gate off. -> (N,) in [0, 1].
+    """
+    out = score * (1 - weight * contested * (1 - margin))
+    if lost_power > 0:
+        out = out * (1 - lost.clamp(0, 1) ** lost_power)
+    return out.clamp(0, 1)

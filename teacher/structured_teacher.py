@@ -38,7 +38,7 @@ from .memory_bank import MemoryBank
 from .occlusion import instance_models, own_pixels, owned_by_others, resolve
 from .refine import refine, roi_color_edges, roi_depth_edges
 from .roi import RoIGrid, box_pixel_span, crop, crop_masked, paste_windows, roi_grid, threshold_windows
-from .score import mask_score
+from .score import mask_score, overlap_score
 
 MIN_BOX_SIDE = 2.0  # px: smaller (clipped) boxes get the box-as-mask label with score 0
 STAGES = ("network", "roi", "unary", "correspondence", "crf", "refine", "paste", "occlusion")
@@ -185,6 +185,10 @@ class StructuredTeacher:
         weights = (self.config.fusion.network_weight, self.config.fusion.prior_weight)
         if min(weights) < 0 or max(weights) <= 0:
             raise ValueError(f"TeacherConfig.fusion: weights must be >= 0 and not both 0, got {weights}")
+        if self.config.joint.lost_power < 0:
+            raise ValueError(f"TeacherConfig.joint.lost_power must be >= 0, got {self.config.joint.lost_power}")
+        # The resolution that only scores ("off") decides on a coarser grid (`JointConfig.score_max_pixels`).
+        self._score_joint = dataclasses.replace(self.config.joint, max_pixels=self.config.joint.score_max_pixels)
         self.device = _resolve_device(self.config.device)
         if network is not None and hasattr(network, "eval"):
             network.eval()
@@ -390,17 +394,24 @@ class StructuredTeacher:
                 self.bank.push(int(classes[k]), features[k], prob[k, 0], boxes[k], image_id, int(instance_ids[k]))
         t = self._tick("paste", t)
         # 7. overlaps
-        if cfg.occlusion == "joint" and len(boxes) > 1:
+        joint = cfg.occlusion == "joint"
+        if len(boxes) > 1 and (joint or cfg.joint.score_when_off):
+            # With occlusion "off" the resolution runs for the score alone, on a coarser grid: the masks written
+            # stay the per-box ones, bit for bit.
             hist, depth_median = instance_models(lab, prob, own_pixels(grid, boxes_t), grid.inside, depth_c,
                                                  depth_ok, cfg.joint.colour_bins, cfg.box_prior.color_alpha)
             res = resolve(windows, boxes_t, torch.from_numpy(image).to(dev),
-                          None if depth is None else torch.from_numpy(depth).to(dev), hist, depth_median, cfg.joint,
-                          cfg.box_prior.lab_scale, cfg.mask_thresh)
-            masks = res.masks
-            if cfg.joint.rescore:
-                # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
-                scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
-            scores = scores * (1 - cfg.joint.score_weight * res.contested * (1 - res.margin)).clamp(0, 1)
+                          None if depth is None else torch.from_numpy(depth).to(dev), hist, depth_median,
+                          cfg.joint if joint else self._score_joint, cfg.box_prior.lab_scale, cfg.mask_thresh)
+            if joint:
+                masks = res.masks
+                if cfg.joint.rescore:
+                    # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
+                    scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
+            else:
+                masks = threshold_windows(windows, height, width, cfg.mask_thresh)
+            scores = overlap_score(scores, res.contested, res.margin, res.lost, cfg.joint.score_weight,
+                                   cfg.joint.lost_power)
         else:
             masks = threshold_windows(windows, height, width, cfg.mask_thresh)
         labels = [InstanceLabel(m.cpu().numpy(), float(s), ms) for m, s, ms in zip(masks, scores.tolist(), matches)]
