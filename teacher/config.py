@@ -191,7 +191,8 @@ class JointConfig:
       -> 0.576, toy joint 0.642 -> 0.643; linear penalties cost toy up to 0.07. A least-squares or boosted-tree fit
       of every feature the joint pass gives plus box geometry reaches 0.53 on coco_tiny off (5-fold), so no blend
       of these features reaches 0.57 there. The score-only pass decides on a grid of at most 4,096 points
-      (score_max_pixels): 0.517 at 1.10x the time of "off" without it, against 0.518 at 1.24x with 65,536.
+      (score_max_pixels): 0.517 at 1.13x the time of "off" without it, against 0.518 at 1.24x with 65,536; reading
+      the lost share off that grid instead of spreading the winners to every pixel: 0.516 at 1.06x.
     On coco_tiny joint resolution stays below off whatever the weights (best 0.644 against 0.658 on 60 images):
     a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), and a
     disjoint answer must give each to one of them. Given to the smallest true owner the labels would reach 0.789

@@ -177,16 +177,23 @@ def instance_models(lab: torch.Tensor, prob: torch.Tensor, own: torch.Tensor, in
 
 def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, depth: torch.Tensor | None,
             hist: torch.Tensor, depth_median: torch.Tensor | None, cfg: JointConfig, lab_scale: float,
-            thresh: float) -> Resolution:
+            thresh: float, masks: list[torch.Tensor] | None = None) -> Resolution:
     """Resolve the overlaps of one image's instances (module docstring).
 
     windows: N pasted probability windows (`Window`); boxes (N,4); image (H,W,3) uint8 or float RGB tensor;
     depth (H,W) metres (0 = invalid) or None; hist (N, bins^3) colour models and depth_median (N,) or None from
     `instance_models`; lab_scale: LAB units per unit of the Potts kernel's colour (`BoxPriorConfig.lab_scale`).
+
+    masks: the N per-box masks (`threshold_windows` of ``windows``) to score against, left untouched: the
+    decision is made for the score alone (``teacher.occlusion: off``), and ``lost`` is read off the grid of the
+    decision (the share of the grid points the instance claimed that another won, times its contested share)
+    instead of spreading the winners to every pixel. ``Resolution.masks`` is then ``masks`` as given.
     """
     height, width = image.shape[:2]
     n = len(windows)
-    masks = threshold_windows(windows, height, width, thresh)
+    score_only = masks is not None
+    if masks is None:
+        masks = threshold_windows(windows, height, width, thresh)
     contested_share = torch.zeros(n, device=image.device)
     margin = torch.ones(n, device=image.device)
     lost = torch.zeros(n, device=image.device)
@@ -212,6 +219,18 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     q = _meanfield(unary, gy, gx, rect, stride, [masks[i] for i in members], image, lab_scale, cfg)   # (K,G)
     top = q.topk(2, dim=0)
     winner, won_margin = top.indices[0], top.values[0] - top.values[1]
+    if score_only:
+        for slot, i in enumerate(members):
+            win = windows[i]
+            rs, cs = _overlap_slices(win, rect)[0]
+            n_claimed = int((masks[i][rect[0] : rect[1] + 1, rect[2] : rect[3] + 1][rs, cs] & contested[rs, cs]).sum())
+            contested_share[i] = n_claimed / max(int((win.prob >= thresh).sum()), 1)
+            grid_claimed = claims[slot]
+            if grid_claimed.any():
+                won = grid_claimed & (winner == slot)
+                margin[i] = float((won_margin * won).sum()) / int(grid_claimed.sum())
+                lost[i] = contested_share[i] * (1 - int(won.sum()) / int(grid_claimed.sum()))
+        return Resolution(masks, contested_share, margin, lost)
     winners = _winner_map(winner, cell, contested, rect, stride, [windows[i] for i in members])
     emptied = []
     for slot, i in enumerate(members):

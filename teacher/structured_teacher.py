@@ -402,14 +402,12 @@ class StructuredTeacher:
                                                  depth_ok, cfg.joint.colour_bins, cfg.box_prior.color_alpha)
             res = resolve(windows, boxes_t, torch.from_numpy(image).to(dev),
                           None if depth is None else torch.from_numpy(depth).to(dev), hist, depth_median,
-                          cfg.joint if joint else self._score_joint, cfg.box_prior.lab_scale, cfg.mask_thresh)
-            if joint:
-                masks = res.masks
-                if cfg.joint.rescore:
-                    # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
-                    scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
-            else:
-                masks = threshold_windows(windows, height, width, cfg.mask_thresh)
+                          cfg.joint if joint else self._score_joint, cfg.box_prior.lab_scale, cfg.mask_thresh,
+                          None if joint else threshold_windows(windows, height, width, cfg.mask_thresh))
+            masks = res.masks
+            if joint and cfg.joint.rescore:
+                # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
+                scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
             scores = overlap_score(scores, res.contested, res.margin, res.lost, cfg.joint.score_weight,
                                    cfg.joint.lost_power)
         else:
