@@ -38,9 +38,10 @@ class ToyConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "toy"                 # toy | cityscapes | coco
+    name: str = "toy"                 # toy | cityscapes | coco | openimages (openimages: `pipeline index` only)
     root: str = ""                    # --data-root; cityscapes falls back to $CITYSCAPES_DATASET
-    ann: str = ""                     # COCO annotation json
+    ann: str = ""                     # COCO annotation json; OpenImages boxes CSV
+    classes: str = ""                 # OpenImages class-descriptions CSV
     split: str = "train"
     strict: bool = False              # stop at the first bad item instead of skipping it
     min_box_side: float = 1.0         # boxes thinner than this (px) are rejected as degenerate

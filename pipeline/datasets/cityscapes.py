@@ -38,12 +38,13 @@ import struct
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import cv2
 import numpy as np
 
 from ..errors import InputError
+from ..index import IndexRow
 from .base import Category, Dataset, Reject, Sample, index_progress
 from .images import read_image_rgb, read_json, read_png_channel, validate_box
 
@@ -220,7 +221,7 @@ class CityscapesDataset(Dataset):
 
     name = "cityscapes"
 
-    def __init__(self, root: str | os.PathLike, split: str, strict: bool = False):
+    def __init__(self, root: str | os.PathLike, split: str, strict: bool = False, scan: bool = True):
         super().__init__(os.fspath(root), split, strict)
         self.categories = list(CITYSCAPES_CATEGORIES)
         self._annotations: dict[str, _Annotation] = {}
@@ -228,15 +229,47 @@ class CityscapesDataset(Dataset):
         image_dir = root_path / "leftImg8bit" / split
         if not image_dir.is_dir():
             raise InputError(image_dir, f"no such folder: not a Cityscapes root with a '{split}' split")
-        paths = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
-        if not paths:
+        self.image_paths = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not self.image_paths:
             raise InputError(image_dir, f"no <city>/*{IMAGE_SUFFIX} images")
-        with_depth = (root_path / "disparity" / split).is_dir() or (root_path / "camera" / split).is_dir()
-        with index_progress(paths, f"index cityscapes/{split}") as bar:
+        self.with_depth = (root_path / "disparity" / split).is_dir() or (root_path / "camera" / split).is_dir()
+        if not scan:
+            return
+        with index_progress(self.image_paths, f"index cityscapes/{split}") as bar:
             for path in bar:
-                sample = self._load_sample(root_path, path, with_depth)
+                sample = self._load_sample(root_path, path, self.with_depth)
                 if sample is not None:
                     self._samples.append(sample)
+
+    def index_rows(self) -> Iterator[Reject | IndexRow]:
+        """The split's images as dataset index rows (``pipeline.index``), one image file at a time, in the order
+        the loader reads them, with the loader's rejects as they are found (construct with ``scan=False``)."""
+        root = Path(self.root)
+        for path in self.image_paths:
+            sample = self._load_sample(root, path, self.with_depth)
+            self._annotations.clear()       # ground truth: evaluation reads it from the files, not the index
+            rejects, self.rejects = self.rejects, []
+            yield from rejects
+            if sample is None:
+                continue
+            depth = self._depth_source(root, path) if sample.has_depth else None
+            yield IndexRow(sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes,
+                           sample.classes, sample.instance_ids, sample.ignore_boxes, sample.ignore_classes,
+                           None if depth is None else Path(depth[0]).relative_to(root).as_posix(),
+                           None if depth is None else "disparity", None if depth is None else depth[1:])
+
+    def _depth_source(self, root: Path, path: Path) -> tuple[str, float, float]:
+        """The image's disparity file and its camera's (baseline, fx); ``InputError`` naming the missing or bad
+        file."""
+        city, base = path.parent.name, path.name[: -len(IMAGE_SUFFIX)]
+        disparity = root / "disparity" / self.split / city / f"{base}_disparity.png"
+        camera = root / "camera" / self.split / city / f"{base}_camera.json"
+        if not disparity.exists():
+            raise InputError(disparity, "disparity file not found")
+        if not camera.exists():
+            raise InputError(camera, "camera file not found")
+        baseline, fx = read_camera(camera)
+        return os.fspath(disparity), baseline, fx
 
     def _load_sample(self, root: Path, path: Path, with_depth: bool) -> Optional[Sample]:
         city = path.parent.name
@@ -251,15 +284,9 @@ class CityscapesDataset(Dataset):
             return None
         depth_loader = None
         if with_depth:
-            disparity = root / "disparity" / self.split / city / f"{base}_disparity.png"
-            camera = root / "camera" / self.split / city / f"{base}_camera.json"
             try:
-                if not disparity.exists():
-                    raise InputError(disparity, "disparity file not found")
-                if not camera.exists():
-                    raise InputError(camera, "camera file not found")
-                baseline, fx = read_camera(camera)
-                depth_loader = partial(load_depth, os.fspath(disparity), baseline, fx, height, width)
+                disparity, baseline, fx = self._depth_source(root, path)
+                depth_loader = partial(load_depth, disparity, baseline, fx, height, width)
             except InputError as exc:
                 self.record_depth_reject(exc)
         self._annotations[base] = parsed.annotation

@@ -25,18 +25,21 @@ A malformed or structurally invalid annotation file always raises: there is noth
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from ..errors import InputError
-from .base import Category, Dataset, Sample, box_to_mask, index_progress
+from ..index import Buckets, IndexRow
+from .base import Category, Dataset, Reject, Sample, box_to_mask, index_progress
 from .images import format_box, read_image_rgb, read_json, read_png_channel, validate_box
 
 log = logging.getLogger(__name__)
@@ -305,3 +308,146 @@ class CocoDataset(Dataset):
         return [box_to_mask(box, sample.height, sample.width) if seg is None
                 else _decode_segmentation(seg, sample.height, sample.width)
                 for box, seg in zip(sample.ignore_boxes, segs)]
+
+
+class CocoStream(CocoDataset):
+    """The loader's rules over a COCO file read as a stream (``ijson``), for the dataset index
+    (``pipeline.index``): ``index_rows`` yields rejects as they are found and, per hash bucket of image ids, the
+    (position, row) pairs of its images in file order. No step holds the file in one Python object: images and
+    annotations are spread over hash buckets on disk, and one bucket at a time is grouped. Holdout splitting is
+    left to the reader of the index (it keeps every image). Segmentations stay out of the index."""
+
+    def __init__(self, root: str | os.PathLike, ann: str | os.PathLike, min_box_side: float = 0.0):
+        Dataset.__init__(self, os.fspath(root), "train", strict=False)
+        self.ann = os.fspath(ann)
+        self.holdout = 0.0
+        self.min_box_side = float(min_box_side)
+        self._segmentations = {}
+        self._ignore_segmentations = {}
+
+    def index_rows(self, scratch: str | os.PathLike, buckets: int = 64, batch: int = 4096
+                   ) -> Iterator[Reject | list[tuple[int, IndexRow]]]:
+        self._load_categories(list(self._items("categories")))
+        yield from self._drain()
+        schema = pa.schema([("id", pa.string()), ("entry", pa.string())])
+        images = Buckets(Path(scratch), schema, "id", buckets)
+        anns = Buckets(Path(scratch), pa.schema([("image_id", pa.string()), ("ann", pa.string())]), "image_id",
+                       buckets)
+        try:
+            count = 0
+            for chunk in _chunks(self._items("images"), batch):
+                ids, entries, seq = [], [], []
+                for img in chunk:
+                    try:
+                        image_id, entry = self._check_image(count, img)
+                        ids.append(image_id)
+                        entries.append(json.dumps([entry["file_name"], entry["height"], entry["width"],
+                                                   None if entry["depth"] is None else
+                                                   [os.fspath(entry["depth"][0]), entry["depth"][1]]]))
+                    except InputError as exc:
+                        self.record_reject(exc)
+                        if not isinstance(img, dict):
+                            count += 1
+                            continue
+                        ids.append(str(img.get("id")))   # listed, so its annotations are not "unknown image"
+                        entries.append(None)
+                    seq.append(count)
+                    count += 1
+                images.add(pa.table({"id": ids, "entry": pa.array(entries, pa.string())}), np.array(seq, np.int64))
+                yield from self._drain()
+            if count == 0:
+                raise self._bad("not a COCO instances file: no 'images' entries")
+            count = 0
+            for chunk in _chunks(self._items("annotations"), batch):
+                ids, texts, seq = [], [], []
+                for ann in chunk:
+                    if not isinstance(ann, dict):
+                        self.record_reject(self._bad(f"annotation entry #{count} is not an object"))
+                    else:
+                        ids.append(str(ann.get("image_id")))
+                        texts.append(json.dumps(ann))
+                        seq.append(count)
+                    count += 1
+                anns.add(pa.table({"image_id": ids, "ann": texts}), np.array(seq, np.int64))
+                yield from self._drain()
+            images.finish()
+            anns.finish()
+            for b in range(buckets):
+                yield self._bucket_rows(images.bucket(b), anns.bucket(b))
+                yield from self._drain()
+        finally:
+            images.close()
+            anns.close()
+
+    def _bucket_rows(self, images: pa.Table, anns: pa.Table) -> list[tuple[int, IndexRow]]:
+        """One bucket's images in file order, with their annotations checked as ``CocoDataset`` checks them."""
+        valid: dict[str, dict] = {}
+        first: dict[str, int] = {}
+        for image_id, text, seq in zip(images.column("id").to_pylist(), images.column("entry").to_pylist(),
+                                       images.column("_seq").to_pylist()):
+            if text is None:
+                continue
+            if image_id in valid:
+                self.record_reject(self._bad(f"image id {image_id} appears twice"))
+                continue
+            file_name, height, width, depth = json.loads(text)
+            valid[image_id] = {"file_name": file_name, "height": height, "width": width,
+                               "depth": None if depth is None else (Path(depth[0]), depth[1])}
+            first[image_id] = seq
+        listed = set(images.column("id").to_pylist())
+        category_ids = {c.id for c in self.categories}
+        counters: dict[str, int] = {}
+        per_image: dict[str, list[tuple[int, dict]]] = {}
+        for image_id, text, seq in zip(anns.column("image_id").to_pylist(), anns.column("ann").to_pylist(),
+                                       anns.column("_seq").to_pylist()):
+            index = counters.get(image_id, 0)
+            counters[image_id] = index + 1
+            ann = json.loads(text)
+            if image_id not in valid:
+                if image_id not in listed:
+                    self.record_reject(self._bad(f"annotation {ann.get('id', '#' + str(seq))} refers to unknown "
+                                                 f"image {ann.get('image_id')!r}"))
+                continue
+            try:
+                per_image.setdefault(image_id, []).append(
+                    (index, self._check_annotation(seq, ann, valid[image_id], category_ids)))
+            except InputError as exc:
+                self.record_reject(exc)
+        run = []
+        for image_id, entry in valid.items():
+            sample = self._make_sample(image_id, entry, per_image.get(image_id, []))
+            self._segmentations.pop(image_id, None)
+            self._ignore_segmentations.pop(image_id, None)
+            depth = entry["depth"]
+            run.append((first[image_id], IndexRow(
+                sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes, sample.classes,
+                sample.instance_ids, sample.ignore_boxes, sample.ignore_classes,
+                None if depth is None else Path(depth[0]).relative_to(self.root).as_posix(),
+                None if depth is None else "metres", None if depth is None else (float(depth[1]),))))
+        return run
+
+    def _items(self, key: str) -> Iterator[Any]:
+        import ijson
+
+        try:
+            with open(self.ann, "rb") as f:
+                yield from ijson.items(f, f"{key}.item", use_float=True)
+        except FileNotFoundError:
+            raise InputError(self.ann, "file not found") from None
+        except ijson.JSONError as exc:
+            raise self._bad(f"malformed json ({exc})") from None
+
+    def _drain(self) -> Iterator[Reject]:
+        rejects, self.rejects = self.rejects, []
+        yield from rejects
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
