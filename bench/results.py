@@ -119,8 +119,9 @@ GOALS = [
     Goal("Toy run: round-3 label IoU > round 0's", "run-toy", "toy_round3_label_iou", ">", "toy_round0_label_iou",
          "issue 11"),
     Goal("Toy run: largest label IoU drop between rounds", "run-toy", "toy_largest_drop", "<=", 0.005, "issue 11"),
-    Goal("Toy run: round-0 score Spearman not below 0.625 (before the score saw overlaps)", "run-toy",
-         "toy_round0_spearman", ">=", 0.625, "issue 33"),
+    # 0.620: round 0 of `pipeline run --dataset toy` at 5bef7ac, before the score saw overlaps (labels identical).
+    Goal("Toy run: round-0 score Spearman not below the score before it saw overlaps", "run-toy",
+         "toy_round0_spearman", ">=", 0.620, "issue 33"),
     Goal("Toy run: round-3 mask AP > box-as-mask AP", "run-toy", "toy_round3_mask_ap", ">",
          "toy_round3_box_as_mask_ap", "issue 11"),
     Goal("coco_cpu: round-2 label IoU >= round 0 + 0.02", "run-coco_cpu", "coco_cpu_round2_label_iou", ">=",

@@ -19,11 +19,10 @@ from boxmask_common.errors import UserError
 from boxmask_common.files import atomic_path, load_weights_only
 from teacher.config import ObjectiveConfig
 
-from .config import StudentConfig
+from .config import NETWORK, StudentConfig
 from .model import build_model
 
 FORMAT = "boxmask-student/1"
-NETWORK = "maskrcnn-student"
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from teacher.config import ObjectiveConfig
 
+NETWORK = "maskrcnn-student"   # the name checkpoints give the student's teacher network (`teacher.network`)
+# Backbones with torchvision ImageNet weights (`student.weights.IMAGENET`, which a test keeps equal to this).
+IMAGENET_BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")
+
 
 def _student_objectives() -> ObjectiveConfig:
     # AsyInst trains with the same affinity settings the teacher refines with; only the warm-up is the student's.

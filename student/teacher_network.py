@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from boxmask_common.errors import UserError
-from teacher.network import register_network
 
-from .checkpoint import NETWORK, model_from_export
+from .checkpoint import model_from_export
 
 
 class StudentTeacherNetwork(nn.Module):
@@ -67,5 +66,3 @@ def build_from_export(checkpoint: dict, where: str = "checkpoint") -> StudentTea
         raise UserError(where, f"duplicate class ids in {ids}")
     return StudentTeacherNetwork(model, ids).eval()
 
-
-register_network(NETWORK, build_from_export)

@@ -7,9 +7,10 @@ importing the pipeline, and the pipeline can build networks without knowing the 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:   # annotations only: the registry loads without torch (a light driver process)
+    import torch
 
 
 @runtime_checkable

@@ -345,9 +345,11 @@ def test_a_longer_run_keeps_its_lr_steps_and_affinity_warm_up_at_the_same_fracti
 
 def test_train_iterations_flag_stretches_the_schedule_unless_set(toy_cache, tmp_path, monkeypatch):
     import pipeline.commands.train as train_command
+    import pipeline.training
     seen = []
     monkeypatch.setattr(train_command, "connect_ray", lambda cfg, address: None)
-    monkeypatch.setattr(train_command, "run_training", lambda job, resume: seen.append(job.cfg) or
+    # The command imports run_training when it runs (it keeps torch out of `pipeline --help`): patch its home.
+    monkeypatch.setattr(pipeline.training, "run_training", lambda job, resume: seen.append(job.cfg) or
                         {"student": "s", "teacher": "t", "iteration": 1, "metrics": {"loss": 1.0}})
     # The toy config's schedule: 300 iterations, lr step at 240, affinity warm-up 250.
     base = ["train", "--dataset", "toy", "--out", str(tmp_path / "o"), "--set", "dataset.toy.train=4",

@@ -156,3 +156,9 @@ def test_the_class_agnostic_head_shares_one_channel_in_the_loss_inference_and_te
     (probs, feats), = net([img], [boxes], [torch.tensor([7, 9])])
     assert probs.shape == (2, 16, 16) and feats.shape == (2, 32, 7, 7)
     assert torch.equal(probs[0], probs[1]), "one box, two classes: the class-agnostic head gives one mask"
+
+
+def test_the_cli_lists_the_backbones_that_have_imagenet_weights():
+    from student.config import IMAGENET_BACKBONES
+
+    assert tuple(weights.IMAGENET) == IMAGENET_BACKBONES

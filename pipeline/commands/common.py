@@ -26,16 +26,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, split_default: str | None = "train",
-                     split_key: str = "dataset.split") -> None:
+                     split_key: str = "dataset.split", extra_datasets: tuple[str, ...] = ()) -> None:
     """``split_default``: what omitting ``--split`` means, for the help text. None: the command goes over
     every split; a name: the config's ``split_key`` (that name in the shipped configs). Either way an
-    omitted ``--split`` (or ``--dataset``) leaves the config file's value alone."""
-    parser.add_argument("--dataset", choices=DATASETS, default=None,
+    omitted ``--split`` (or ``--dataset``) leaves the config file's value alone. ``extra_datasets``: kinds only this
+    command reads, beside ``DATASETS``."""
+    parser.add_argument("--dataset", choices=DATASETS + extra_datasets, default=None,
                         help=f"dataset kind (default: dataset.name of the --config file, else "
                              f"{DEFAULT_DATASET}, generated on first use)")
     parser.add_argument("--data-root", metavar="DIR",
                         help="dataset root (cityscapes: default $CITYSCAPES_DATASET; coco: image folder root)")
-    parser.add_argument("--ann", metavar="FILE", help="COCO instances json (coco only)")
+    ann = "COCO instances json (coco)" + (", OpenImages boxes CSV (openimages)" if "openimages" in extra_datasets
+                                          else " (coco only)")
+    parser.add_argument("--ann", metavar="FILE", help=ann)
     split_help = ("every split of the dataset" if split_default is None
                   else f"{split_key} of the config, {split_default} in the shipped configs")
     parser.add_argument("--split", default=None, help=f"split to use (default: {split_help})")
@@ -64,7 +67,8 @@ def at_least_one(flag: str, value: int | None) -> int | None:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The ``Config`` the arguments name (see the module docstring for the precedence)."""
     dataset = getattr(args, "dataset", None)
-    path = getattr(args, "config", None) or config_path_for(dataset or DEFAULT_DATASET)
+    # Kinds without a shipped config of their own (openimages) start from the toy config's other sections.
+    path = getattr(args, "config", None) or config_path_for(dataset if dataset in DATASETS else DEFAULT_DATASET)
     extra: dict = {"dataset": {}}
     if dataset:
         extra["dataset"]["name"] = dataset

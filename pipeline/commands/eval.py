@@ -14,7 +14,6 @@ from pathlib import Path
 from boxmask_common.files import atomic_write_text
 
 from ..evaluation import CocoMaskResult, cityscapes_table
-from ..model_eval import eval_dataset_config, evaluate_checkpoint
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
 
 
@@ -50,6 +49,8 @@ def per_class(results: dict[str, CocoMaskResult]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..model_eval import eval_dataset_config, evaluate_checkpoint  # torch: see pipeline.cli's docstring
+
     cfg = config_from_args(args)
     at_least_one("--limit", args.limit)
     if args.split is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..labeling import prepare_label, run_label
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
@@ -46,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..labeling import prepare_label, run_label  # torch: see pipeline.cli's docstring
+
     cfg = config_from_args(args)
     if at_least_one("--workers", args.workers) is not None:
         cfg.label.workers = args.workers

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 from ..log import add_file_log
-from ..rounds import RoundRunner, RunFolder
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
@@ -56,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.dataset.ann = os.path.abspath(cfg.dataset.ann)
     if cfg.evaluation.ann:
         cfg.evaluation.ann = os.path.abspath(cfg.evaluation.ann)
+    from ..rounds import RoundRunner, RunFolder  # torch: see pipeline.cli's docstring
+
     folder = RunFolder(args.out or Path(cfg.run.root) / cfg.run.name)
     folder.check(cfg, args.resume)
     runner = RoundRunner(cfg, folder, cfg.run.rounds)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from student.schedule import effective_lr, stretch_schedule
-
 from ..config import override_keys
-from ..training import build_job, check_student, loss_terms, run_training
 from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
 
 
@@ -36,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from student.schedule import effective_lr, stretch_schedule  # torch: see pipeline.cli's docstring
+    from ..training import build_job, check_student, loss_terms, run_training
+
     cfg = config_from_args(args)
     if at_least_one("--workers", args.workers) is not None:
         cfg.student.workers = args.workers

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-
-from student.weights import IMAGENET, install, listing
-
+from student.config import IMAGENET_BACKBONES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,13 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lister = sub.add_parser("list", help="each known backbone's ImageNet file, its cache path and whether it is there")
     lister.set_defaults(func=run_list)
     installer = sub.add_parser("install", help="put a backbone's ImageNet file into torch's cache, sha256-checked")
-    installer.add_argument("backbone", choices=list(IMAGENET), help="the student.backbone whose weights to install")
+    installer.add_argument("backbone", choices=IMAGENET_BACKBONES, help="the student.backbone whose weights to install")
     installer.add_argument("--from", dest="source", metavar="FILE",
                            help="copy this file instead of downloading it (its name may differ; its digest may not)")
     installer.set_defaults(func=run_install)
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from student.weights import listing  # torch: see pipeline.cli's docstring
+
     rows = listing()
     width = max(len(r["backbone"]) for r in rows)
     for r in rows:
@@ -44,6 +44,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    from student.weights import install  # torch: see pipeline.cli's docstring
+
     path = install(args.backbone, args.source)
     print(f"{args.backbone}: {path} (sha256 checked)")
     return 0
