@@ -56,12 +56,15 @@ class Resolution:
     """Result of `resolve`: masks N (H,W) bool (disjoint); contested (N,) share of each instance's own
     (unresolved) mask that lay on pixels another instance claimed too; margin (N,) mean winning margin
     Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any; on a
-    grid of every s-th pixel, over the grid points); lost (N,) share of its own mask that another instance won."""
+    grid of every s-th pixel, over the grid points); lost (N,) share of its own mask that another instance won;
+    restored (N,) bool: the instance lost every pixel and got its own mask back (``_restore``), so the mask written
+    for it lies where other instances won."""
 
     masks: list[torch.Tensor]
     contested: torch.Tensor
     margin: torch.Tensor
     lost: torch.Tensor
+    restored: torch.Tensor
 
 
 def pair_overlaps(windows: list[Window]) -> np.ndarray:
@@ -197,9 +200,10 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     contested_share = torch.zeros(n, device=image.device)
     margin = torch.ones(n, device=image.device)
     lost = torch.zeros(n, device=image.device)
+    restored = torch.zeros(n, dtype=torch.bool, device=image.device)
     found = _contested_region(windows, masks)
     if found is None:
-        return Resolution(masks, contested_share, margin, lost)
+        return Resolution(masks, contested_share, margin, lost, restored)
     members, contested, rect = found
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
     # their grid point (s = 1 on images of a few hundred pixels a side).
@@ -230,7 +234,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
                 won = grid_claimed & (winner == slot)
                 margin[i] = float((won_margin * won).sum()) / int(grid_claimed.sum())
                 lost[i] = contested_share[i] * (1 - int(won.sum()) / int(grid_claimed.sum()))
-        return Resolution(masks, contested_share, margin, lost)
+        return Resolution(masks, contested_share, margin, lost, restored)
     winners = _winner_map(winner, cell, contested, rect, stride, [windows[i] for i in members])
     emptied = []
     for slot, i in enumerate(members):
@@ -253,7 +257,8 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
             emptied.append(i)
     for i in emptied:
         _restore(masks, i, members, windows[i], thresh)
-    return Resolution(masks, contested_share, margin, lost)
+        restored[i] = True
+    return Resolution(masks, contested_share, margin, lost, restored)
 
 
 def _contested_region(windows: list[Window], masks: list[torch.Tensor]

@@ -141,26 +141,51 @@ def test_off_reproduces_the_labels_before_joint_resolution_bit_for_bit():
     assert (first.sum(0) > 1).any() and not np.array_equal(np.stack([lab.mask.ravel() for lab in joint]), first)
 
 
-@pytest.mark.parametrize("occlusion", ["off", "joint"])
 @pytest.mark.parametrize("with_depth", [False, True])
-def test_a_label_that_is_mostly_another_object_scores_below_the_correct_ones(occlusion, with_depth):
+def test_a_label_that_is_mostly_another_object_scores_below_the_correct_ones(with_depth):
     # A large far object almost hidden behind a near one inside its box: labelled on its own, A's box mostly holds
-    # B, so A's per-box mask is mostly B. C stands apart. In both modes A's label must score below B's and C's.
+    # B, so A's per-box mask is mostly B. C stands apart. With occlusion "off" the masks stay per box, and A's label
+    # must score below B's and C's; resolved jointly, A keeps only what it won, and is scored as that.
     image, depth, boxes, truth = scene([((8, 8, 120, 88), (170, 80, 70), 30.0),
                                         ((14, 10, 114, 86), (60, 90, 170), 8.0),
                                         ((124, 30, 158, 70), (200, 190, 60), 12.0)], shape=(96, 160))
-    off_labels = label(image, boxes, depth if with_depth else None, occlusion="off", score_when_off=False)
-    assert iou(off_labels[0].mask, truth[0]) < 0.2
-    assert (off_labels[0].mask & truth[1]).sum() > 0.75 * off_labels[0].mask.sum()
-    labels = label(image, boxes, depth if with_depth else None, occlusion=occlusion)
-    scores = [lab.score for lab in labels]
+    d = depth if with_depth else None
+    before = label(image, boxes, d, occlusion="off", score_when_off=False)
+    assert iou(before[0].mask, truth[0]) < 0.2
+    assert (before[0].mask & truth[1]).sum() > 0.75 * before[0].mask.sum()
+    off = label(image, boxes, d, occlusion="off")
+    scores = [lab.score for lab in off]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scores[0] < min(scores[1], scores[2]) - 0.2, scores
     # Without the score-only pass, "off" was blind to it: the wrong label scored as high as the right ones.
-    if occlusion == "off":
-        assert off_labels[0].score > min(off_labels[1].score, off_labels[2].score) > scores[0] + 0.2
-        for a, b in zip(off_labels, labels):
-            assert np.array_equal(a.mask, b.mask)
+    assert before[0].score > min(before[1].score, before[2].score) > scores[0] + 0.2
+    for a, b in zip(before, off):
+        assert np.array_equal(a.mask, b.mask)
+    joint = label(image, boxes, d)
+    assert (joint[0].mask & truth[1]).sum() < 0.25 * joint[0].mask.sum()
+    assert iou(joint[0].mask, truth[0]) > iou(before[0].mask, truth[0]) + 0.3
+    assert all(0.0 <= lab.score <= 1.0 for lab in joint)
+    # Nobody lost every pixel, so the lost gate leaves the resolved labels' scores as they were.
+    assert [lab.score for lab in joint] == [lab.score for lab in label(image, boxes, d, lost_power=0.0)]
+
+
+def test_a_resolved_label_that_lost_every_pixel_is_flagged_and_its_gate_closes():
+    # Instance 0's box lies inside instance 1's, and instance 1 is surer of every pixel of it and holds the pixel
+    # colours: instance 0 loses all it claimed, gets its own mask back (so the rows stay one per box), and is
+    # flagged restored. Its lost share is 1, so the lost gate takes its score to 0.
+    image = torch.full((40, 60, 3), 100, dtype=torch.uint8)
+    inner = Window(torch.full((10, 10), 0.51), 15, 24, 25, 34)
+    outer = Window(torch.full((36, 56), 0.99), 2, 37, 2, 57)
+    boxes = torch.tensor([[25.0, 15.0, 35.0, 25.0], [2.0, 2.0, 58.0, 38.0]])
+    bins = 8
+    hist = torch.full((2, bins**3), 1e-3)
+    hist[1] = 1.0                                           # only instance 1's colour model explains the image
+    hist = hist / hist.sum(1, keepdim=True)
+    cfg = JointConfig(containment_weight=0.0, centre_weight=0.0, bottom_weight=0.0)
+    res = resolve([inner, outer], boxes, image, None, hist, None, cfg, 20.0, 0.5)
+    assert res.restored.tolist() == [True, False] and res.lost[0] == 1.0
+    assert res.masks[0][15:25, 25:35].all() and not res.masks[1][15:25, 25:35].any()
+    assert overlap_score(torch.tensor([0.95]), res.contested[:1], res.margin[:1], res.lost[:1], 0.1, 6.0) == 0.0
 
 
 def test_overlap_score_gates_on_the_lost_share_and_stays_in_range():
