@@ -195,7 +195,10 @@ class JointConfig:
       of every feature the joint pass gives plus box geometry reaches 0.53 on coco_tiny off (5-fold), so no blend
       of these features reaches 0.57 there. The score-only pass decides on a grid of at most 4,096 points
       (score_max_pixels): 0.517 at 1.13x the time of "off" without it, against 0.518 at 1.24x with 65,536; reading
-      the lost share off that grid instead of spreading the winners to every pixel: 0.516 at 1.06x.
+      the lost share off that grid instead of spreading the winners to every pixel: 0.516 at 1.06x. Finding the
+      contested pixels on that grid too (no full-resolution map; large images paid for it): 0.511 at 4,096 points,
+      0.516 at 16,384 (0.75 / 1.06 ms per instance for the overlap stage on coco_tiny), 0.517 at 65,536 (2.38).
+      The bench put 16,384 at 1.18x of plain off on coco_tiny and 1.23x at 1024x2048, so 4,096 ships.
     On coco_tiny joint resolution stays below off whatever the weights (best 0.644 against 0.658 on 60 images):
     a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), and a
     disjoint answer must give each to one of them. Given to the smallest true owner the labels would reach 0.789
@@ -226,7 +229,7 @@ class JointConfig:
                                       # another instance won: with "off" its per-box mask's; resolved, 1 for a
                                       # label that lost every pixel and got its own mask back, else 0
     score_when_off: bool = True       # with occlusion "off", still resolve, for the score alone (masks stay per box)
-    score_max_pixels: int = 4096      # max_pixels of that score-only resolution (65,536: same Spearman, 1.2x time)
+    score_max_pixels: int = 4096      # grid points of that score-only resolution (its whole map is that grid)
 
 
 @dataclass

@@ -188,9 +188,11 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     `instance_models`; lab_scale: LAB units per unit of the Potts kernel's colour (`BoxPriorConfig.lab_scale`).
 
     masks: the N per-box masks (`threshold_windows` of ``windows``) to score against, left untouched: the
-    decision is made for the score alone (``teacher.occlusion: off``), and ``lost`` is read off the grid of the
-    decision (the share of the grid points the instance claimed that another won, times its contested share)
-    instead of spreading the winners to every pixel. ``Resolution.masks`` is then ``masks`` as given.
+    decision is made for the score alone (``teacher.occlusion: off``) on a grid of at most ``cfg.max_pixels``
+    points over the boxes' intersections (`_contested_grid`), and the shares are read off that grid (contested:
+    the claimed contested points times the stride squared, over the own mask; lost: the share of those another
+    instance won, times the contested share), without any full-resolution map. ``Resolution.masks`` is then
+    ``masks`` as given.
     """
     height, width = image.shape[:2]
     n = len(windows)
@@ -201,14 +203,14 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     margin = torch.ones(n, device=image.device)
     lost = torch.zeros(n, device=image.device)
     restored = torch.zeros(n, dtype=torch.bool, device=image.device)
-    found = _contested_region(windows, masks)
+    found = _contested_grid(windows, masks, cfg.max_pixels) if score_only else _contested_region(windows, masks)
     if found is None:
         return Resolution(masks, contested_share, margin, lost, restored)
-    members, contested, rect = found
+    members, contested, rect = found[:3]
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
-    # their grid point (s = 1 on images of a few hundred pixels a side).
-    stride = _stride(rect, cfg.max_pixels)
-    cell = torch.nonzero(contested[::stride, ::stride])
+    # their grid point (s = 1 on images of a few hundred pixels a side). Scoring alone, the map is that grid.
+    stride = found[3] if score_only else _stride(rect, cfg.max_pixels)
+    cell = torch.nonzero(contested if score_only else contested[::stride, ::stride])
     gy, gx = cell[:, 0] * stride + rect[0], cell[:, 1] * stride + rect[2]
     covers, claims, logits = _claims(windows, members, gy, gx, thresh)
     members_t = torch.as_tensor(members, device=image.device)
@@ -225,11 +227,9 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     winner, won_margin = top.indices[0], top.values[0] - top.values[1]
     if score_only:
         for slot, i in enumerate(members):
-            win = windows[i]
-            rs, cs = _overlap_slices(win, rect)[0]
-            n_claimed = int((masks[i][rect[0] : rect[1] + 1, rect[2] : rect[3] + 1][rs, cs] & contested[rs, cs]).sum())
-            contested_share[i] = n_claimed / max(int((win.prob >= thresh).sum()), 1)
             grid_claimed = claims[slot]
+            n_own = int((windows[i].prob >= thresh).sum())
+            contested_share[i] = min(1.0, int(grid_claimed.sum()) * stride**2 / max(n_own, 1))
             if grid_claimed.any():
                 won = grid_claimed & (winner == slot)
                 margin[i] = float((won_margin * won).sum()) / int(grid_claimed.sum())
@@ -297,6 +297,42 @@ def _contested_region(windows: list[Window], masks: list[torch.Tensor]
     contested = contested[rect[0] - E0 : rect[1] - E0 + 1, rect[2] - F0 : rect[3] - F0 + 1]
     holds = [bool(contested[_overlap_slices(windows[i], rect)[0]].any()) for i in members]
     return members[np.asarray(holds, dtype=bool)], contested, rect
+
+
+def _contested_grid(windows: list[Window], masks: list[torch.Tensor], max_pixels: int
+                    ) -> tuple[np.ndarray, torch.Tensor, tuple[int, int, int, int], int] | None:
+    """`_contested_region` on a grid, for a decision that only scores: the pixels every s-th row and column of the
+    pairwise box intersections' bounding rectangle (R0, R1, C0, C1), s the smallest stride that leaves at most
+    ``max_pixels`` points, that lie inside two or more boxes and that some of those instances' masks claim. Returns
+    the instances whose box holds one of them (K,), that map (h,w) bool over the grid, the rectangle and s; None
+    when there are none. No full-resolution map is made."""
+    inter = pair_overlaps(windows)
+    members = np.nonzero(inter.sum(1) > 0)[0]
+    if len(members) == 0:
+        return None
+    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
+    pairs = np.argwhere(np.triu(inter) > 0)
+    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
+    (r0, c0), (r1, c1) = np.maximum(a, b)[:, [0, 2]].min(0), np.minimum(a, b)[:, [1, 3]].max(0)
+    rect = (int(r0), int(r1), int(c0), int(c1))
+    step = _stride(rect, max_pixels)
+    rows = torch.arange(rect[0], rect[1] + 1, step, device=masks[0].device)
+    cols = torch.arange(rect[2], rect[3] + 1, step, device=masks[0].device)
+    count = torch.zeros((len(rows), len(cols)), dtype=torch.int32, device=masks[0].device)
+    claimed_any = torch.zeros_like(count, dtype=torch.bool)
+    holds = []
+    for i in members:
+        w = windows[i]
+        in_r = (rows >= w.r0) & (rows <= w.r1)
+        in_c = (cols >= w.c0) & (cols <= w.c1)
+        count += (in_r[:, None] & in_c[None, :]).to(torch.int32)
+        claimed_any |= masks[i][rows[:, None], cols[None, :]]
+        holds.append((in_r, in_c))
+    contested = (count >= 2) & claimed_any
+    keep = [bool((contested & (in_r[:, None] & in_c[None, :])).any()) for in_r, in_c in holds]
+    if not any(keep):
+        return None
+    return members[np.asarray(keep, dtype=bool)], contested, rect, step
 
 
 def _overlap_slices(win: Window, rect: tuple[int, int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
+
 from ..config import DatasetConfig
 from ..errors import ConfigError, InputError
 from ..index import IndexRow, IndexWriter, SortedRuns
@@ -116,6 +118,7 @@ def build_index(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 1
                 writer.add(item)
             else:
                 runs.add_run(item)
+                pa.default_memory_pool().release_unused()    # a bucket's buffers, or the pool keeps them all
             if progress is not None:
                 progress(writer.indexed, writer.rejects)
         if cfg.name == "coco":
