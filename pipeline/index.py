@@ -23,8 +23,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import shutil
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from boxmask_common.files import atomic_path, atomic_write_text
 
 from .errors import InputError
 
@@ -74,6 +74,13 @@ class IndexRow:
     depth_kind: str | None = None
     depth_params: tuple[float, ...] | None = None
 
+    @classmethod
+    def from_sample(cls, sample, depth: tuple[str, str, tuple[float, ...]] | None = None) -> "IndexRow":
+        """The row of a loader's ``pipeline.datasets.base.Sample``; ``depth``: (file relative to the root, kind,
+        params) when the sample has depth."""
+        return cls(sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes, sample.classes,
+                   sample.instance_ids, sample.ignore_boxes, sample.ignore_classes, *(depth or (None, None, None)))
+
 
 class IndexWriter:
     """Streams ``IndexRow``s and rejects into an index folder (module docstring): ``add`` / ``reject``, then
@@ -86,7 +93,7 @@ class IndexWriter:
         self.dataset = dataset
         self.part_images = part_images
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in list(self.out.glob("part-*.parquet")) + list(self.out.glob(".tmp-*")):
+        for stale in list(self.out.glob("part-*.parquet")) + list(self.out.glob(".part-*.parquet.tmp")):
             stale.unlink()
         for name in (INDEX_META, INDEX_REJECTS):
             (self.out / name).unlink(missing_ok=True)
@@ -119,7 +126,7 @@ class IndexWriter:
         meta = {"version": INDEX_VERSION, "dataset": self.dataset, "source": source,
                 "categories": [[int(i), str(n)] for i, n in categories], "images": self.images,
                 "boxes": self.boxes, "rejects": self.rejects, "parts": self.parts}
-        _write_atomic(self.out / INDEX_META, json.dumps(meta, indent=1).encode())
+        atomic_write_text(self.out / INDEX_META, json.dumps(meta, indent=1))
         return meta
 
     def abort(self) -> None:
@@ -128,11 +135,9 @@ class IndexWriter:
     def _flush(self) -> None:
         if not self._rows:
             return
-        table = rows_to_table(self._rows)
         name = f"part-{len(self.parts):05d}.parquet"
-        tmp = self.out / f".tmp-{uuid.uuid4().hex}"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.out / name)
+        with atomic_path(self.out / name) as tmp:
+            pq.write_table(rows_to_table(self._rows), tmp, compression="zstd")
         n_boxes = sum(len(r.boxes) for r in self._rows)
         self.parts.append({"file": name, "images": len(self._rows), "boxes": n_boxes})
         self.images += len(self._rows)
@@ -142,20 +147,20 @@ class IndexWriter:
 
 def rows_to_table(rows: list[IndexRow]) -> pa.Table:
     """``IndexRow``s -> a table of ``INDEX_SCHEMA``."""
-    def boxes(key: str) -> pa.Array:
+    def lists(key: str, dtype: type, width: int = 0) -> pa.Array:
+        """Column ``key`` of every row as one list array: items of ``width`` values (boxes), or scalars (0)."""
         offsets = np.zeros(len(rows) + 1, np.int32)
         offsets[1:] = np.cumsum([len(getattr(r, key)) for r in rows])
-        flat = np.concatenate([np.asarray(getattr(r, key), np.float32).reshape(-1) for r in rows] or
-                              [np.zeros(0, np.float32)])
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 4)
-        return pa.ListArray.from_arrays(pa.array(offsets), inner)
+        flat = pa.array(np.concatenate([np.asarray(getattr(r, key), dtype).reshape(-1) for r in rows]
+                                       or [np.zeros(0, dtype)]))
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(flat, width)
+                                        if width else flat)
+
+    def boxes(key: str) -> pa.Array:
+        return lists(key, np.float32, 4)
 
     def ints(key: str) -> pa.Array:
-        offsets = np.zeros(len(rows) + 1, np.int32)
-        offsets[1:] = np.cumsum([len(getattr(r, key)) for r in rows])
-        flat = np.concatenate([np.asarray(getattr(r, key), np.int32).reshape(-1) for r in rows] or
-                              [np.zeros(0, np.int32)])
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
+        return lists(key, np.int32)
 
     return pa.Table.from_arrays([
         pa.array([r.image_id for r in rows], pa.string()),
@@ -245,7 +250,7 @@ class Buckets:
         self._writers.clear()
 
     def bucket(self, b: int) -> pa.Table:
-        path = self.folder / f"{self.key}-{b:04d}.arrow"
+        path = self._path(b)
         if not path.exists():
             return self.schema.empty_table()
         with pa.memory_map(str(path)) as source:
@@ -260,11 +265,14 @@ class Buckets:
                 pass
         self._writers.clear()
         for b in range(self.count):
-            (self.folder / f"{self.key}-{b:04d}.arrow").unlink(missing_ok=True)
+            self._path(b).unlink(missing_ok=True)
+
+    def _path(self, b: int) -> Path:
+        return self.folder / f"{self.key}-{b:04d}.arrow"
 
     def _writer(self, b: int) -> pa.ipc.RecordBatchFileWriter:
         if b not in self._writers:
-            self._writers[b] = pa.ipc.new_file(str(self.folder / f"{self.key}-{b:04d}.arrow"), self.schema)
+            self._writers[b] = pa.ipc.new_file(str(self._path(b)), self.schema)
         return self._writers[b]
 
 
@@ -307,14 +315,12 @@ class SortedRuns:
             self.runs.append(path)
 
     def merged(self) -> Iterator[IndexRow]:
-        def run(path: Path) -> Iterator[tuple[int, int, IndexRow]]:
+        def run(path: Path) -> Iterator[tuple[int, IndexRow]]:
             with pq.ParquetFile(path) as f:
                 for batch in f.iter_batches(batch_size=self.batch_images):
                     table = pa.Table.from_batches([batch])
-                    seqs = table.column("_seq").to_pylist()
-                    for seq, row in zip(seqs, table_rows(table.drop_columns(["_seq"]))):
-                        yield seq, id(path), row
-        for _, _, row in heapq.merge(*(run(p) for p in self.runs), key=lambda t: t[0]):
+                    yield from zip(table.column("_seq").to_pylist(), table_rows(table.drop_columns(["_seq"])))
+        for _, row in heapq.merge(*(run(p) for p in self.runs), key=lambda t: t[0]):   # positions are unique
             yield row
 
     def close(self) -> None:
@@ -326,12 +332,6 @@ class SortedRuns:
 def bucket_of(key: str, count: int) -> int:
     """The bucket (0 .. count-1) of an image id: crc32 of its UTF-8 bytes, stable across runs and machines."""
     return zlib.crc32(str(key).encode()) % count
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def group_positions(keys: Iterable[str]) -> dict[str, list[int]]:

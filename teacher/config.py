@@ -186,19 +186,19 @@ class JointConfig:
       0.600 / 0.626, so 0.1.
     - The lost gate (score *= 1 - lost ** lost_power) and the score-only pass in "off" (issue 33; Spearman of score
       and IoU over a grid of blends, bench/NOTEBOOK.md, "The score sees overlaps"): the share of the own mask that
-      another instance won ranks labels better than the contested share (-0.34 against -0.23 on coco_tiny, off).
-      Power 6 was the best of 1-6 on all three sets at once: coco_tiny off 0.460 -> 0.518, coco_tiny joint 0.571
-      -> 0.576, toy joint 0.642 -> 0.643; linear penalties cost toy up to 0.07. Resolved labels are gated only
-      where they lost every pixel (their written mask is what others won): gated on what they lost before
-      resolution, the toy run's students learnt less from occluded objects, and its labels fell 0.003 / 0.003 /
-      0.007 in rounds 1-3 (0.7939 / 0.7968 / 0.7927 against 0.7965 / 0.7999 / 0.7998 at 5bef7ac). A least-squares or boosted-tree fit
-      of every feature the joint pass gives plus box geometry reaches 0.53 on coco_tiny off (5-fold), so no blend
-      of these features reaches 0.57 there. The score-only pass decides on a grid of at most 4,096 points
-      (score_max_pixels): 0.517 at 1.13x the time of "off" without it, against 0.518 at 1.24x with 65,536; reading
-      the lost share off that grid instead of spreading the winners to every pixel: 0.516 at 1.06x. Finding the
-      contested pixels on that grid too (no full-resolution map; large images paid for it): 0.511 at 4,096 points,
-      0.516 at 16,384 (0.75 / 1.06 ms per instance for the overlap stage on coco_tiny), 0.517 at 65,536 (2.38).
-      The bench put 16,384 at 1.18x of plain off on coco_tiny and 1.23x at 1024x2048, so 4,096 ships.
+      another instance won ranks labels better than the contested share (-0.34 against -0.23 on coco_tiny, off). Power
+      6 was the best of 1-6 on all three sets at once: coco_tiny off 0.460 -> 0.518, coco_tiny joint 0.571 -> 0.576,
+      toy joint 0.642 -> 0.643; linear penalties cost toy up to 0.07. Resolved labels are gated only where they lost
+      every pixel (their written mask is what others won): gated on what they lost before resolution, the toy run's
+      students learnt less from occluded objects, and its labels fell 0.003 / 0.003 / 0.007 in rounds 1-3 (0.7939 /
+      0.7968 / 0.7927 against 0.7965 / 0.7999 / 0.7998 at 5bef7ac). A least-squares or boosted-tree fit of every
+      feature the joint pass gives plus box geometry reaches 0.53 on coco_tiny off (5-fold), so no blend of these
+      features reaches 0.57 there. The score-only pass decides on a grid of at most 4,096 points (score_max_pixels):
+      0.517 at 1.13x the time of "off" without it, against 0.518 at 1.24x with 65,536; reading the lost share off that
+      grid instead of spreading the winners to every pixel: 0.516 at 1.06x. Finding the contested pixels on that grid
+      too (no full-resolution map; large images paid for it): 0.511 at 4,096 points, 0.516 at 16,384 (0.75 / 1.06 ms
+      per instance for the overlap stage on coco_tiny), 0.517 at 65,536 (2.38). The bench put 16,384 at 1.18x of plain
+      off on coco_tiny and 1.23x at 1024x2048, so 4,096 ships.
     On coco_tiny joint resolution stays below off whatever the weights (best 0.644 against 0.658 on 60 images):
     a quarter of the pixels two labels both claim lie in both ground-truth masks (a table holds its cups), and a
     disjoint answer must give each to one of them. Given to the smallest true owner the labels would reach 0.789

@@ -56,15 +56,14 @@ class Resolution:
     """Result of `resolve`: masks N (H,W) bool (disjoint); contested (N,) share of each instance's own
     (unresolved) mask that lay on pixels another instance claimed too; margin (N,) mean winning margin
     Q_win - Q_second over the contested pixels the instance claimed (0 where it lost them, 1 without any; on a
-    grid of every s-th pixel, over the grid points); lost (N,) share of its own mask that another instance won;
-    restored (N,) bool: the instance lost every pixel and got its own mask back (``_restore``), so the mask written
-    for it lies where other instances won."""
+    grid of every s-th pixel, over the grid points); lost (N,) share of the mask in ``masks`` that another
+    instance won: scoring per-box masks (`resolve` given ``masks``), the share of the per-box mask; resolved, 1 for
+    an instance that lost every pixel and got its own mask back (``_restore``), 0 for every other."""
 
     masks: list[torch.Tensor]
     contested: torch.Tensor
     margin: torch.Tensor
     lost: torch.Tensor
-    restored: torch.Tensor
 
 
 def pair_overlaps(windows: list[Window]) -> np.ndarray:
@@ -202,10 +201,9 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
     contested_share = torch.zeros(n, device=image.device)
     margin = torch.ones(n, device=image.device)
     lost = torch.zeros(n, device=image.device)
-    restored = torch.zeros(n, dtype=torch.bool, device=image.device)
     found = _contested_grid(windows, masks, cfg.max_pixels) if score_only else _contested_region(windows, masks)
     if found is None:
-        return Resolution(masks, contested_share, margin, lost, restored)
+        return Resolution(masks, contested_share, margin, lost)
     members, contested, rect = found[:3]
     # On a large contested rectangle only every s-th pixel gets the cues and the mean-field; the others follow
     # their grid point (s = 1 on images of a few hundred pixels a side). Scoring alone, the map is that grid.
@@ -234,7 +232,7 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
                 won = grid_claimed & (winner == slot)
                 margin[i] = float((won_margin * won).sum()) / int(grid_claimed.sum())
                 lost[i] = contested_share[i] * (1 - int(won.sum()) / int(grid_claimed.sum()))
-        return Resolution(masks, contested_share, margin, lost, restored)
+        return Resolution(masks, contested_share, margin, lost)
     winners = _winner_map(winner, cell, contested, rect, stride, [windows[i] for i in members])
     emptied = []
     for slot, i in enumerate(members):
@@ -248,7 +246,6 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
         n_claimed = int(claimed.sum())
         n_own = int((win.prob >= thresh).sum())
         contested_share[i] = n_claimed / max(n_own, 1)
-        lost[i] = int((claimed & ~wins).sum()) / max(n_own, 1)
         grid_claimed = claims[slot]
         if grid_claimed.any():
             margin[i] = float((won_margin * (grid_claimed & (winner == slot))).sum()) / int(grid_claimed.sum())
@@ -257,8 +254,8 @@ def resolve(windows: list[Window], boxes: torch.Tensor, image: torch.Tensor, dep
             emptied.append(i)
     for i in emptied:
         _restore(masks, i, members, windows[i], thresh)
-        restored[i] = True
-    return Resolution(masks, contested_share, margin, lost, restored)
+        lost[i] = 1.0
+    return Resolution(masks, contested_share, margin, lost)
 
 
 def _contested_region(windows: list[Window], masks: list[torch.Tensor]
@@ -274,13 +271,9 @@ def _contested_region(windows: list[Window], masks: list[torch.Tensor]
         return None
     # Every pixel inside two boxes lies in the bounding rectangle of the pairwise box intersections; counted over
     # that rectangle grown by a pixel, the contested map also covers the messages' one-pixel border.
-    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
-    pairs = np.argwhere(np.triu(inter) > 0)
-    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
-    first = np.maximum(a, b)[:, [0, 2]].min(0) - 1          # top row and left column, grown
-    last = np.minimum(a, b)[:, [1, 3]].max(0) + 1           # bottom row and right column, grown
-    E0, F0 = max(int(first[0]), 0), max(int(first[1]), 0)
-    E1, F1 = min(int(last[0]), height - 1), min(int(last[1]), width - 1)
+    r0, r1, c0, c1 = _intersections_rect(windows, inter)
+    E0, F0 = max(r0 - 1, 0), max(c0 - 1, 0)
+    E1, F1 = min(r1 + 1, height - 1), min(c1 + 1, width - 1)
     area = (E0, E1, F0, F1)
     count = torch.zeros((E1 - E0 + 1, F1 - F0 + 1), dtype=torch.int32, device=masks[0].device)
     claimed_any = torch.zeros_like(count, dtype=torch.bool)
@@ -310,11 +303,7 @@ def _contested_grid(windows: list[Window], masks: list[torch.Tensor], max_pixels
     members = np.nonzero(inter.sum(1) > 0)[0]
     if len(members) == 0:
         return None
-    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
-    pairs = np.argwhere(np.triu(inter) > 0)
-    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
-    (r0, c0), (r1, c1) = np.maximum(a, b)[:, [0, 2]].min(0), np.minimum(a, b)[:, [1, 3]].max(0)
-    rect = (int(r0), int(r1), int(c0), int(c1))
+    rect = _intersections_rect(windows, inter)
     step = _stride(rect, max_pixels)
     rows = torch.arange(rect[0], rect[1] + 1, step, device=masks[0].device)
     cols = torch.arange(rect[2], rect[3] + 1, step, device=masks[0].device)
@@ -333,6 +322,16 @@ def _contested_grid(windows: list[Window], masks: list[torch.Tensor], max_pixels
     if not any(keep):
         return None
     return members[np.asarray(keep, dtype=bool)], contested, rect, step
+
+
+def _intersections_rect(windows: list[Window], inter: np.ndarray) -> tuple[int, int, int, int]:
+    """The bounding rectangle (R0, R1, C0, C1, inclusive) of the pairwise intersections of the windows' spans;
+    inter (N,N) from `pair_overlaps`, with at least one pair overlapping."""
+    spans = np.array([[w.r0, w.r1, w.c0, w.c1] for w in windows])
+    pairs = np.argwhere(np.triu(inter) > 0)
+    a, b = spans[pairs[:, 0]], spans[pairs[:, 1]]
+    (r0, c0), (r1, c1) = np.maximum(a, b)[:, [0, 2]].min(0), np.minimum(a, b)[:, [1, 3]].max(0)
+    return int(r0), int(r1), int(c0), int(c1)
 
 
 def _overlap_slices(win: Window, rect: tuple[int, int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:

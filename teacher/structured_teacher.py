@@ -408,10 +408,7 @@ class StructuredTeacher:
             if joint and cfg.joint.rescore:
                 # Pixels another instance now owns are no longer this label's answer: score the rest of its box.
                 scores = mask_score(prob, q, grid.inside & ~owned_by_others(grid, masks))
-            # The lost gate is about the mask written: per box ("off"), whatever another instance won; resolved,
-            # nothing, unless the label lost every pixel and was given its own mask back.
-            lost = res.lost if not joint else res.lost * res.restored
-            scores = overlap_score(scores, res.contested, res.margin, lost, cfg.joint.score_weight,
+            scores = overlap_score(scores, res.contested, res.margin, res.lost, cfg.joint.score_weight,
                                    cfg.joint.lost_power)
         else:
             masks = threshold_windows(windows, height, width, cfg.mask_thresh)

@@ -171,8 +171,8 @@ def test_a_label_that_is_mostly_another_object_scores_below_the_correct_ones(wit
 
 def test_a_resolved_label_that_lost_every_pixel_is_flagged_and_its_gate_closes():
     # Instance 0's box lies inside instance 1's, and instance 1 is surer of every pixel of it and holds the pixel
-    # colours: instance 0 loses all it claimed, gets its own mask back (so the rows stay one per box), and is
-    # flagged restored. Its lost share is 1, so the lost gate takes its score to 0.
+    # colours: instance 0 loses all it claimed and gets its own mask back (so the rows stay one per box): the mask
+    # written for it is what instance 1 won, its lost share is 1, and the lost gate takes its score to 0.
     image = torch.full((40, 60, 3), 100, dtype=torch.uint8)
     inner = Window(torch.full((10, 10), 0.51), 15, 24, 25, 34)
     outer = Window(torch.full((36, 56), 0.99), 2, 37, 2, 57)
@@ -183,7 +183,7 @@ def test_a_resolved_label_that_lost_every_pixel_is_flagged_and_its_gate_closes()
     hist = hist / hist.sum(1, keepdim=True)
     cfg = JointConfig(containment_weight=0.0, centre_weight=0.0, bottom_weight=0.0)
     res = resolve([inner, outer], boxes, image, None, hist, None, cfg, 20.0, 0.5)
-    assert res.restored.tolist() == [True, False] and res.lost[0] == 1.0
+    assert res.lost.tolist() == [1.0, 0.0]
     assert res.masks[0][15:25, 25:35].all() and not res.masks[1][15:25, 25:35].any()
     assert overlap_score(torch.tensor([0.95]), res.contested[:1], res.margin[:1], res.lost[:1], 0.1, 6.0) == 0.0
 

@@ -76,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         extra["dataset"]["root"] = args.data_root
     if getattr(args, "ann", None):
         extra["dataset"]["ann"] = args.ann
+    if getattr(args, "classes", None):
+        extra["dataset"]["classes"] = args.classes
     if getattr(args, "split", None):
         extra["dataset"]["split"] = args.split
     if getattr(args, "strict", False):

@@ -37,8 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if args.classes:
-        cfg.dataset.classes = args.classes
     at_least_one("--part-images", args.part_images)
     start = time.perf_counter()
     with tqdm(desc=f"index {cfg.dataset.name}", unit="img", disable=None, leave=False, dynamic_ncols=True) as bar:

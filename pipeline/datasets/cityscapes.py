@@ -252,11 +252,12 @@ class CityscapesDataset(Dataset):
             yield from rejects
             if sample is None:
                 continue
-            depth = self._depth_source(root, path) if sample.has_depth else None
-            yield IndexRow(sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes,
-                           sample.classes, sample.instance_ids, sample.ignore_boxes, sample.ignore_classes,
-                           None if depth is None else Path(depth[0]).relative_to(root).as_posix(),
-                           None if depth is None else "disparity", None if depth is None else depth[1:])
+            if sample.has_depth:
+                disparity, baseline, fx = self._depth_source(root, path)
+                yield IndexRow.from_sample(sample, (Path(disparity).relative_to(root).as_posix(), "disparity",
+                                                    (baseline, fx)))
+            else:
+                yield IndexRow.from_sample(sample)
 
     def _depth_source(self, root: Path, path: Path) -> tuple[str, float, float]:
         """The image's disparity file and its camera's (baseline, fx); ``InputError`` naming the missing or bad

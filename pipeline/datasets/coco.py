@@ -31,7 +31,7 @@ import math
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -153,7 +153,8 @@ class CocoDataset(Dataset):
         self._load_categories(data["categories"])
         images = self._load_images(data["images"])
         listed = {str(img.get("id")) for img in data["images"] if isinstance(img, dict)}
-        per_image = self._load_annotations(data["annotations"], images, listed)
+        with index_progress(data["annotations"], f"index {Path(self.ann).name} annotations", unit="ann") as bar:
+            per_image = self._load_annotations(enumerate(bar), images, listed)
         for image_id, entry in images.items():
             if self.holdout and is_held_out(image_id, self.holdout) != (self.split == HOLDOUT_SPLIT):
                 continue
@@ -220,34 +221,34 @@ class CocoDataset(Dataset):
                             f"unit, got {scale!r}")
         return path, float(scale)
 
-    def _load_annotations(self, entries: list, images: dict[str, dict], listed: set[str]
+    def _load_annotations(self, entries: Iterable[tuple[int, Any]], images: dict[str, dict], listed: set[str]
                           ) -> dict[str, list[tuple[int, dict]]]:
         """Valid annotations grouped by image id, each with its index among the image's annotations.
-        ``listed``: ids of every image entry, valid or rejected."""
+        ``entries``: (position in the file's annotation list, entry) in file order; ``listed``: ids of every image
+        entry, valid or rejected."""
         category_ids = {c.id for c in self.categories}
         counters: dict[str, int] = {}
         per_image: dict[str, list[tuple[int, dict]]] = {}
-        with index_progress(entries, f"index {Path(self.ann).name} annotations", unit="ann") as bar:
-            for k, ann in enumerate(bar):
-                if not isinstance(ann, dict):
-                    self.record_reject(self._bad(f"annotation entry #{k} is not an object"))
-                    continue
-                image_id = str(ann.get("image_id"))
-                # Slots are counted before validation so that fixing or breaking one annotation never
-                # renumbers the others of its image.
-                index = counters.get(image_id, 0)
-                counters[image_id] = index + 1
-                if image_id not in images:
-                    # A rejected image already has its Reject; only ids missing from the file are news.
-                    if image_id not in listed:
-                        self.record_reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown "
-                                               f"image {ann.get('image_id')!r}"))
-                    continue
-                try:
-                    per_image.setdefault(image_id, []).append(
-                        (index, self._check_annotation(k, ann, images[image_id], category_ids)))
-                except InputError as exc:
-                    self.record_reject(exc)
+        for k, ann in entries:
+            if not isinstance(ann, dict):
+                self.record_reject(self._bad(f"annotation entry #{k} is not an object"))
+                continue
+            image_id = str(ann.get("image_id"))
+            # Slots are counted before validation so that fixing or breaking one annotation never
+            # renumbers the others of its image.
+            index = counters.get(image_id, 0)
+            counters[image_id] = index + 1
+            if image_id not in images:
+                # A rejected image already has its Reject; only ids missing from the file are news.
+                if image_id not in listed:
+                    self.record_reject(self._bad(f"annotation {ann.get('id', '#' + str(k))} refers to unknown "
+                                                 f"image {ann.get('image_id')!r}"))
+                continue
+            try:
+                per_image.setdefault(image_id, []).append(
+                    (index, self._check_annotation(k, ann, images[image_id], category_ids)))
+            except InputError as exc:
+                self.record_reject(exc)
         return per_image
 
     def _check_annotation(self, k: int, ann: dict, image: dict, category_ids: set[int]) -> dict:
@@ -394,36 +395,17 @@ class CocoStream(CocoDataset):
             valid[image_id] = {"file_name": file_name, "height": height, "width": width,
                                "depth": None if depth is None else (Path(depth[0]), depth[1])}
             first[image_id] = seq
-        listed = set(images.column("id").to_pylist())
-        category_ids = {c.id for c in self.categories}
-        counters: dict[str, int] = {}
-        per_image: dict[str, list[tuple[int, dict]]] = {}
-        for image_id, text, seq in zip(anns.column("image_id").to_pylist(), anns.column("ann").to_pylist(),
-                                       anns.column("_seq").to_pylist()):
-            index = counters.get(image_id, 0)
-            counters[image_id] = index + 1
-            ann = json.loads(text)
-            if image_id not in valid:
-                if image_id not in listed:
-                    self.record_reject(self._bad(f"annotation {ann.get('id', '#' + str(seq))} refers to unknown "
-                                                 f"image {ann.get('image_id')!r}"))
-                continue
-            try:
-                per_image.setdefault(image_id, []).append(
-                    (index, self._check_annotation(seq, ann, valid[image_id], category_ids)))
-            except InputError as exc:
-                self.record_reject(exc)
+        per_image = self._load_annotations(
+            zip(anns.column("_seq").to_pylist(), map(json.loads, anns.column("ann").to_pylist())), valid,
+            set(images.column("id").to_pylist()))
         run = []
         for image_id, entry in valid.items():
             sample = self._make_sample(image_id, entry, per_image.get(image_id, []))
             self._segmentations.pop(image_id, None)
             self._ignore_segmentations.pop(image_id, None)
             depth = entry["depth"]
-            run.append((first[image_id], IndexRow(
-                sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes, sample.classes,
-                sample.instance_ids, sample.ignore_boxes, sample.ignore_classes,
-                None if depth is None else Path(depth[0]).relative_to(self.root).as_posix(),
-                None if depth is None else "metres", None if depth is None else (float(depth[1]),))))
+            run.append((first[image_id], IndexRow.from_sample(sample, None if depth is None else (
+                Path(depth[0]).relative_to(self.root).as_posix(), "metres", (float(depth[1]),)))))
         return run
 
     def _items(self, key: str) -> Iterator[Any]:
