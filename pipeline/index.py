@@ -25,6 +25,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,7 +37,7 @@ from boxmask_common.files import atomic_path, atomic_write_text
 
 from .errors import InputError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 INDEX_META = "_index.json"
 INDEX_REJECTS = "_rejects.jsonl"
 _BOX = pa.list_(pa.float32(), 4)
@@ -81,6 +82,32 @@ class IndexRow:
         return cls(sample.image_id, sample.file_name, sample.height, sample.width, sample.boxes, sample.classes,
                    sample.instance_ids, sample.ignore_boxes, sample.ignore_classes, *(depth or (None, None, None)))
 
+    @property
+    def has_depth(self) -> bool:
+        return self.depth_file is not None
+
+    def to_sample(self, root: str | os.PathLike):
+        """The ``pipeline.datasets.base.Sample`` of this row, its image and depth read from under ``root`` when
+        loaded (as the loaders read them: depth in metres, 0 = invalid)."""
+        from .datasets.base import Sample
+        from .datasets.cityscapes import load_depth as disparity_depth
+        from .datasets.coco import read_depth
+        from .datasets.images import read_image_rgb
+
+        root = Path(root)
+        depth = None
+        if self.depth_file is not None:
+            path, params = os.fspath(root / self.depth_file), tuple(self.depth_params or ())
+            if self.depth_kind == "disparity":
+                depth = partial(disparity_depth, path, *params, self.height, self.width)
+            elif self.depth_kind == "metres":
+                depth = partial(read_depth, path, *params, self.height, self.width)
+            else:
+                raise InputError(self.depth_file, f"unknown depth kind {self.depth_kind!r} in the index")
+        return Sample(self.image_id, self.file_name, self.height, self.width, self.boxes, self.classes,
+                      self.instance_ids, self.ignore_boxes, self.ignore_classes, has_depth=depth is not None,
+                      _image_loader=partial(read_image_rgb, os.fspath(root / self.file_name)), _depth_loader=depth)
+
 
 class IndexWriter:
     """Streams ``IndexRow``s and rejects into an index folder (module docstring): ``add`` / ``reject``, then
@@ -103,6 +130,9 @@ class IndexWriter:
         self.images = 0
         self.boxes = 0
         self.rejects = 0
+        from .datasets.base import Fingerprint  # the datasets package imports this module
+
+        self._fingerprint = Fingerprint()
 
     @property
     def indexed(self) -> int:
@@ -110,6 +140,7 @@ class IndexWriter:
         return self.images + len(self._rows)
 
     def add(self, row: IndexRow) -> None:
+        self._fingerprint.add(row)
         self._rows.append(row)
         if len(self._rows) >= self.part_images:
             self._flush()
@@ -118,12 +149,14 @@ class IndexWriter:
         self._rejects.write(json.dumps({"where": os.fspath(where), "problem": problem}) + "\n")
         self.rejects += 1
 
-    def close(self, categories: list[tuple[int, str]], source: dict) -> dict:
-        """Write the last part and ``_index.json`` (categories as (id, name), ``source`` describes the input);
-        returns what ``_index.json`` holds."""
+    def close(self, categories: list[tuple[int, str]], source: dict, kind: str) -> dict:
+        """Write the last part and ``_index.json`` (categories as (id, name), ``source`` describes the input:
+        its "root" and "split" at least; ``kind`` names the loader, as ``Dataset.name``); returns what
+        ``_index.json`` holds. Its "fingerprint" is ``Dataset.fingerprint()`` of the same images."""
         self._flush()
         self._rejects.close()
-        meta = {"version": INDEX_VERSION, "dataset": self.dataset, "source": source,
+        meta = {"version": INDEX_VERSION, "dataset": self.dataset, "kind": kind, "source": source,
+                "fingerprint": self._fingerprint.digest(kind, source["split"], categories),
                 "categories": [[int(i), str(n)] for i, n in categories], "images": self.images,
                 "boxes": self.boxes, "rejects": self.rejects, "parts": self.parts}
         atomic_write_text(self.out / INDEX_META, json.dumps(meta, indent=1))
@@ -215,6 +248,62 @@ def iter_index(index: str | os.PathLike, batch_images: int = 1024) -> Iterator[I
         with pq.ParquetFile(root / part["file"]) as f:
             for batch in f.iter_batches(batch_size=batch_images):
                 yield from table_rows(pa.Table.from_batches([batch]))
+
+
+class IndexSource:
+    """A complete index opened for labeling: what ``LabelService`` needs of a dataset without its samples.
+    ``name`` (the dataset, as configured), ``kind`` (the loader), ``split``, ``root``, ``categories`` (a list of
+    ``Category``), ``images``, ``parts`` (paths of the part files, in order), ``fingerprint()`` (the loader's
+    ``Dataset.fingerprint()`` of the same images, computed when the index was built) and ``rejects`` (the
+    index's rejects as ``Reject``s, read when asked)."""
+
+    def __init__(self, index: str | os.PathLike):
+        from .datasets.base import Category
+
+        self.path = Path(index)
+        self.meta = read_meta(self.path)
+        source = self.meta.get("source") or {}
+        self.name = self.meta["dataset"]
+        self.kind = self.meta.get("kind", self.name)
+        self.split = source.get("split", "")
+        self.root = source.get("root", "")
+        self.categories = [Category(int(i), str(n)) for i, n in self.meta["categories"]]
+        self.images = int(self.meta["images"])
+        self.parts = [self.path / p["file"] for p in self.meta["parts"]]
+
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def rejects(self) -> list:
+        from .datasets.base import Reject
+
+        path = self.path / INDEX_REJECTS
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            out.append(Reject(rec["where"], rec["problem"]))
+        return out
+
+    def image_ids(self, limit: int | None = None, batch_images: int = 65536) -> Iterator[pa.Array]:
+        """The image ids of the first ``limit`` images (all: None), a string array per read batch (the driver
+        counts finished images without holding every id)."""
+        left = self.images if limit is None else min(limit, self.images)
+        for part in self.parts:
+            if left <= 0:
+                return
+            with pq.ParquetFile(part) as f:
+                for batch in f.iter_batches(batch_size=batch_images, columns=["image_id"]):
+                    ids = batch.column(0)[:left]
+                    left -= len(ids)
+                    yield ids
+                    if left <= 0:
+                        return
 
 
 class Buckets:

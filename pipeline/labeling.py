@@ -14,6 +14,7 @@ from kernels.extension import missing_builds
 
 from .config import Config
 from .datasets import build_dataset
+from .index import IndexSource
 from .label_service import (
     LabelService,
     LabelSummary,
@@ -28,19 +29,28 @@ log = logging.getLogger(__name__)
 
 
 def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str] = None, round_: int = 0, *,
-                  limit: Optional[int] = None, overwrite: bool = False, retry_rejects: bool = False
-                  ) -> LabelService:
+                  limit: Optional[int] = None, overwrite: bool = False, retry_rejects: bool = False,
+                  index: Optional[str | os.PathLike] = None) -> LabelService:
     """A label service for ``cfg``'s split into ``out``, every input checked before Ray is needed: the checkpoint
     is built once here (a bad one is refused before any data is made or worker starts) and the shard directory
-    must hold nothing of another config. ``checkpoint``: a student export for network mode; None: box prior."""
+    must hold nothing of another config. ``checkpoint``: a student export for network mode; None: box prior.
+    ``index``: a dataset index (``pipeline index``) to label through Ray Data instead of ``cfg.dataset``; the
+    driver then reads no annotations."""
     network, teacher_id = load_checkpoint(checkpoint) if checkpoint else (None, BOX_PRIOR)
-    # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
-    # so the paths must not depend on the working directory of a worker process.
-    if cfg.dataset.root:
-        cfg.dataset.root = os.path.abspath(cfg.dataset.root)
-    dataset = build_dataset(cfg.dataset)
-    log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
-             len(dataset.categories), len(dataset.rejects))
+    if index is not None:
+        dataset = IndexSource(index)
+        log.info("index %s: %s %s, %d images, %d categories", index, dataset.name, dataset.split, dataset.images,
+                 len(dataset.categories))
+        dataset_name = dataset.name
+    else:
+        # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
+        # so the paths must not depend on the working directory of a worker process.
+        if cfg.dataset.root:
+            cfg.dataset.root = os.path.abspath(cfg.dataset.root)
+        dataset = build_dataset(cfg.dataset)
+        log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
+                 len(dataset.categories), len(dataset.rejects))
+        dataset_name = cfg.dataset.name
     if network is not None:
         check_network_classes(network, [c.id for c in dataset.categories], checkpoint)
         del network  # the workers build their own
@@ -54,7 +64,7 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
                            label_digest(dataset.fingerprint(), cfg.teacher, teacher_id, round_), round_=round_,
                            device=cfg.teacher.device,
                            overwrite=overwrite, limit=limit, strict=cfg.dataset.strict,
-                           dataset_name=cfg.dataset.name, retry_rejects=retry_rejects)
+                           dataset_name=dataset_name, retry_rejects=retry_rejects)
     service.check_out_dir()
     return service
 

@@ -1,7 +1,10 @@
 """Suite-wide setup."""
 from __future__ import annotations
 
+import os
 import signal
+
+import pytest
 
 
 def pytest_configure(config):
@@ -10,3 +13,30 @@ def pytest_configure(config):
     # inherit the ignore. Installing Python's handler here makes SIGINT mean Ctrl-C however the suite was started
     # (a caught signal is reset to its default in exec'd children, so they install theirs too).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for the module, with the ``labelkit`` helpers picklable by value (tests using it are
+    marked slow). Workers push metrics every 0.5 s instead of 10 s, so a test sees them while the cluster is up.
+    Yields the cluster's address."""
+    import labelkit
+    ray = pytest.importorskip("ray")
+
+    from pipeline.config import RunConfig
+    from pipeline.label_service import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(labelkit)
+    saved = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "500"
+    try:
+        init_ray(RunConfig())
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_metrics_report_interval_ms")
+        else:
+            os.environ["RAY_metrics_report_interval_ms"] = saved
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -8,6 +8,7 @@ labelers are picklable by value (``ray.cloudpickle.register_pickle_by_value``) s
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline.datasets.base import Category, Dataset, Sample, box_to_mask
 from pipeline.datasets.images import read_image_rgb
+from pipeline.shards import decode_rle, read_manifest
 
 CATEGORIES = [Category(24, "person"), Category(26, "car")]
 
@@ -167,3 +170,66 @@ class BoxLabelerFactory:
 
     def __call__(self, device: str) -> BoxLabeler:
         return BoxLabeler(self.delay, self.fail_on, self.die_on, self.hang_on, self.hang_s, self.once_dir)
+
+
+def write_index(dataset: Dataset, out: Path, part_images: int = 5) -> Path:
+    """The dataset index (``pipeline.index``) of a dataset in memory, ``part_images`` images per part (several
+    parts, so runs cross part boundaries); its rejects are the dataset's. Returns ``out``."""
+    from pipeline.index import IndexRow, IndexWriter
+
+    writer = IndexWriter(out, dataset.name, part_images)
+    for sample in dataset:
+        writer.add(IndexRow.from_sample(sample))
+    for rej in dataset.rejects:
+        writer.reject(rej.where, rej.problem)
+    writer.close([(c.id, c.name) for c in dataset.categories], {"root": str(dataset.root), "split": dataset.split},
+                 dataset.name)
+    return out
+
+
+def all_rows(out) -> list[dict]:
+    """Every row of a shard directory's part files, as plain dicts."""
+    return [r for p in sorted(Path(out).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def assert_exactly_once(out, dataset, rejected=()):
+    """Every image of ``dataset`` except ``rejected`` is in exactly one manifest entry, and its rows are
+    exactly its boxes, each once, with the box mask the labeler drew."""
+    manifest = read_manifest(out)
+    listed = collections.Counter(i for s in manifest["shards"] for i in s["image_ids"])
+    assert all(c == 1 for c in listed.values()), listed
+    expected = {s.image_id for s in dataset} - set(rejected)
+    assert set(listed) == expected
+    rows = all_rows(out)
+    keys = collections.Counter((r["image_id"], r["instance_id"]) for r in rows)
+    assert all(c == 1 for c in keys.values())
+    want = {(s.image_id, int(k)) for s in dataset if s.image_id in expected for k in s.instance_ids}
+    assert set(keys) == want
+    by_id = {s.image_id: s for s in dataset}
+    for r in rows:
+        s = by_id[r["image_id"]]
+        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
+        k = list(s.instance_ids).index(r["instance_id"])
+        np.testing.assert_array_equal(mask, box_to_mask(s.boxes[k], s.height, s.width))
+    assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
+
+
+def scrape_metrics(names: set[str], done, timeout: float = 20.0) -> dict[str, list[str]]:
+    """Sample lines of the node's Prometheus endpoint for each metric in ``names``, scraped until
+    ``done(found)`` holds (workers push on an interval) or ``timeout`` seconds pass."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        found = {n: [ln for ln in text.splitlines() if ln.startswith(f"ray_{n}")] for n in names}
+        if done(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def metric_sum(lines: list[str]) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)

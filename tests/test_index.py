@@ -60,11 +60,15 @@ def test_a_cityscapes_index_is_the_loaders_rows_in_parts(toy, tmp_path):
     assert [p["images"] for p in meta["parts"]] == [2, 2, 1] and meta["images"] == 5
     assert meta["boxes"] == sum(len(s.boxes) for s in dataset) and meta["rejects"] == 0
     assert meta["categories"] == [[c.id, c.name] for c in dataset.categories]
-    # Depth: the disparity file and the camera's baseline and fx, which give the loader's depth exactly.
+    assert meta["fingerprint"] == dataset.fingerprint()     # so labels from either resume the other's shards
+    # Depth: the disparity file and the camera's baseline and fx, which give the loader's depth exactly, and the
+    # row's own Sample reads the loader's pixels and depth.
     for r, s in zip(rows, dataset):
         assert r.depth_kind == "disparity" and (toy / r.depth_file).is_file()
         from pipeline.datasets.cityscapes import load_depth
         assert np.array_equal(load_depth(str(toy / r.depth_file), *r.depth_params, r.height, r.width), s.load_depth())
+        again = r.to_sample(toy)
+        assert np.array_equal(again.load_depth(), s.load_depth()) and np.array_equal(again.load_image(), s.load_image())
     # Users read it with plain pyarrow.
     table = pads.dataset(str(tmp_path / "idx"), format="parquet").to_table()
     assert table.schema.equals(INDEX_SCHEMA) and table.num_rows == 5
@@ -126,6 +130,7 @@ def test_a_coco_index_streams_the_file_and_matches_the_loader(tmp_path, monkeypa
         sorted((x.where, x.problem) for x in dataset.rejects)
     assert meta["rejects"] == len(dataset.rejects) >= 6
     assert meta["categories"] == [[1, "person"], [3, "car"]]
+    assert meta["fingerprint"] == dataset.fingerprint()
     # Instance ids are the annotations' slots within their image in file order, rejected ones included.
     five = next(r for r in rows if r.image_id == "5")
     assert five.instance_ids[-1] == sum(1 for a in json.loads(ann.read_text())["annotations"]
@@ -141,6 +146,7 @@ def test_coco_with_depth_keeps_its_file_and_scale(tmp_path):
     build_index(DatasetConfig(name="coco", root=str(root), ann=str(ann)), tmp_path / "idx")
     (row,) = list(iter_index(tmp_path / "idx"))
     assert (row.depth_file, row.depth_kind, row.depth_params) == ("a_depth.npy", "metres", (0.5,))
+    assert np.array_equal(row.to_sample(root).load_depth(), np.full((20, 30), 3.5, np.float32))
 
 
 def test_a_malformed_coco_file_is_one_line_and_leaves_no_index(tmp_path):

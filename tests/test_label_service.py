@@ -18,58 +18,18 @@ from pathlib import Path
 
 import labelkit
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from interrupts import interrupt_when
+from labelkit import all_rows, assert_exactly_once, metric_sum, scrape_metrics
 
-from pipeline.config import LabelConfig, RunConfig
-from pipeline.datasets.base import box_to_mask
+from pipeline.config import LabelConfig
 from pipeline.errors import UserError
-from pipeline.label_service import NAMESPACE, LabelService, init_ray
+from pipeline.label_service import NAMESPACE, LabelService
 from pipeline.shards import decode_rle, read_manifest, read_rejects
 
 ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster for the module (tests using it are marked slow; the pure ones are not)."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.cloudpickle.register_pickle_by_value(labelkit)
-    # Workers push metrics every 0.5 s instead of 10 s, so the test sees them while the cluster is up.
-    saved = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "500"
-    try:
-        init_ray(RunConfig())
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_metrics_report_interval_ms")
-        else:
-            os.environ["RAY_metrics_report_interval_ms"] = saved
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-def scrape_metrics(names: set[str], done, timeout: float = 20.0) -> dict[str, list[str]]:
-    """Sample lines of the node's Prometheus endpoint for each metric in ``names``, scraped until
-    ``done(found)`` holds (workers push on an interval) or ``timeout`` seconds pass."""
-    import urllib.request
-
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline = time.monotonic() + timeout
-    while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        found = {n: [ln for ln in text.splitlines() if ln.startswith(f"ray_{n}")] for n in names}
-        if done(found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
-
-
-def metric_sum(lines: list[str]) -> float:
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
 def service(out, dataset, labeler=None, retry_rejects=False, **label):
@@ -79,32 +39,6 @@ def service(out, dataset, labeler=None, retry_rejects=False, **label):
         dataset = labelkit.FolderDataset(str(dataset))
     return LabelService(cfg, out, dataset, labeler or labelkit.BoxLabelerFactory(), teacher_id="box-prior",
                         config_digest="t1", retry_rejects=retry_rejects)
-
-
-def all_rows(out):
-    return [r for p in sorted(Path(out).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
-
-
-def assert_exactly_once(out, dataset, rejected=()):
-    """Every image of ``dataset`` except ``rejected`` is in exactly one manifest entry, and its rows are
-    exactly its boxes, each once, with the box mask the labeler drew."""
-    manifest = read_manifest(out)
-    listed = collections.Counter(i for s in manifest["shards"] for i in s["image_ids"])
-    assert all(c == 1 for c in listed.values()), listed
-    expected = {s.image_id for s in dataset} - set(rejected)
-    assert set(listed) == expected
-    rows = all_rows(out)
-    keys = collections.Counter((r["image_id"], r["instance_id"]) for r in rows)
-    assert all(c == 1 for c in keys.values())
-    want = {(s.image_id, int(k)) for s in dataset if s.image_id in expected for k in s.instance_ids}
-    assert set(keys) == want
-    by_id = {s.image_id: s for s in dataset}
-    for r in rows:
-        s = by_id[r["image_id"]]
-        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
-        k = list(s.instance_ids).index(r["instance_id"])
-        np.testing.assert_array_equal(mask, box_to_mask(s.boxes[k], s.height, s.width))
-    assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
 
 
 @pytest.mark.slow

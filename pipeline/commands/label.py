@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("label", help="label boxes with pseudo masks on Ray workers -> Parquet shards",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(p)
+    p.add_argument("--index", metavar="DIR",
+                   help="label the images of a dataset index (written by 'pipeline index') through a Ray Data "
+                        "pipeline: the driver reads no annotations and holds no dataset, so any size fits; the "
+                        "--dataset options are then not read")
     p.add_argument("--out", required=True, metavar="DIR", help="shard directory to write (or resume)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="teacher.pt of a trained student: network mode (default: box-prior mode, "
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.label.workers = args.workers
     at_least_one("--limit", args.limit)
     service = prepare_label(cfg, args.out, args.checkpoint, args.round, limit=args.limit, overwrite=args.overwrite,
-                            retry_rejects=args.retry_rejects)
+                            retry_rejects=args.retry_rejects, index=args.index)
     connect_ray(cfg, args.address)
     summary = run_label(service, args.out)
     print(summary.line())

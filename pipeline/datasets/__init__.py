@@ -127,7 +127,8 @@ def build_index(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 1
             writer.add(row)
             if progress is not None:
                 progress(writer.indexed, writer.rejects)
-        return writer.close([(c.id, c.name) for c in categories], source)
+        kind = {OPENIMAGES: OPENIMAGES, "coco": CocoDataset.name}.get(cfg.name, CityscapesDataset.name)
+        return writer.close([(c.id, c.name) for c in categories], source, kind)
     except BaseException:
         writer.abort()
         raise

@@ -101,6 +101,28 @@ class Sample:
         return self._depth_loader()
 
 
+class Fingerprint:
+    """A dataset's content digest, built one image at a time so that a streamed source (the dataset index) gets
+    the same digest as the loader with every sample in memory: ``add`` each image (a ``Sample``, or anything with
+    its fields and ``has_depth``) in order, then ``digest(kind, split, categories)``."""
+
+    def __init__(self):
+        self._rows = hashlib.sha256()
+
+    def add(self, s) -> None:
+        h = self._rows
+        h.update(json.dumps([s.image_id, s.file_name, int(s.height), int(s.width), bool(s.has_depth)]).encode())
+        for values, dtype in ((s.boxes, np.float32), (s.classes, np.int64), (s.instance_ids, np.int64),
+                              (s.ignore_boxes, np.float32), (s.ignore_classes, np.int64)):
+            array = np.ascontiguousarray(values, dtype)
+            h.update(repr(array.shape).encode() + array.tobytes())
+
+    def digest(self, kind: str, split: str, categories: list[tuple[int, str]]) -> str:
+        """16 hex of the images added so far under a header naming the loader ``kind``, split and categories."""
+        head = json.dumps([kind, split, [[int(i), str(n)] for i, n in categories]]).encode()
+        return hashlib.sha256(head + self._rows.hexdigest().encode()).hexdigest()[:16]
+
+
 class Dataset:
     """Base class of the three datasets. Subclasses fill ``categories`` and ``_samples`` (lenient mode
     skips bad items and appends a ``Reject``; strict mode raises the ``InputError``)."""
@@ -140,19 +162,15 @@ class Dataset:
         return str(category_id)
 
     def fingerprint(self) -> str:
-        """Digest (16 hex) of what labeling reads from this dataset: its kind, split and categories, and each
-        sample's id, file name (relative to the root), size, boxes, classes, instance ids, ignore regions and
-        whether it has depth. The root path is left out (the same data moved elsewhere has the same
-        fingerprint) and so are the pixels (hashing every image would cost a read of the dataset); an edited box
-        or another toy generation gives another fingerprint."""
-        h = hashlib.sha256(json.dumps([self.name, self.split, [[c.id, c.name] for c in self.categories]]).encode())
+        """Digest (16 hex) of what labeling reads from this dataset (``Fingerprint``): its kind, split and
+        categories, and each sample's id, file name (relative to the root), size, boxes, classes, instance ids,
+        ignore regions and whether it has depth. The root path is left out (the same data moved elsewhere has the
+        same fingerprint) and so are the pixels (hashing every image would cost a read of the dataset); an edited
+        box or another toy generation gives another fingerprint."""
+        hasher = Fingerprint()
         for s in self._samples:
-            h.update(json.dumps([s.image_id, s.file_name, int(s.height), int(s.width), bool(s.has_depth)]).encode())
-            for values, dtype in ((s.boxes, np.float32), (s.classes, np.int64), (s.instance_ids, np.int64),
-                                  (s.ignore_boxes, np.float32), (s.ignore_classes, np.int64)):
-                array = np.ascontiguousarray(values, dtype)
-                h.update(repr(array.shape).encode() + array.tobytes())
-        return h.hexdigest()[:16]
+            hasher.add(s)
+        return hasher.digest(self.name, self.split, [(c.id, c.name) for c in self.categories])
 
     @property
     def has_depth(self) -> bool:

@@ -9,7 +9,9 @@ One module per concept:
 - ``rows``: one image's labels as shard rows;
 - ``worker``: the ``LabelWorker`` actor (a teacher, its metrics and the instance ids its bank refers to);
 - ``scheduler``: batches to workers, timeouts, re-queues and rejects, results to a given sink;
-- ``service``: ``LabelService``, one run into a shard directory (the shard sink, start and stop of workers).
+- ``service``: ``LabelService``, one run into a shard directory (the shard sink, start and stop of workers);
+- ``streaming``: a run over a dataset index (``pipeline.index``) as a Ray Data pipeline, the driver holding no
+  dataset; ``ledger``: what Ray Data does not keep for it (how often each image was lost).
 
 The driver holds the dataset and sends the ``Sample`` objects themselves (boxes, ids and picklable image /
 depth loaders; the pixels are read in the worker) in each batch; a worker builds only its teacher, from a

@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..config import LabelConfig
 from ..datasets.base import Dataset, Sample
 from ..errors import UserError, one_line
+from ..index import IndexSource
 from ..shards import ShardMeta, ShardWriter, check_resumable
 from .cluster import NAMESPACE, actor_name, check_fits, resolve_gpus_per_worker, resolve_workers
 from .scheduler import Scheduler
@@ -192,6 +196,93 @@ class LabelService:
         self.workers = []
         return sorted(stats, key=lambda s: s["index"])
 
+    def _run_samples(self, samples: list[Sample], writer: ShardWriter, summary: LabelSummary,
+                     progress: Optional[Progress], on_start: Optional[Callable[[int, int], None]]) -> None:
+        """The run of a dataset in memory: the ``Scheduler`` hands its samples to the workers."""
+        todo = [s for s in samples if s.image_id not in writer.done]
+        summary.images_skipped = len(samples) - len(todo)
+        if on_start is not None:
+            on_start(len(todo), summary.images_skipped)
+        if not todo:
+            return
+        self._start_workers()
+        hung: set[int] = set()
+        try:
+            t_ready = time.monotonic()
+            scheduler = Scheduler(self.workers, self.cfg, todo, ShardSink(writer, summary, progress, self.strict))
+            try:
+                scheduler.run()
+            finally:
+                hung = scheduler.hung()
+                summary.batches_timed_out = scheduler.batches_timed_out
+            summary.labeling_seconds = time.monotonic() - t_ready
+            writer.flush()
+        finally:
+            summary.worker_stats = self._stop_workers(hung)
+
+    def _run_index(self, writer: ShardWriter, summary: LabelSummary, progress: Optional[Progress],
+                   on_start: Optional[Callable[[int, int], None]]) -> None:
+        """The run of an index source: a Ray Data pipeline (``streaming``) into ``writer``."""
+        import ray
+
+        from .ledger import AttemptLedger
+        from .streaming import iter_results, label_pipeline
+
+        finished = writer.done
+        skipped = sum(int(pc.sum(pc.is_in(ids, value_set=pa.array(sorted(finished), pa.string()))).as_py() or 0)
+                      for ids in self.dataset.image_ids(self.limit)) if finished else 0
+        summary.images_skipped = skipped
+        if on_start is not None:
+            on_start(summary.images_total - skipped, skipped)
+        if summary.images_total - skipped <= 0:
+            return
+        n, remote_args = self._pool()
+        ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+        worker_args = dict(root=str(Path(self.dataset.root).resolve()), ledger=ledger,
+                           max_attempts=self.cfg.max_attempts, batch_timeout_s=self.cfg.batch_timeout_s,
+                           category_names=self.category_names, teacher_factory=self.teacher_factory,
+                           round_=self.round, teacher_id=self.teacher_id, device=self.device,
+                           threads=max(1, int(self.cfg.cpus_per_worker)))
+        ds = label_pipeline(self.dataset, set(finished), self.limit, worker_args, n, self.cfg.batch_images,
+                            self.cfg.max_inflight, remote_args)
+        sink = ShardSink(writer, summary, progress, self.strict)
+        t_start = time.monotonic()
+        results = iter_results(ds)
+        try:
+            for worker, res in results:
+                sink.add([res], worker)
+            writer.flush()
+        except ray.exceptions.RayError as exc:
+            raise UserError("label workers", f"the labeling pipeline failed ({one_line(exc, last=True)}); finished "
+                                             f"shards are kept, re-run the same command to resume") from None
+        finally:
+            results.close()
+            summary.labeling_seconds = time.monotonic() - t_start
+            try:
+                done = ray.get(ledger.summary.remote(), timeout=10)
+                summary.worker_stats, summary.batches_timed_out = done["workers"], done["timeouts"]
+            except ray.exceptions.RayError:
+                pass
+            ray.kill(ledger)
+
+    def _pool(self) -> tuple[int, dict]:
+        """The label worker count and each worker's Ray options, checked against the cluster."""
+        import ray
+
+        if self.cfg.batch_timeout_s <= 0:
+            raise UserError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
+        resources = ray.cluster_resources()
+        n = resolve_workers(self.cfg.workers, resources, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker,
+                            self.device)
+        self.gpus_per_worker = resolve_gpus_per_worker(self.cfg.gpus_per_worker, resources.get("GPU", 0.0), n,
+                                                       self.device)
+        check_fits(n, resources, self.cfg.cpus_per_worker, self.gpus_per_worker)
+        log.info("label workers: %d (label.workers %s, cluster %g CPUs, %g GPUs)", n, self.cfg.workers,
+                 resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        # Ray runs a lost batch again as often as it must: the ledger, not Ray, limits how often an image is lost.
+        return n, dict(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.gpus_per_worker,
+                       max_restarts=self.cfg.max_restarts, max_task_retries=-1)
+
     # -- the run
     def run(self, progress: Optional[Progress] = None,
             on_start: Optional[Callable[[int, int], None]] = None) -> LabelSummary:
@@ -201,11 +292,18 @@ class LabelService:
         to ``todo``; the callback may inspect or even kill workers: the run survives it)."""
         t0 = time.monotonic()
         summary = LabelSummary()
-        samples = list(self.dataset)
-        if self.limit is not None:
-            samples = samples[: self.limit]
-        summary.images_total = len(samples)
-        retry = {s.image_id for s in samples} if self.retry_rejects else False
+        if isinstance(self.dataset, IndexSource):
+            samples = []
+            summary.images_total = self.dataset.images if self.limit is None else min(self.limit,
+                                                                                      self.dataset.images)
+            retry = self.retry_rejects and (True if self.limit is None else
+                                            {i for ids in self.dataset.image_ids(self.limit) for i in ids.to_pylist()})
+        else:
+            samples = list(self.dataset)
+            if self.limit is not None:
+                samples = samples[: self.limit]
+            summary.images_total = len(samples)
+            retry = {s.image_id for s in samples} if self.retry_rejects else False
         with ShardWriter(self.out_dir, self.meta, self.cfg.shard_rows, overwrite=self.overwrite,
                          retry_rejects=retry) as writer:
             if writer.removed:
@@ -213,30 +311,15 @@ class LabelService:
             summary.images_retried = len(writer.retried)
             if writer.retried:
                 log.info("retrying %d images rejected by an earlier run", len(writer.retried))
-            for rej in self.dataset.rejects:
+            dataset_rejects = self.dataset.rejects
+            for rej in dataset_rejects:
                 writer.reject(None, rej.where, rej.problem, "dataset")
-            summary.dataset_rejects = len(self.dataset.rejects)
+            summary.dataset_rejects = len(dataset_rejects)
             shards_before = len(writer.entries)
-            todo = [s for s in samples if s.image_id not in writer.done]
-            summary.images_skipped = len(samples) - len(todo)
-            if on_start is not None:
-                on_start(len(todo), summary.images_skipped)
-            if todo:
-                self._start_workers()
-                hung: set[int] = set()
-                try:
-                    t_ready = time.monotonic()
-                    scheduler = Scheduler(self.workers, self.cfg, todo,
-                                          ShardSink(writer, summary, progress, self.strict))
-                    try:
-                        scheduler.run()
-                    finally:
-                        hung = scheduler.hung()
-                        summary.batches_timed_out = scheduler.batches_timed_out
-                    summary.labeling_seconds = time.monotonic() - t_ready
-                    writer.flush()
-                finally:
-                    summary.worker_stats = self._stop_workers(hung)
+            if isinstance(self.dataset, IndexSource):
+                self._run_index(writer, summary, progress, on_start)
+            else:
+                self._run_samples(samples, writer, summary, progress, on_start)
             summary.shards = len(writer.entries) - shards_before
         summary.seconds = time.monotonic() - t0
         summary.driver_peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,247 @@
+"""Labeling a dataset index through Ray Data (``pipeline.label_service.streaming``) on a local Ray cluster: the same
+labels as the scheduler over the dataset in memory, exactly once across killed, dying and hung workers (Ray Data
+redoes their batches; the ledger turns an image lost too often into a reject), --limit, --strict, retried rejects,
+the pool's actors and metrics on the dashboard, and the real box-prior teacher through the CLI killed, interrupted
+and resumed.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import labelkit
+import numpy as np
+import pytest
+from interrupts import interrupt_when
+from labelkit import all_rows, assert_exactly_once, metric_sum, scrape_metrics
+
+from pipeline.config import LabelConfig
+from pipeline.errors import UserError
+from pipeline.index import IndexSource
+from pipeline.label_service import LabelService
+from pipeline.label_service.ledger import AttemptLedger
+from pipeline.shards import read_manifest, read_rejects
+
+ray = pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[1]
+POOL_ACTOR = "MapWorker(MapBatches(LabelBatches))"
+
+
+def dataset_and_index(tmp_path, **kw):
+    root = labelkit.write_folder_dataset(tmp_path / "data", **kw)
+    dataset = labelkit.FolderDataset(str(root))
+    return dataset, IndexSource(labelkit.write_index(dataset, tmp_path / "index"))
+
+
+def service(out, source, labeler=None, retry_rejects=False, limit=None, strict=False, **label):
+    cfg = LabelConfig(**{"workers": 2, "batch_images": 2, "shard_rows": 4, **label})
+    return LabelService(cfg, out, source, labeler or labelkit.BoxLabelerFactory(), teacher_id="box-prior",
+                        config_digest="t1", retry_rejects=retry_rejects, limit=limit, strict=strict)
+
+
+def pool_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", POOL_ACTOR), ("state", "=", "ALIVE")])]
+
+
+def sorted_rows(out) -> list[dict]:
+    return sorted(all_rows(out), key=lambda r: (r["image_id"], r["instance_id"]))
+
+
+def test_the_ledger_counts_losses_and_forgets_finished_images():
+    ledger = AttemptLedger()
+    assert ledger.register("actor-a") == 0 and ledger.register("actor-b") == 1 and ledger.register("actor-a") == 0
+    assert ledger.losses(["a", "b"]) == {}
+    ledger.begin(["a", "b"], 0)
+    ledger.end(["a"])                                        # b was running when worker 0 died
+    assert ledger.losses(["a", "b"]) == {"b": (1, "its label worker died")}
+    ledger.begin(["a", "b"], 1)
+    assert ledger.timed_out(1, "no result within label.batch_timeout_s = 2 s") == 2
+    assert ledger.losses(["b"]) == {"b": (2, "no result within label.batch_timeout_s = 2 s")}
+    assert ledger.losses(["a"]) == {"a": (1, "no result within label.batch_timeout_s = 2 s")}
+    ledger.begin(["a"], 0)
+    ledger.end(["a"])
+    assert ledger.losses(["a"]) == {}                        # finished: its losses are forgotten
+    assert ledger.summary()["timeouts"] == 1
+
+
+@pytest.mark.slow
+def test_the_index_path_writes_the_labels_of_the_scheduler_path(cluster, tmp_path):
+    """One worker, so both paths feed its memory bank the images in the same order: identical rows, rejects,
+    manifest metadata (the index carries the dataset's own fingerprint) and counts."""
+    dataset, source = dataset_and_index(tmp_path, n=13, corrupt=(3,), missing=(5,), sparse_ids=True)
+    assert source.fingerprint() == dataset.fingerprint()
+    labeler = labelkit.BoxLabelerFactory(fail_on=("im007",))
+    old = service(tmp_path / "old", dataset, labeler, workers=1).run()
+    events = []
+    new = service(tmp_path / "new", source, labeler, workers=1).run(events.append)
+    assert sorted_rows(tmp_path / "new") == sorted_rows(tmp_path / "old")
+    assert read_rejects(tmp_path / "new") == read_rejects(tmp_path / "old")
+    assert read_manifest(tmp_path / "new")["meta"] == read_manifest(tmp_path / "old")["meta"]
+    for key in ("images_total", "images_labeled", "instances", "rejects", "dataset_rejects", "images_skipped"):
+        assert getattr(new, key) == getattr(old, key), key
+    assert (new.images_labeled, new.rejects) == (10, 3)
+    assert sum(e["images"] + e["rejects"] for e in events) == 13
+    assert [s["index"] for s in new.worker_stats] == [0] and new.worker_stats[0]["images"] == 10
+
+
+@pytest.mark.slow
+def test_pool_actors_and_metrics_are_on_the_dashboard_and_a_rerun_writes_nothing(cluster, tmp_path):
+    dataset, source = dataset_and_index(tmp_path, n=10, corrupt=(3,))
+    seen = set()
+
+    def progress(event):
+        seen.update(pool_pids())
+
+    summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(delay=0.2)).run(progress)
+    assert seen                                              # the state API (and dashboard) lists the pool
+    assert_exactly_once(tmp_path / "out", dataset, rejected=("im003",))
+    assert summary.images_labeled == 9 and summary.rejects == 1 and summary.dataset_rejects == 1
+    assert {s["index"] for s in summary.worker_stats} <= {0, 1}
+    assert sum(s["images"] for s in summary.worker_stats) == 9
+    metrics = scrape_metrics({"boxmask_label_images", "boxmask_label_instances"},
+                             lambda found: all(found.values()) and metric_sum(found["boxmask_label_images"]) >= 9)
+    assert metric_sum(metrics["boxmask_label_images"]) == 9
+    assert metric_sum(metrics["boxmask_label_instances"]) == summary.instances
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    again = service(tmp_path / "out", source).run()
+    assert (again.images_labeled, again.images_skipped, again.shards) == (0, 10, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_no_image_and_duplicates_none(cluster, tmp_path):
+    dataset, source = dataset_and_index(tmp_path, n=16)
+    killed = []
+
+    def progress(event):
+        if not killed:
+            killed.append(pool_pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(delay=0.1), batch_images=1).run(progress)
+    assert_exactly_once(tmp_path / "out", dataset)
+    assert summary.images_labeled == 16 and summary.rejects == 0
+    assert killed[0] not in pool_pids()
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_its_worker_is_rejected_as_lost_and_its_batch_mates_are_labeled(cluster, tmp_path):
+    dataset, source = dataset_and_index(tmp_path, n=8)
+    events = []
+    summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(die_on=("im003",)), batch_images=4,
+                      max_restarts=5, max_attempts=2).run(events.append)
+    assert_exactly_once(tmp_path / "out", dataset, rejected=("im003",))
+    assert [r for r in read_rejects(tmp_path / "out") if r["stage"] == "label"] == [
+        {"image_id": "im003", "file": "img-003.png", "stage": "label",
+         "reason": "lost 2 times while labeling it (last time: its label worker died)"}]
+    assert (summary.images_labeled, summary.rejects, summary.dataset_rejects) == (7, 1, 1)
+    assert sum(e["images"] + e["rejects"] for e in events) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_hung_worker_is_ended_and_its_batch_redone(cluster, tmp_path, workers):
+    """im003 hangs the first worker that labels it for a minute: the watchdog ends that worker after
+    label.batch_timeout_s, Ray restarts it and the batch is redone. The run ends long before the minute."""
+    dataset, source = dataset_and_index(tmp_path, n=10)
+    (tmp_path / "flags").mkdir()
+    labeler = labelkit.BoxLabelerFactory(hang_on=("im003",), hang_s=60.0, once_dir=str(tmp_path / "flags"))
+    t0 = time.monotonic()
+    summary = service(tmp_path / "out", source, labeler, workers=workers, batch_timeout_s=2.0).run()
+    assert time.monotonic() - t0 < 45
+    assert (tmp_path / "flags" / "im003.hung").exists()
+    assert_exactly_once(tmp_path / "out", dataset)
+    assert (summary.images_labeled, summary.rejects, summary.batches_timed_out) == (10, 0, 1)
+
+
+@pytest.mark.slow
+def test_an_image_that_always_hangs_is_rejected_after_max_attempts(cluster, tmp_path):
+    dataset, source = dataset_and_index(tmp_path, n=6)
+    labeler = labelkit.BoxLabelerFactory(hang_on=("im002",), hang_s=60.0)
+    summary = service(tmp_path / "out", source, labeler, workers=1, batch_timeout_s=2.0, max_attempts=2).run()
+    assert_exactly_once(tmp_path / "out", dataset, rejected=("im002",))
+    assert [r["reason"] for r in read_rejects(tmp_path / "out") if r["stage"] == "label"] == [
+        "lost 2 times while labeling it (last time: no result within label.batch_timeout_s = 2 s)"]
+    assert summary.batches_timed_out == 2
+
+
+@pytest.mark.slow
+def test_limit_strict_and_retried_rejects(cluster, tmp_path):
+    import cv2
+
+    dataset, source = dataset_and_index(tmp_path, n=8, corrupt=(5,))
+    out = tmp_path / "out"
+    first = service(out, source, limit=3).run()
+    assert (first.images_total, first.images_labeled) == (3, 3)
+    assert {i for s in read_manifest(out)["shards"] for i in s["image_ids"]} == {"im000", "im001", "im002"}
+    with pytest.raises(UserError, match=r"img-005.png: .*unreadable image.*--strict"):
+        service(out, source, strict=True, workers=1, batch_images=1, max_inflight=1).run()
+    done = {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
+    assert {"im000", "im001", "im002", "im003", "im004"} <= done and "im005" not in done
+    rest = service(out, source).run()
+    assert rest.images_skipped == len(done) + 1 and rest.images_labeled == 8 - len(done) - 1
+    cv2.imwrite(str(tmp_path / "data" / "img-005.png"), np.zeros((48, 64, 3), np.uint8))   # the file is fixed
+    retried = service(out, source, retry_rejects=True).run()
+    assert (retried.images_retried, retried.images_labeled, retried.rejects) == (1, 1, 0)
+    assert_exactly_once(out, dataset)
+
+
+# Enough images that the Ctrl-C, sent once one more image is done than the killed run left, still lands while
+# some are left.
+N_TOY = 12
+TOY = ["--config", str(REPO / "configs" / "toy.yaml"), "--set", "dataset.toy.size=96x192",
+       "--set", f"dataset.toy.train={N_TOY}", "--set", "dataset.toy.val=0", "--set", "teacher.crf.iters=2",
+       "--set", "teacher.refine.steps=2", "--set", "label.batch_images=1", "--set", "label.shard_rows=1"]
+
+
+def finished_images(out) -> set[str]:
+    if not (out / "_manifest.json").exists():
+        return set()
+    return {i for s in read_manifest(out)["shards"] for i in s["image_ids"]}
+
+
+@pytest.mark.slow
+def test_the_cli_killed_then_interrupted_then_resumed_labels_the_toy_index_like_the_dataset(cluster, tmp_path):
+    out, index = tmp_path / "out", tmp_path / "index"
+    env = {**os.environ, "BOXMASK_CACHE": str(tmp_path / "cache")}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    made = subprocess.run([*cli, "index", "--dataset", "toy", "--out", str(index), "--part-images", "5", *TOY],
+                          env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    label = [*cli, "label", "--index", str(index), "--out", str(out), "--address", cluster, "--workers", "2", *TOY]
+
+    killed = interrupt_when(label, env, lambda: len(finished_images(out)) >= 2, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    done_killed = finished_images(out)
+    assert 2 <= len(done_killed) < N_TOY
+    ctrl_c = interrupt_when(label, env, lambda: len(finished_images(out)) >= len(done_killed) + 1, signal.SIGINT)
+    assert ctrl_c.returncode == 130, ctrl_c.stderr[-3000:]
+    assert "interrupted: finished work is kept; re-run the same command to resume" in ctrl_c.stderr
+    done_before = finished_images(out)
+    assert done_killed < done_before and len(done_before) < N_TOY
+    bad = subprocess.run([*label, "--set", "teacher.crf.iters=3"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "holds shards of another config" in bad.stderr
+    again = subprocess.run(label, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {len(done_before)} images already finished" in again.stdout
+    assert f"labeled {N_TOY - len(done_before)} images" in again.stdout
+    listed = collections.Counter(i for s in read_manifest(out)["shards"] for i in s["image_ids"])
+    assert len(listed) == N_TOY and set(listed.values()) == {1}
+
+    # The same images labeled from the dataset in memory, by one worker as the index path with one: same rows.
+    for path, flag in ((tmp_path / "by-index", ["--index", str(index)]), (tmp_path / "by-dataset",
+                                                                          ["--dataset", "toy"])):
+        cmd = [*cli, "label", *flag, "--out", str(path), "--address", cluster, "--workers", "1", *TOY]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted_rows(tmp_path / "by-index") == sorted_rows(tmp_path / "by-dataset")
+    assert len(sorted_rows(out)) == len(sorted_rows(tmp_path / "by-dataset"))
