@@ -11,6 +11,10 @@ and rejects and starts over.
 
 On a Ray cluster with GPUs each worker gets an equal share of them (at most one) and the teacher runs on
 its GPU, unless label.gpus_per_worker (0 for none) or teacher.device=cpu says otherwise.
+
+With --index DIR (a dataset index written by 'pipeline index', e.g. of OpenImages) the images are streamed from
+the index through a Ray Data pipeline onto an actor pool of label workers; the driver holds no dataset, so any
+size fits. The shards, resume and rejects are the same.
 """
 from __future__ import annotations
 

@@ -3,12 +3,14 @@
 Ray Data's actor pool restarts a label worker that died and runs its batch again, without limit, and it has no
 per-batch deadline. So a worker tells the ledger (one small Ray actor per run, owned by the driver) which images it
 begins and ends; an image begun but never ended was lost with its worker (it died, or its watchdog ended it after
-``label.batch_timeout_s``). A worker first asks how often a batch's images were lost: a batch with a lost image
+``label.batch_timeout_s``). Beginning a batch says how often its images were lost: a batch with a lost image
 goes one image at a time (so an image that kills workers does not take its batch-mates along), and an image lost
 ``label.max_attempts`` times is rejected instead of labeled. The ledger also gives each pool actor a
 stable worker index (by Ray actor id, which a restart keeps) and collects the workers' stats for the summary.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 DIED = "its label worker died"
 
@@ -27,29 +29,34 @@ class AttemptLedger:
         """The worker index of a pool actor: the same after Ray restarts it."""
         return self.workers.setdefault(actor_id, len(self.workers))
 
-    def losses(self, image_ids: list[str]) -> dict[str, tuple[int, str]]:
-        """Per image lost before, (times lost, why the last time). An image begun and never ended was lost with
-        its worker: that counts now, when its batch comes back."""
-        out = {}
+    def begin(self, image_ids: list[str], worker: int, max_attempts: int) -> dict[str, tuple[int, str]]:
+        """``worker`` is to label these images together. Returns, per image lost before, (times lost, why the last
+        time): an image begun and never ended was lost with its worker, which counts now, when its batch comes
+        back. The images are marked begun only when none was lost before, or when there is one image: a batch
+        that lost an image goes one image at a time, each begun on its own. An image lost ``max_attempts`` times is
+        never begun again (the worker rejects it; should that batch be lost too, it is rejected again)."""
+        lost = {}
         for image_id in image_ids:
             if image_id in self.running:
                 _, why = self.running.pop(image_id)
                 n, _ = self.losses_by_image.get(image_id, (0, ""))
                 self.losses_by_image[image_id] = (n + 1, why)
             if image_id in self.losses_by_image:
-                out[image_id] = self.losses_by_image[image_id]
-        return out
+                lost[image_id] = self.losses_by_image[image_id]
+        if not lost or len(image_ids) == 1:
+            for image_id in image_ids:
+                if lost.get(image_id, (0, ""))[0] < max_attempts:
+                    self.running[image_id] = (worker, DIED)
+        return lost
 
-    def begin(self, image_ids: list[str], worker: int) -> None:
-        """``worker`` begins labeling these images (after ``losses`` asked about them)."""
-        for image_id in image_ids:
-            self.running[image_id] = (worker, DIED)
-
-    def end(self, image_ids: list[str]) -> None:
-        """These images are labeled or rejected (their result is on its way to the driver)."""
+    def end(self, image_ids: list[str], worker: int = -1, stats: Optional[dict] = None) -> None:
+        """These images are labeled or rejected (their result is on its way to the driver); ``stats``: the worker's
+        stats after them (``report``)."""
         for image_id in image_ids:
             self.running.pop(image_id, None)
             self.losses_by_image.pop(image_id, None)
+        if stats is not None:
+            self.report(worker, stats)
 
     def timed_out(self, worker: int, why: str) -> int:
         """``worker``'s watchdog is about to end it: its running images are lost for ``why``; returns how many."""

@@ -236,7 +236,7 @@ class LabelService:
             on_start(summary.images_total - skipped, skipped)
         if summary.images_total - skipped <= 0:
             return
-        n, remote_args = self._pool()
+        n = self._pool()
         ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
         worker_args = dict(root=str(Path(self.dataset.root).resolve()), ledger=ledger,
                            max_attempts=self.cfg.max_attempts, batch_timeout_s=self.cfg.batch_timeout_s,
@@ -244,7 +244,7 @@ class LabelService:
                            round_=self.round, teacher_id=self.teacher_id, device=self.device,
                            threads=max(1, int(self.cfg.cpus_per_worker)))
         ds = label_pipeline(self.dataset, set(finished), self.limit, worker_args, n, self.cfg.batch_images,
-                            self.cfg.max_inflight, remote_args)
+                            self.cfg.max_inflight, self.cfg.cpus_per_worker, self.gpus_per_worker)
         sink = ShardSink(writer, summary, progress, self.strict)
         t_start = time.monotonic()
         results = iter_results(ds)
@@ -265,8 +265,8 @@ class LabelService:
                 pass
             ray.kill(ledger)
 
-    def _pool(self) -> tuple[int, dict]:
-        """The label worker count and each worker's Ray options, checked against the cluster."""
+    def _pool(self) -> int:
+        """The label worker count, checked against the cluster (sets ``gpus_per_worker``)."""
         import ray
 
         if self.cfg.batch_timeout_s <= 0:
@@ -279,9 +279,7 @@ class LabelService:
         check_fits(n, resources, self.cfg.cpus_per_worker, self.gpus_per_worker)
         log.info("label workers: %d (label.workers %s, cluster %g CPUs, %g GPUs)", n, self.cfg.workers,
                  resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-        # Ray runs a lost batch again as often as it must: the ledger, not Ray, limits how often an image is lost.
-        return n, dict(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                       max_restarts=self.cfg.max_restarts, max_task_retries=-1)
+        return n
 
     # -- the run
     def run(self, progress: Optional[Progress] = None,

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -90,6 +91,7 @@ class LabelBatches:
         self.worker = LabelWorker(self.index, category_names, teacher_factory, round_, teacher_id, device, threads)
         self._deadline = 0.0          # monotonic time the running batch must end by; 0: none running
         self._batches = 0
+        self._call_s = 0.0
         threading.Thread(target=self._watch, name="label-batch-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
@@ -111,33 +113,45 @@ class LabelBatches:
     def __call__(self, block: pa.Table) -> pa.Table:
         import ray
 
+        t_call = time.monotonic()
         samples = [row.to_sample(self.root) for row in table_rows(block)]
         ids = [s.image_id for s in samples]
         self._deadline = time.monotonic() + self.batch_timeout_s
         try:
-            lost = ray.get(self.ledger.losses.remote(ids))
+            # One call to the ledger per batch, and one that is not waited for (a caller's calls to an actor run
+            # in order); more only after a loss.
+            lost = ray.get(self.ledger.begin.remote(ids, self.index, self.max_attempts))
             given_up = [i for i in ids if lost.get(i, (0, ""))[0] >= self.max_attempts]
-            work = [s for s in samples if s.image_id not in given_up]
-            # After a loss the batch's images go one at a time: the one that kills or hangs its worker is then
-            # lost alone, and its batch-mates are labeled.
-            groups = [[s] for s in work] if lost else [work] if work else []
             results = []
-            for group in groups:
-                group_ids = [s.image_id for s in group]
-                ray.get(self.ledger.begin.remote(group_ids, self.index))
-                results.extend(self.worker.label_batch(self._batches, group))
-                ray.get(self.ledger.end.remote(group_ids))
+            if not lost:
+                results = self.worker.label_batch(self._batches, samples)
+                self.ledger.end.remote(ids, self.index, self._stats(t_call))
+            else:
+                # The images one at a time: the one that kills or hangs its worker is then lost alone, and its
+                # batch-mates are labeled.
+                for sample in samples:
+                    if sample.image_id in given_up:
+                        continue
+                    if len(samples) > 1:
+                        ray.get(self.ledger.begin.remote([sample.image_id], self.index, self.max_attempts))
+                    results.extend(self.worker.label_batch(self._batches, [sample]))
+                    self.ledger.end.remote([sample.image_id], self.index, self._stats(t_call))
             self._batches += 1
         finally:
             self._deadline = 0.0
-        ray.get(self.ledger.report.remote(self.index, self.worker.stats()))
         by_id = {r["image_id"]: r for r in results}
+        self._call_s += time.monotonic() - t_call
         for image_id in given_up:
             n, why = lost[image_id]
             sample = samples[ids.index(image_id)]
             by_id[image_id] = {"image_id": image_id, "file": sample.file_name, "stage": "label",
                                "reason": f"lost {n} times while labeling it (last time: {why})"}
         return self._encode([by_id[i] for i in ids if i in by_id])
+
+    def _stats(self, t_call: float) -> dict:
+        """``LabelWorker.stats`` and ``call_s``: seconds in this callable's calls so far (labeling and what Ray
+        Data's batch costs around it: index rows to samples, the ledger, results to Arrow)."""
+        return {**self.worker.stats(), "call_s": self._call_s + time.monotonic() - t_call}
 
     def _encode(self, results: list[dict]) -> pa.Table:
         cols = {name: [] for name in RESULT_SCHEMA.names}
@@ -185,11 +199,12 @@ def _datasource_v1():
 
 
 def label_pipeline(source: IndexSource, done: set[str], limit: Optional[int], worker_args: dict, workers: int,
-                   batch_images: int, max_inflight: int, ray_remote_args: dict):
+                   batch_images: int, max_inflight: int, cpus_per_worker: float, gpus_per_worker: float):
     """The Ray Data dataset of one run's results (``RESULT_SCHEMA`` blocks): the first ``limit`` images of the
     index (all: None) without those in ``done``, ``batch_images`` at a time labeled by ``workers``
-    ``LabelBatches`` actors (``worker_args`` their constructor's keywords, ``ray_remote_args`` their resources),
-    results in index order.
+    ``LabelBatches`` actors (``worker_args`` their constructor's keywords, each with the CPUs and GPUs given),
+    results in index order. Ray Data restarts a dead worker and redoes its batch without limit; the ledger, not
+    Ray, bounds how often an image is lost.
 
     Ray runs a map task again after a loss, and a task is a bundle of whole input blocks; its results reach the
     driver when it ends. So the blocks are made about one label batch small (``target_max_block_size``): a lost
@@ -205,7 +220,11 @@ def label_pipeline(source: IndexSource, done: set[str], limit: Optional[int], wo
     ctx = ds.context
     # One image order for every run: the memory bank makes the labels depend on it.
     ctx.execution_options.preserve_order = True
-    ctx.execution_options.actor_locality_enabled = False   # else a free actor may take a later block first
+    with warnings.catch_warnings():
+        # Deprecated (Ray Data is to place blocks itself) but still read by Ray 2.60's actor pool: with it on, a
+        # free worker may take a later block first, and one worker would not see the images in index order.
+        warnings.simplefilter("ignore")
+        ctx.execution_options.actor_locality_enabled = False
     ctx.enable_progress_bars = False
     ctx.target_max_block_size = max(1, batch_images) * index_row_bytes(source)
     if limit is not None:
@@ -217,7 +236,7 @@ def label_pipeline(source: IndexSource, done: set[str], limit: Optional[int], wo
                           batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers,
                                                              max_tasks_in_flight_per_actor=max(1, max_inflight)),
-                          **ray_remote_args)
+                          num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
 
 
 def iter_results(ds) -> Iterator[tuple[int, dict]]:
