@@ -136,16 +136,7 @@ class LabelService:
     def _start_workers(self) -> list:
         import ray
 
-        if self.cfg.batch_timeout_s <= 0:
-            raise UserError("label.batch_timeout_s", f"must be positive, got {self.cfg.batch_timeout_s:g}")
-        resources = ray.cluster_resources()
-        n = resolve_workers(self.cfg.workers, resources, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker,
-                            self.device)
-        log.info("label workers: %d (label.workers %s, cluster %g CPUs, %g GPUs)", n, self.cfg.workers,
-                 resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-        self.gpus_per_worker = resolve_gpus_per_worker(self.cfg.gpus_per_worker, resources.get("GPU", 0.0), n,
-                                                       self.device)
-        check_fits(n, resources, self.cfg.cpus_per_worker, self.gpus_per_worker)
+        n = self._pool()
         remote = ray.remote(LabelWorker)
         actors = []
         for i in range(n):
@@ -228,9 +219,9 @@ class LabelService:
         from .ledger import AttemptLedger
         from .streaming import iter_results, label_pipeline
 
-        finished = writer.done
-        skipped = sum(int(pc.sum(pc.is_in(ids, value_set=pa.array(sorted(finished), pa.string()))).as_py() or 0)
-                      for ids in self.dataset.image_ids(self.limit)) if finished else 0
+        finished = pa.array(sorted(writer.done), pa.string())
+        skipped = sum(int(pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0)
+                      for ids in self.dataset.image_ids(self.limit)) if len(finished) else 0
         summary.images_skipped = skipped
         if on_start is not None:
             on_start(summary.images_total - skipped, skipped)
@@ -243,7 +234,7 @@ class LabelService:
                            category_names=self.category_names, teacher_factory=self.teacher_factory,
                            round_=self.round, teacher_id=self.teacher_id, device=self.device,
                            threads=max(1, int(self.cfg.cpus_per_worker)))
-        ds = label_pipeline(self.dataset, set(finished), self.limit, worker_args, n, self.cfg.batch_images,
+        ds = label_pipeline(self.dataset, finished, self.limit, worker_args, n, self.cfg.batch_images,
                             self.cfg.max_inflight, self.cfg.cpus_per_worker, self.gpus_per_worker)
         sink = ShardSink(writer, summary, progress, self.strict)
         t_start = time.monotonic()

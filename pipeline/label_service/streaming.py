@@ -198,10 +198,10 @@ def _datasource_v1():
         ctx.use_datasource_v2, ctx.enable_progress_bars = saved
 
 
-def label_pipeline(source: IndexSource, done: set[str], limit: Optional[int], worker_args: dict, workers: int,
+def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], worker_args: dict, workers: int,
                    batch_images: int, max_inflight: int, cpus_per_worker: float, gpus_per_worker: float):
     """The Ray Data dataset of one run's results (``RESULT_SCHEMA`` blocks): the first ``limit`` images of the
-    index (all: None) without those in ``done``, ``batch_images`` at a time labeled by ``workers``
+    index (all: None) without those in ``done`` (a string array of image ids), ``batch_images`` at a time labeled by ``workers``
     ``LabelBatches`` actors (``worker_args`` their constructor's keywords, each with the CPUs and GPUs given),
     results in index order. Ray Data restarts a dead worker and redoes its batch without limit; the ledger, not
     Ray, bounds how often an image is lost.
@@ -229,9 +229,9 @@ def label_pipeline(source: IndexSource, done: set[str], limit: Optional[int], wo
     ctx.target_max_block_size = max(1, batch_images) * index_row_bytes(source)
     if limit is not None:
         ds = ds.limit(limit)
-    if done:
+    if len(done):
         ds = ds.map_batches(_drop_finished, batch_format="pyarrow", batch_size=None, num_cpus=0,
-                            fn_kwargs={"done": pa.array(sorted(done), pa.string())})
+                            fn_kwargs={"done": done})
     return ds.map_batches(LabelBatches, fn_constructor_kwargs=worker_args, batch_size=max(1, batch_images),
                           batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers,
