@@ -236,7 +236,10 @@ def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], wo
                           batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers,
                                                              max_tasks_in_flight_per_actor=max(1, max_inflight)),
-                          num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+                          num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                          # Ray Data lets an actor run a later batch while an earlier one's block is still on its
+                          # way; then one worker would not see the images in index order.
+                          allow_out_of_order_execution=False)
 
 
 def iter_results(ds) -> Iterator[tuple[int, dict]]:
