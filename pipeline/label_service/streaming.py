@@ -230,7 +230,9 @@ def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], wo
     if limit is not None:
         ds = ds.limit(limit)
     if len(done):
-        ds = ds.map_batches(_drop_finished, batch_format="pyarrow", batch_size=None, num_cpus=0,
+        # As the read, so that the two fuse into one task per part: a zero-CPU operator of its own would have
+        # Ray Data start a task, and the raylet a worker process, for every block at once.
+        ds = ds.map_batches(_drop_finished, batch_format="pyarrow", batch_size=None, num_cpus=0, concurrency=1,
                             fn_kwargs={"done": done})
     return ds.map_batches(LabelBatches, fn_constructor_kwargs=worker_args, batch_size=max(1, batch_images),
                           batch_format="pyarrow",
