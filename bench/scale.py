@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import results as bench_results  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.shards import read_manifest  # noqa: E402
 
 BOXES_PER_IMAGE = 10
 WORKERS = 2
@@ -101,8 +103,8 @@ def run_measured(cmd: list[str]) -> tuple[int, float, float, str]:
 def finished(out: Path) -> list[list[str]]:
     """Image ids of each committed shard (the manifest), [] before the first."""
     try:
-        return [s["image_ids"] for s in json.loads((out / "_manifest.json").read_text())["shards"]]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return [s["image_ids"] for s in read_manifest(out)["shards"]]
+    except UserError:
         return []
 
 
@@ -141,7 +143,7 @@ def check_shards(out: Path, index: Path) -> int:
     finished images are the first ones of the index. Returns how many are finished."""
     import pyarrow.parquet as pq
 
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     ids = [i for s in manifest["shards"] for i in s["image_ids"]]
     if len(ids) != len(set(ids)):
         raise SystemExit(f"{out}: an image is in two shards")

@@ -27,11 +27,15 @@ correspondences    list<struct<partner_image_id: string, partner_instance_id: in
 Schema metadata (bytes keys ``boxmask.*``): ``schema_version``, ``classes`` (json list of {id, name}),
 ``config_digest``, ``dataset``, ``split``, ``data_root``, ``teacher``, ``round``.
 
-A shard directory holds ``part-NNNNN.parquet`` files, ``_manifest.json`` and ``_rejects.jsonl``:
+A shard directory holds ``part-NNNNN.parquet`` files, ``_manifest.json`` (with its journal ``_manifest.jsonl``
+while a run writes) and ``_rejects.jsonl``:
 
-- A shard file is written under a temporary name, fsynced and renamed; only then is it added to the
-  manifest (itself replaced atomically). A file that is not in the manifest is not finished: resuming
-  deletes it and labels its images again. So every finished image is in exactly one manifest entry.
+- A shard file is written under a temporary name, fsynced and renamed; only then is its entry appended to the
+  manifest's journal (a line, fsynced), which the writer folds into ``_manifest.json`` (replaced atomically) when
+  the journal is as long as the manifest and when the run ends; ``boxmask_common.manifest`` reads the two as one.
+  So a commit costs one shard, not every image finished so far. A file that is not in the manifest is not
+  finished: resuming deletes it and labels its images again. So every finished image is in exactly one
+  manifest entry.
 - The manifest lists, per shard, its ``file``, ``rows``, ``sha256``, the ``image_ids`` it finishes
   (images without instances included) and ``empty_images`` (id, file name and size of those images,
   so exports can list them).
@@ -63,14 +67,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from boxmask_common.files import atomic_path, atomic_write_bytes
+from boxmask_common.files import atomic_path, atomic_write_bytes, fsync_dir
+from boxmask_common.manifest import JOURNAL, MANIFEST, read_manifest
 
 from .errors import UserError, one_line
 
 SCHEMA_VERSION = "1"
-MANIFEST = "_manifest.json"
 REJECTS = "_rejects.jsonl"
 LOCK = ".lock"
+FOLD_MIN_ENTRIES = 64                 # journal lines before the writer folds them into the manifest
 SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
 BOX_PRIOR = "box-prior"
 
@@ -227,20 +232,6 @@ def _sigint_deferred():
                 raise KeyboardInterrupt
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """The parsed ``_manifest.json`` of a shard directory; ``UserError`` when missing or malformed."""
-    path = Path(out_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(out_dir, f"not a shard directory (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(path, f"malformed manifest ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("shards"), list) or "meta" not in data:
-        raise UserError(path, "malformed manifest (expected keys 'meta' and 'shards')")
-    return data
-
-
 def read_rejects(out_dir: str | os.PathLike) -> list[dict]:
     """Records of ``_rejects.jsonl`` (a torn last line from an interrupted write is ignored)."""
     path = Path(out_dir) / REJECTS
@@ -335,6 +326,8 @@ class ShardWriter:
         self._pending_set: set[str] = set()
         self._lock_fd: Optional[int] = None
         self._rejects_file = None
+        self._journal_file = None
+        self._journal_entries = 0             # entries in the journal, not yet folded into the manifest
         self.rows_written = 0
 
     # -- lifecycle
@@ -346,10 +339,12 @@ class ShardWriter:
         try:
             if exc_type is None:
                 self.flush()
+                self._fold()
             else:
                 # Ctrl-C or an error elsewhere: the buffered images are complete, keep them.
                 try:
                     self.flush()
+                    self._fold()
                 except Exception as flush_exc:  # the original error matters more; a re-run redoes them
                     log.warning("%s: could not write the last shard (%s)", self.out_dir, flush_exc)
         finally:
@@ -374,23 +369,24 @@ class ShardWriter:
                 self._resume()
             self._remove_unfinished()
             self._load_rejects()
-            self._write_manifest()
+            self._fold()
             self._rejects_file = open(self.out_dir / REJECTS, "a")
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        if self._rejects_file is not None:
-            self._rejects_file.close()
-            self._rejects_file = None
+        for name in ("_rejects_file", "_journal_file"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def _clear(self) -> None:
         for path in self.out_dir.iterdir():
-            if SHARD_PATTERN.match(path.name) or path.name in (MANIFEST, REJECTS) or (
+            if SHARD_PATTERN.match(path.name) or path.name in (MANIFEST, JOURNAL, REJECTS) or (
                     path.name.startswith(".") and path.name.endswith(".tmp")):
                 path.unlink()
 
@@ -499,7 +495,7 @@ class ShardWriter:
         entry = ShardEntry(file=name, rows=table.num_rows, sha256=digest, image_ids=list(self._pending_ids),
                            empty_images=list(self._pending_empty))
         self.entries.append(entry)
-        self._write_manifest()
+        self._journal(entry)
         # Only now, with the manifest on disk, are these images finished.
         self.done.update(self._pending_ids)
         self.rows_written += table.num_rows
@@ -507,9 +503,29 @@ class ShardWriter:
         self._pending_ids, self._pending_empty, self._pending_set = [], [], set()
         return entry
 
-    def _write_manifest(self) -> None:
+    def _journal(self, entry: ShardEntry) -> None:
+        """Commit ``entry``: one line appended to the journal and fsynced; the journal is folded into the
+        manifest once it is as long (so the manifest is rewritten about log2(shards) times in a run)."""
+        if self._journal_file is None:
+            self._journal_file = open(self.out_dir / JOURNAL, "ab")
+            fsync_dir(self.out_dir)
+        self._journal_file.write(json.dumps(asdict(entry), separators=(",", ":")).encode() + b"\n")
+        self._journal_file.flush()
+        os.fsync(self._journal_file.fileno())
+        self._journal_entries += 1
+        if self._journal_entries >= max(FOLD_MIN_ENTRIES, len(self.entries) - self._journal_entries):
+            self._fold()
+
+    def _fold(self) -> None:
+        """Every entry into ``_manifest.json`` (replaced atomically), then the journal deleted. Cut between the
+        two, the journal's entries are in both; readers skip the journal's copies."""
         data = {"meta": asdict(self.meta), "shards": [asdict(e) for e in self.entries]}
-        atomic_write_bytes(self.out_dir / MANIFEST, json.dumps(data, indent=1).encode())
+        atomic_write_bytes(self.out_dir / MANIFEST, json.dumps(data, separators=(",", ":")).encode())
+        if self._journal_file is not None:
+            self._journal_file.close()
+            self._journal_file = None
+        (self.out_dir / JOURNAL).unlink(missing_ok=True)
+        self._journal_entries = 0
 
     def has(self, image_id: str) -> bool:
         """Whether the image is finished or buffered for the next shard."""

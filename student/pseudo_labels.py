@@ -1,12 +1,11 @@
 """Pseudo labels of a shard directory, for training: masks, scores and correspondences by (image_id, instance_id).
 
-Reads only the Parquet files that ``_manifest.json`` lists (a file not in the manifest is unfinished), with plain
-pyarrow: the student does not import the pipeline that wrote them. Rows stay in Arrow tables; a row is decoded
+Reads only the Parquet files that the manifest lists (``boxmask_common.manifest``; a file not in it is
+unfinished), with plain pyarrow: the student does not import the pipeline that wrote them. Rows stay in Arrow tables; a row is decoded
 only when an image that needs it is loaded.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,8 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from boxmask_common.errors import UserError, one_line
+from boxmask_common.manifest import read_manifest
 
-
-MANIFEST = "_manifest.json"
 COLUMNS = ["image_id", "instance_id", "height", "width", "mask_rle", "score", "correspondences"]
 
 
@@ -57,20 +55,9 @@ class PseudoLabels:
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "PseudoLabels":
         path = Path(path)
-        manifest = path / MANIFEST
-        try:
-            data = json.loads(manifest.read_text())
-        except FileNotFoundError:
-            raise UserError(path, f"not a shard directory (no {MANIFEST})") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(manifest, f"malformed manifest ({exc})") from None
-        shards = data.get("shards") if isinstance(data, dict) else None
-        if not isinstance(shards, list):
-            raise UserError(manifest, "malformed manifest (no 'shards' list)")
+        shards = read_manifest(path)["shards"]
         tables = []
         for entry in shards:
-            if not isinstance(entry, dict) or not entry.get("file"):
-                raise UserError(manifest, f"malformed manifest entry {str(entry)[:80]!r}")
             file = path / str(entry["file"])
             try:
                 tables.append(pq.read_table(file, columns=COLUMNS))

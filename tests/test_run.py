@@ -24,10 +24,11 @@ from pipeline.datasets.base import box_to_mask
 from pipeline.datasets.cityscapes import CityscapesDataset
 from pipeline.datasets.coco import is_held_out
 from pipeline.datasets.toy import generate_toy
+from pipeline.errors import UserError
 from pipeline.evaluation import evaluate_shards, gt_masks, paired_mask_iou
 from pipeline.report import per_class_rows, round_rows, write_report
 from pipeline.rounds import RunFolder, config_differences, json_safe, round_student_config
-from pipeline.shards import ShardMeta, ShardWriter, decode_rle, encode_rle, rows_to_table
+from pipeline.shards import ShardMeta, ShardWriter, decode_rle, encode_rle, read_manifest, rows_to_table
 from student.config import StudentConfig
 from student.train import latest_checkpoint
 
@@ -248,8 +249,8 @@ def run_cmd(out: Path, address: str, rounds: int, *extra: str) -> list[str]:
 
 def finished_images(labels: Path) -> int:
     try:
-        return sum(len(s["image_ids"]) for s in json.loads((labels / "_manifest.json").read_text())["shards"])
-    except (FileNotFoundError, json.JSONDecodeError):
+        return sum(len(s["image_ids"]) for s in read_manifest(labels)["shards"])
+    except UserError:                        # no manifest yet, or one being replaced
         return 0
 
 

@@ -11,8 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import UserError
-from pipeline.shards import (MANIFEST, REJECTS, ShardMeta, ShardWriter, decode_rle, encode_rle, read_manifest,
-                             read_rejects, rle_area, rows_to_table)
+from pipeline.shards import (JOURNAL, MANIFEST, REJECTS, ShardMeta, ShardWriter, decode_rle, encode_rle,
+                             read_manifest, read_rejects, rle_area, rows_to_table)
+from student.pseudo_labels import PseudoLabels
 
 
 def meta(digest="d1"):
@@ -140,24 +141,22 @@ def test_ctrl_c_during_a_shard_commit_never_lists_an_image_twice(tmp_path, monke
 
     import pipeline.shards as shards
 
-    real = shards.ShardWriter._write_manifest
-    calls = []
+    real = shards.ShardWriter._journal
 
-    def interrupted(self):
-        # The first manifest write is open(); the second commits the first shard: Ctrl-C arrives right there.
-        calls.append(1)
-        if len(calls) == 2 and stage == "before_manifest":
+    def interrupted(self, entry):
+        # The first shard's commit: Ctrl-C arrives right before or right after its manifest line.
+        if stage == "before_manifest":
             os.kill(os.getpid(), signal.SIGINT)
-        real(self)
-        if len(calls) == 2 and stage == "after_manifest":
+        real(self, entry)
+        if stage == "after_manifest":
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(shards.ShardWriter, "_write_manifest", interrupted)
+    monkeypatch.setattr(shards.ShardWriter, "_journal", interrupted)
     with pytest.raises(KeyboardInterrupt):
         with ShardWriter(tmp_path, meta(), shard_rows=4) as w:
             for i in range(3):
                 w.add(f"img{i}", image_table(f"img{i}", n=2, seed=i))
-    monkeypatch.setattr(shards.ShardWriter, "_write_manifest", real)
+    monkeypatch.setattr(shards.ShardWriter, "_journal", real)
     listed = [i for e in read_manifest(tmp_path)["shards"] for i in e["image_ids"]]
     assert sorted(listed) == ["img0", "img1"]  # the shard img1 completed, once; img2 was never added
     with ShardWriter(tmp_path, meta(), shard_rows=4) as w:
@@ -223,3 +222,67 @@ def test_retry_rejects_drops_load_and_label_rejects_and_keeps_dataset_ones(tmp_p
     assert not list(tmp_path.glob(".*.tmp"))
     lines = (tmp_path / REJECTS).read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line) for line in lines)
+
+
+def test_a_commit_appends_to_the_journal_and_the_end_of_a_run_folds_it_into_the_manifest(tmp_path):
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        for name in "abc":
+            w.add(name, image_table(name, 1))
+        assert json.loads((tmp_path / MANIFEST).read_text())["shards"] == []        # as open() wrote it
+        assert len((tmp_path / JOURNAL).read_text().splitlines()) == 3
+        assert [s["image_ids"] for s in read_manifest(tmp_path)["shards"]] == [["a"], ["b"], ["c"]]
+        assert len(PseudoLabels.from_dir(tmp_path)) == 3             # the student reads the journal too
+    assert not (tmp_path / JOURNAL).exists()
+    assert [s["image_ids"] for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]] == [["a"], ["b"], ["c"]]
+
+
+def test_the_manifest_is_rewritten_about_log2_times_and_always_reads_complete(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    monkeypatch.setattr(shards, "FOLD_MIN_ENTRIES", 2)
+    real, folds = shards.atomic_write_bytes, []
+
+    def counted(path, data):
+        folds.append(len(json.loads(data)["shards"]) if path.name == MANIFEST else None)
+        real(path, data)
+
+    monkeypatch.setattr(shards, "atomic_write_bytes", counted)
+    names = [f"im{i:03d}" for i in range(100)]
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        for i, name in enumerate(names):
+            w.add(name, image_table(name, 1))
+            assert [s["image_ids"][0] for s in read_manifest(tmp_path)["shards"]] == names[: i + 1]
+    # open(), then each time the journal is as long as the manifest (2, 4, 8, ..., 64 shards), then the end.
+    assert folds == [0, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_a_commit_cut_short_in_its_journal_line_is_unfinished_and_a_cut_fold_lists_nothing_twice(tmp_path):
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        w.add("a", image_table("a", 1))
+        w.add("b", image_table("b", 1))
+        journal = (tmp_path / JOURNAL).read_bytes()
+    # As a kill leaves it: "a" folded in and still in the journal (a fold cut between its two steps), "b" in
+    # the journal only, and the commit of "c" cut in its line (its shard file already renamed).
+    lines = journal.splitlines(keepends=True)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "part-00002.parquet").write_bytes((tmp_path / "part-00001.parquet").read_bytes())
+    (tmp_path / JOURNAL).write_bytes(lines[0] + lines[1] + b'{"file":"part-00002.parquet","ro')
+    assert [s["image_ids"] for s in read_manifest(tmp_path)["shards"]] == [["a"], ["b"]]
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        assert w.done == {"a", "b"} and w.removed == ["part-00002.parquet"]
+        assert not (tmp_path / JOURNAL).exists()                 # folded on open
+        w.add("c", image_table("c", 1))
+    assert [s["image_ids"] for s in read_manifest(tmp_path)["shards"]] == [["a"], ["b"], ["c"]]
+
+
+def test_a_malformed_journal_line_is_a_one_line_error_naming_the_journal(tmp_path):
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        w.add("a", image_table("a", 1))
+    (tmp_path / JOURNAL).write_text('{"file": "part-00000.parquet"}\nnot json\n')
+    with pytest.raises(UserError, match=r"_manifest.jsonl: malformed manifest journal line 2"):
+        ShardWriter(tmp_path, meta()).open()
+    (tmp_path / JOURNAL).write_text('["part-00001.parquet"]\n')
+    with pytest.raises(UserError, match=r"_manifest.jsonl: malformed manifest journal line 1 \(expected an"):
+        read_manifest(tmp_path)
