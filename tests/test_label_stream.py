@@ -123,10 +123,11 @@ def test_pool_actors_and_metrics_are_on_the_dashboard_and_a_rerun_writes_nothing
 def test_a_resumed_pipeline_drops_the_finished_images_inside_its_read_tasks(cluster, tmp_path):
     """The finished images are dropped in the read's own tasks: as an operator of its own, zero-CPU, Ray Data
     started a task and the raylet a worker process for every block at once (97 processes, a 2,000-image resume
-    took 120 s to its first shard instead of 12)."""
+    took 120 s to its first shard instead of 12). A batch's results come back as one row: a block per image
+    stalled the worker about 0.5 s per batch."""
     import pyarrow as pa
 
-    from pipeline.label_service.streaming import iter_results, label_pipeline
+    from pipeline.label_service.streaming import BATCH_SCHEMA, decode_results, label_pipeline
 
     dataset, source = dataset_and_index(tmp_path, n=12)
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
@@ -136,11 +137,16 @@ def test_a_resumed_pipeline_drops_the_finished_images_inside_its_read_tasks(clus
     done = ["im001", "im004", "im005", "im010"]
     try:
         ds = label_pipeline(source, pa.array(done), None, args, 1, 2, 1, 1.0, 0.0)
-        labeled = [res["image_id"] for _, res in iter_results(ds)]
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
     finally:
         ray.kill(ledger)
-    assert labeled == [s.image_id for s in dataset if s.image_id not in done]
+    assert [res["image_id"] for b in blocks for _, res in decode_results(b)] == [
+        s.image_id for s in dataset if s.image_id not in done]
     assert "ReadParquet->MapBatches(_drop_finished)" in ds.stats()
+    # A batch's results are one row (Ray Data cuts blocks between rows only). Batches of 2 within each part of 5
+    # images: 0 2 | 3; 6 7 | 8 9; 11.
+    assert all(b.schema == BATCH_SCHEMA for b in blocks)
+    assert [len(decode_results(b.slice(i, 1))) for b in blocks for i in range(b.num_rows)] == [2, 1, 2, 2, 1]
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from ..index import INDEX_SCHEMA, IndexSource, table_rows
 
 log = logging.getLogger(__name__)
 
-# One result per image, from the workers to the driver.
+# One result per image, from the workers to the driver; a batch's results travel as one row of BATCH_SCHEMA.
 RESULT_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("worker", pa.int32()),
@@ -44,6 +44,11 @@ RESULT_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("stage", pa.string()),
 ])
+# Ray Data cuts a task's output into blocks of ``target_max_block_size`` (about one label batch of index rows, a
+# few KB), and a worker stops after two blocks the driver has not taken yet. Results of 10-50 KB an image were a
+# block each, and the worker waited about 0.5 s per batch (coco_tiny: 0.55x the in-memory path). A row is never
+# cut, so a batch's results as one row are one block.
+BATCH_SCHEMA = pa.schema([("results", pa.binary())])   # an Arrow IPC stream of RESULT_SCHEMA rows
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -53,11 +58,13 @@ def _ipc(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def decode_results(batch: pa.Table) -> list[tuple[int, dict]]:
-    """A block of ``RESULT_SCHEMA`` rows -> (worker, result) pairs, results as ``LabelWorker.label_batch`` gives
+def decode_results(block: pa.Table) -> list[tuple[int, dict]]:
+    """A block of ``BATCH_SCHEMA`` rows -> (worker, result) pairs, results as ``LabelWorker.label_batch`` gives
     them (``{"image_id", "table"[, "empty"]}`` or ``{"image_id", "file", "reason", "stage"}``)."""
     out = []
-    for rec in batch.to_pylist():
+    records = [rec for packed in block.column("results").to_pylist()
+               for rec in pa.ipc.open_stream(packed).read_all().to_pylist()]
+    for rec in records:
         if rec["rows"] is not None:
             res = {"image_id": rec["image_id"], "table": pa.ipc.open_stream(rec["rows"]).read_all()}
             if rec["empty"] is not None:
@@ -154,6 +161,7 @@ class LabelBatches:
         return {**self.worker.stats(), "call_s": self._call_s + time.monotonic() - t_call}
 
     def _encode(self, results: list[dict]) -> pa.Table:
+        """One ``BATCH_SCHEMA`` row holding the results as ``RESULT_SCHEMA`` rows."""
         cols = {name: [] for name in RESULT_SCHEMA.names}
         for res in results:
             table = res.get("table")
@@ -163,7 +171,8 @@ class LabelBatches:
             cols["empty"].append(json.dumps(res["empty"]) if "empty" in res else None)
             for key in ("file", "reason", "stage"):
                 cols[key].append(res.get(key))
-        return pa.Table.from_pydict(cols, schema=RESULT_SCHEMA)
+        packed = _ipc(pa.Table.from_pydict(cols, schema=RESULT_SCHEMA))
+        return pa.table({"results": [packed]}, schema=BATCH_SCHEMA)
 
 
 def _drop_finished(block: pa.Table, done: pa.Array) -> pa.Table:
@@ -200,10 +209,10 @@ def _datasource_v1():
 
 def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], worker_args: dict, workers: int,
                    batch_images: int, max_inflight: int, cpus_per_worker: float, gpus_per_worker: float):
-    """The Ray Data dataset of one run's results (``RESULT_SCHEMA`` blocks): the first ``limit`` images of the
-    index (all: None) without those in ``done`` (a string array of image ids), ``batch_images`` at a time labeled by ``workers``
-    ``LabelBatches`` actors (``worker_args`` their constructor's keywords, each with the CPUs and GPUs given),
-    results in index order. Ray Data restarts a dead worker and redoes its batch without limit; the ledger, not
+    """The Ray Data dataset of one run's results (``BATCH_SCHEMA`` blocks, ``decode_results`` reads them): the
+    first ``limit`` images of the index (all: None) without those in ``done`` (a string array of image ids),
+    ``batch_images`` at a time labeled by ``workers`` ``LabelBatches`` actors (``worker_args`` their constructor's
+    keywords, each with the CPUs and GPUs given), results in index order. Ray Data restarts a dead worker and redoes its batch without limit; the ledger, not
     Ray, bounds how often an image is lost.
 
     Ray runs a map task again after a loss, and a task is a bundle of whole input blocks; its results reach the
@@ -234,14 +243,18 @@ def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], wo
         # Ray Data start a task, and the raylet a worker process, for every block at once.
         ds = ds.map_batches(_drop_finished, batch_format="pyarrow", batch_size=None, num_cpus=0, concurrency=1,
                             fn_kwargs={"done": done})
-    return ds.map_batches(LabelBatches, fn_constructor_kwargs=worker_args, batch_size=max(1, batch_images),
-                          batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=workers,
-                                                             max_tasks_in_flight_per_actor=max(1, max_inflight)),
-                          num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                          # Ray Data lets an actor run a later batch while an earlier one's block is still on its
-                          # way; then one worker would not see the images in index order.
-                          allow_out_of_order_execution=False)
+    with warnings.catch_warnings():
+        # allow_out_of_order_execution has no named parameter: as a remote argument it draws Ray 2.60's notice
+        # that those are to go in 2.64, on every run.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(LabelBatches, fn_constructor_kwargs=worker_args, batch_size=max(1, batch_images),
+                              batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=workers,
+                                                                 max_tasks_in_flight_per_actor=max(1, max_inflight)),
+                              num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                              # Ray Data lets an actor run a later batch while an earlier one's block is still on
+                              # its way; then one worker would not see the images in index order.
+                              allow_out_of_order_execution=False)
 
 
 def iter_results(ds) -> Iterator[tuple[int, dict]]:
