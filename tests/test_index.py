@@ -281,3 +281,28 @@ def test_the_cli_and_pipeline_index_do_not_load_torch():
             "import pipeline.datasets, pipeline.config; "
             "sys.exit(1 if 'torch' in sys.modules or 'ray.train' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_labeling_an_index_without_a_config_takes_the_shipped_config_of_its_dataset_kind(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.commands.label import label_config
+    from pipeline.config import config_path_for, load_config
+
+    ann = _messy_coco(tmp_path / "coco")
+    build_index(DatasetConfig(name="coco", root=str(tmp_path / "coco"), ann=str(ann)), tmp_path / "coco-idx")
+    boxes, classes = _openimages(tmp_path / "oi")
+    build_index(DatasetConfig(name="openimages", root=str(tmp_path / "oi" / "train"), ann=str(boxes),
+                              classes=str(classes)), tmp_path / "oi-idx")
+
+    def config(*argv):
+        return label_config(build_parser().parse_args(["label", "--out", str(tmp_path / "out"), *argv]))
+
+    coco, toy = load_config(config_path_for("coco")), load_config(config_path_for("toy"))
+    assert coco.teacher != toy.teacher                   # else this test could not tell them apart
+    assert config("--index", str(tmp_path / "coco-idx")).teacher == coco.teacher
+    assert config("--index", str(tmp_path / "oi-idx")).teacher == toy.teacher   # no shipped OpenImages config
+    assert config("--index", str(tmp_path / "coco-idx"), "--config", str(config_path_for("toy"))).teacher == \
+        toy.teacher
+    assert config("--index", str(tmp_path / "coco-idx"), "--dataset", "toy").teacher == toy.teacher
+    with pytest.raises(UserError, match="nowhere"):
+        config("--index", str(tmp_path / "nowhere"))

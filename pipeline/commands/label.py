@@ -14,13 +14,17 @@ its GPU, unless label.gpus_per_worker (0 for none) or teacher.device=cpu says ot
 
 With --index DIR (a dataset index written by 'pipeline index', e.g. of OpenImages) the images are streamed from
 the index through a Ray Data pipeline onto an actor pool of label workers; the driver holds no dataset, so any
-size fits. The shards, resume and rejects are the same.
+size fits. The shards, resume and rejects are the same. Without --config the config is the shipped one of the
+index's dataset kind (configs/coco.yaml for a COCO index, as --dataset coco would pick; OpenImages has none and
+takes configs/toy.yaml's).
 """
 from __future__ import annotations
 
 import argparse
 
-from .common import add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args, connect_ray
+from ..config import Config
+from .common import (DATASETS, add_address_arg, add_config_args, add_dataset_args, at_least_one, config_from_args,
+                     connect_ray)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,10 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def label_config(args: argparse.Namespace) -> Config:
+    """The run's ``Config``: as every command's, except that with ``--index`` and neither ``--config`` nor
+    ``--dataset`` it starts from the shipped config of the index's dataset kind, so that its teacher settings (and
+    the shard directory's config digest) are those of ``--dataset KIND`` on the same data."""
+    if args.index and not args.config and not args.dataset:
+        from ..index import IndexSource
+
+        kind = IndexSource(args.index).kind
+        if kind in DATASETS:
+            args = argparse.Namespace(**{**vars(args), "dataset": kind})
+    return config_from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..labeling import prepare_label, run_label  # torch: see pipeline.cli's docstring
 
-    cfg = config_from_args(args)
+    cfg = label_config(args)
     if at_least_one("--workers", args.workers) is not None:
         cfg.label.workers = args.workers
     at_least_one("--limit", args.limit)
