@@ -49,6 +49,7 @@ while a run writes) and ``_rejects.jsonl``:
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -495,26 +496,40 @@ class ShardWriter:
         entry = ShardEntry(file=name, rows=table.num_rows, sha256=digest, image_ids=list(self._pending_ids),
                            empty_images=list(self._pending_empty))
         self.entries.append(entry)
-        self._journal(entry)
+        try:
+            self._journal(entry)
+        except BaseException:
+            self.entries.pop()           # not committed: a retry writes the shard again under the same name
+            raise
         # Only now, with the manifest on disk, are these images finished.
         self.done.update(self._pending_ids)
         self.rows_written += table.num_rows
         self._pending, self._pending_rows = [], 0
         self._pending_ids, self._pending_empty, self._pending_set = [], [], set()
+        if self._journal_entries >= max(FOLD_MIN_ENTRIES, len(self.entries) - self._journal_entries):
+            self._fold()
         return entry
 
     def _journal(self, entry: ShardEntry) -> None:
-        """Commit ``entry``: one line appended to the journal and fsynced; the journal is folded into the
-        manifest once it is as long (so the manifest is rewritten about log2(shards) times in a run)."""
+        """Commit ``entry``: one line appended to the journal and fsynced. A failed write is cut off again, so
+        the journal never holds a partial line before a later one. ``_commit_pending`` folds the journal into
+        the manifest once it is as long (so the manifest is rewritten about log2(shards) times in a run)."""
         if self._journal_file is None:
             self._journal_file = open(self.out_dir / JOURNAL, "ab")
             fsync_dir(self.out_dir)
-        self._journal_file.write(json.dumps(asdict(entry), separators=(",", ":")).encode() + b"\n")
-        self._journal_file.flush()
-        os.fsync(self._journal_file.fileno())
+        f = self._journal_file
+        start = f.tell()
+        try:
+            f.write(json.dumps(asdict(entry), separators=(",", ":")).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            self._journal_file = None
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+                f.close()
+            raise
         self._journal_entries += 1
-        if self._journal_entries >= max(FOLD_MIN_ENTRIES, len(self.entries) - self._journal_entries):
-            self._fold()
 
     def _fold(self) -> None:
         """Every entry into ``_manifest.json`` (replaced atomically), then the journal deleted. Cut between the

@@ -286,3 +286,26 @@ def test_a_malformed_journal_line_is_a_one_line_error_naming_the_journal(tmp_pat
     (tmp_path / JOURNAL).write_text('["part-00001.parquet"]\n')
     with pytest.raises(UserError, match=r"_manifest.jsonl: malformed manifest journal line 1 \(expected an"):
         read_manifest(tmp_path)
+
+
+def test_a_commit_whose_journal_line_fails_is_not_committed_and_the_directory_resumes(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    real, calls = shards.os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 3:                  # the second commit's journal line (after the first's fsync, dir)
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    with ShardWriter(tmp_path, meta(), shard_rows=1) as w:
+        w.add("a", image_table("a", 1))
+        monkeypatch.setattr(shards.os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            w.add("b", image_table("b", 1))
+        monkeypatch.setattr(shards.os, "fsync", real)
+        assert [e.image_ids for e in w.entries] == [["a"]] and "b" not in w.done
+        assert (tmp_path / JOURNAL).read_bytes().count(b"\n") == 1      # the failed line was cut off
+        w.flush()                                                        # the retry commits b once
+    assert [s["image_ids"] for s in read_manifest(tmp_path)["shards"]] == [["a"], ["b"]]
