@@ -527,6 +527,7 @@ class ShardWriter:
             self._journal_file = None
             with contextlib.suppress(OSError):
                 f.truncate(start)
+            with contextlib.suppress(OSError):
                 f.close()
             raise
         self._journal_entries += 1

@@ -212,8 +212,8 @@ def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], wo
     """The Ray Data dataset of one run's results (``BATCH_SCHEMA`` blocks, ``decode_results`` reads them): the
     first ``limit`` images of the index (all: None) without those in ``done`` (a string array of image ids),
     ``batch_images`` at a time labeled by ``workers`` ``LabelBatches`` actors (``worker_args`` their constructor's
-    keywords, each with the CPUs and GPUs given), results in index order. Ray Data restarts a dead worker and redoes its batch without limit; the ledger, not
-    Ray, bounds how often an image is lost.
+    keywords, each with the CPUs and GPUs given), results in index order. Ray Data restarts a dead worker and
+    redoes its batch without limit; the ledger, not Ray, bounds how often an image is lost.
 
     Ray runs a map task again after a loss, and a task is a bundle of whole input blocks; its results reach the
     driver when it ends. So the blocks are made about one label batch small (``target_max_block_size``): a lost
