@@ -1,10 +1,9 @@
 """Benchmark: label-service throughput with 1 and 2 Ray label workers (box-prior teacher, toy data).
 
-Generates a dozen toy images at Cityscapes resolution (1024x2048) into the toy cache, starts one local Ray
-cluster and runs ``LabelService`` over them once per worker count, each into a fresh shard directory (the
-driver reads the dataset once per run and sends the samples to the workers in the batches).
-Throughput counts labeling time only (from all workers ready to the last result; actor start-up is left
-out). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). cpu/busy = worker CPU
+Generates a dozen toy images at Cityscapes resolution (1024x2048) into the toy cache, writes their dataset
+index, starts one local Ray cluster and runs ``LabelService`` over the index once per worker count, each into a
+fresh shard directory. Throughput counts labeling time (from the start of the Ray Data pipeline to its last
+result; the workers start inside it, so a short run undercounts). Idle fraction of a worker = 1 - (time inside label_batch) / (labeling time). cpu/busy = worker CPU
 seconds per labeling second: near 1 when each single-threaded worker has a core, well below 1 when the
 machine is shared (then 2 workers cannot scale). Peak resident memory is ``ru_maxrss`` of the driver
 (whole script) and of each worker process; "driver +RSS" is the driver's resident memory after a run minus
@@ -38,7 +37,8 @@ if sys.path[0] == str(Path(__file__).resolve().parent):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.config import config_path_for, load_config  # noqa: E402
-from pipeline.datasets import build_dataset  # noqa: E402
+from pipeline.datasets import build_index  # noqa: E402
+from pipeline.index import IndexSource  # noqa: E402
 from pipeline.label_service import LabelService, TeacherFactory, init_ray, label_digest  # noqa: E402
 from pipeline.shards import BOX_PRIOR  # noqa: E402
 from bench import results as bench_results  # noqa: E402
@@ -52,12 +52,10 @@ def current_rss_mib() -> float:
     return 0.0
 
 
-def run_once(cfg, workers: int, out: Path) -> dict:
+def run_once(cfg, workers: int, index: IndexSource, out: Path) -> dict:
     cfg.label.workers = workers
-    dataset = build_dataset(cfg.dataset)
-    service = LabelService(cfg.label, out, dataset, TeacherFactory(cfg.teacher, None), BOX_PRIOR,
-                           label_digest(dataset.fingerprint(), cfg.teacher, BOX_PRIOR, 0),
-                           device=cfg.teacher.device, dataset_name=cfg.dataset.name)
+    service = LabelService(cfg.label, out, index, TeacherFactory(cfg.teacher, None), BOX_PRIOR,
+                           label_digest(index.fingerprint(), cfg.teacher, BOX_PRIOR, 0), device=cfg.teacher.device)
     rss_before = current_rss_mib()
     t0, c0 = time.monotonic(), time.process_time()
     summary = service.run()
@@ -94,14 +92,15 @@ def main() -> None:
         f"dataset.toy.train={args.images}", "dataset.toy.val=0", f"dataset.toy.size={args.size}",
         f"label.batch_images={args.batch_images}", "label.shard_rows=100000", *args.overrides])
     counts = [int(w) for w in args.workers.split(",")]
-    dataset = build_dataset(cfg.dataset)          # generate the toy data before any timing
-    print(f"toy: {len(dataset)} images at {args.size} in {dataset.root}", flush=True)
     url = init_ray(cfg.run)
     print(f"Ray dashboard: {url}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
+        build_index(cfg.dataset, Path(tmp) / "index")     # generates the toy data too, before any timing
+        index = IndexSource(Path(tmp) / "index")
+        print(f"toy: {index.images} images at {args.size} in {index.root}", flush=True)
         for w in counts:
-            results.append(run_once(cfg, w, Path(tmp) / f"w{w}"))
+            results.append(run_once(cfg, w, index, Path(tmp) / f"w{w}"))
             print(f"  {w} worker(s): {results[-1]['images_per_s']:.3f} images/s", flush=True)
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -114,7 +113,7 @@ def main() -> None:
               f"{r['worker_peak_rss_mib']:>14.0f}")
     print(f"driver peak RSS: {driver_rss:.0f} MiB (whole script, toy generation included)")
     by = {r["workers"]: r for r in results}
-    out = {"images": len(dataset), "size": args.size, "driver_peak_rss_mib": round(driver_rss, 1),
+    out = {"images": index.images, "size": args.size, "driver_peak_rss_mib": round(driver_rss, 1),
            "worker_peak_rss_mib": round(max(r["worker_peak_rss_mib"] for r in results), 1)}
     for w, r in by.items():
         out[f"images_per_s_{w}"] = round(r["images_per_s"], 4)

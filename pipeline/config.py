@@ -63,14 +63,11 @@ class LabelConfig:
     batch_images: int = 4             # images handed to a worker at a time
     max_inflight: int = 2             # batches queued per worker (1 running + 1 ready keeps it busy)
     shard_rows: int = 2000            # a shard is written once this many rows are buffered (and at the end)
-    max_restarts: int = 3             # Ray restarts of a dead worker actor (labeling a dataset in memory; over an
-                                      # index Ray Data restarts them without limit and max_attempts bounds losses)
-    max_task_retries: int = 3         # Ray re-runs of a task lost with its actor (likewise)
     max_attempts: int = 3             # times an image is lost (its worker died, or its batch timed out) before
-                                      # it is rejected
-    batch_timeout_s: float = 600.0    # a batch not back this long after its worker began it is re-issued to
-                                      # another worker (a hung worker does not stall the run); set it well
-                                      # above the slowest batch
+                                      # it is rejected (Ray Data restarts a dead worker without limit)
+    batch_timeout_s: float = 600.0    # a batch not back this long after its worker began it ends that worker,
+                                      # and Ray Data restarts it and redoes the batch (a hung worker does not
+                                      # stall the run); set it well above the slowest batch
 
 
 @dataclass

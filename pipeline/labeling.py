@@ -1,6 +1,12 @@
 """The label stage, shared by ``pipeline label`` and ``pipeline run``: a label service with every input checked
 before Ray is needed, and a run of it with a progress bar. Neither starts Ray (the caller connects once with
 ``init_ray``).
+
+Every run labels a dataset index (``pipeline.index``) through Ray Data. Given a configured dataset instead of an
+index, it first streams the dataset into the index ``<out>/_index`` (pyarrow's dataset discovery skips names
+starting with "_", so shard readers do not see it). That index is written again by every run, at the cost of
+one pass over the annotations (what loading the dataset cost before): an index kept from an earlier run could
+describe annotations edited since, and telling would take the same pass.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from tqdm import tqdm
 from kernels.extension import missing_builds
 
 from .config import Config
-from .datasets import build_dataset
+from .datasets import build_index_with_bar
 from .index import IndexSource
 from .label_service import (
     LabelService,
@@ -27,6 +33,8 @@ from .shards import BOX_PRIOR
 
 log = logging.getLogger(__name__)
 
+DATASET_INDEX = "_index"                # the index of a configured dataset, inside the shard directory
+
 
 def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str] = None, round_: int = 0, *,
                   limit: Optional[int] = None, overwrite: bool = False, retry_rejects: bool = False,
@@ -34,23 +42,19 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
     """A label service for ``cfg``'s split into ``out``, every input checked before Ray is needed: the checkpoint
     is built once here (a bad one is refused before any data is made or worker starts) and the shard directory
     must hold nothing of another config. ``checkpoint``: a student export for network mode; None: box prior.
-    ``index``: a dataset index (``pipeline index``) to label through Ray Data instead of ``cfg.dataset``; the
-    driver then reads no annotations."""
+    ``index``: a dataset index (``pipeline index``) to label instead of ``cfg.dataset``, whose index is otherwise
+    written into ``out`` first (module docstring); the driver reads no annotations past that."""
     network, teacher_id = load_checkpoint(checkpoint) if checkpoint else (None, BOX_PRIOR)
-    if index is not None:
-        dataset = IndexSource(index)
-        log.info("index %s: %s %s, %d images, %d categories", index, dataset.name, dataset.split, dataset.images,
-                 len(dataset.categories))
-        dataset_name = dataset.name
-    else:
-        # Only the driver reads the annotations; the workers get the samples (with their file paths) in batches,
-        # so the paths must not depend on the working directory of a worker process.
+    if index is None:
+        # The workers read the images by paths relative to the index's root: it must not depend on their
+        # working directory.
         if cfg.dataset.root:
             cfg.dataset.root = os.path.abspath(cfg.dataset.root)
-        dataset = build_dataset(cfg.dataset)
-        log.info("%s %s: %d images, %d categories, %d dataset rejects", dataset.name, dataset.split, len(dataset),
-                 len(dataset.categories), len(dataset.rejects))
-        dataset_name = cfg.dataset.name
+        index = os.path.join(out, DATASET_INDEX)
+        build_index_with_bar(cfg.dataset, index)
+    dataset = IndexSource(index)
+    log.info("index %s: %s %s, %d images, %d categories, %d rejects", index, dataset.name, dataset.split,
+             dataset.images, len(dataset.categories), dataset.meta.get("rejects", 0))
     if network is not None:
         check_network_classes(network, [c.id for c in dataset.categories], checkpoint)
         del network  # the workers build their own
@@ -64,7 +68,7 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
                            label_digest(dataset.fingerprint(), cfg.teacher, teacher_id, round_), round_=round_,
                            device=cfg.teacher.device,
                            overwrite=overwrite, limit=limit, strict=cfg.dataset.strict,
-                           dataset_name=dataset_name, retry_rejects=retry_rejects)
+                           retry_rejects=retry_rejects)
     service.check_out_dir()
     return service
 

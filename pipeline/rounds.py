@@ -57,6 +57,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 FUSION_FILE = "fusion.json"             # a round's calibrated fused weights (pipeline.calibration)
 # Keys that say how a run executes, not what it computes: they may differ between invocations of one run.
+# label.max_restarts and label.max_task_retries are gone (Ray Data restarts label workers itself); they stay
+# here so that a run folder started before can still be resumed.
 EXECUTION_KEYS = frozenset({
     "run.name", "run.root", "run.rounds", "run.address", "run.dashboard_host",
     "label.workers", "label.cpus_per_worker", "label.gpus_per_worker", "label.max_inflight",

@@ -137,6 +137,22 @@ def test_a_coco_index_streams_the_file_and_matches_the_loader(tmp_path, monkeypa
                                         if isinstance(a, dict) and a["image_id"] == 5) - 1
 
 
+@pytest.mark.parametrize("split", ["train", "holdout"])
+def test_a_coco_index_with_a_holdout_fraction_holds_the_images_of_its_split_as_the_loader(tmp_path, split):
+    ann = _messy_coco(tmp_path / "coco")
+    dataset = CocoDataset(tmp_path / "coco", ann, split=split, holdout=0.4)
+    cfg = DatasetConfig(name="coco", root=str(tmp_path / "coco"), ann=str(ann), split=split, holdout=0.4)
+    meta = build_index(cfg, tmp_path / "idx", part_images=2, buckets=3)
+    rows = list(iter_index(tmp_path / "idx"))
+    other = CocoDataset(tmp_path / "coco", ann, split="holdout" if split == "train" else "train", holdout=0.4)
+    everything = CocoDataset(tmp_path / "coco", ann)
+    assert rows and len(other) and {r.image_id for r in rows} == set(everything.image_ids()) - set(other.image_ids())
+    _same_rows(rows, dataset)
+    assert meta["fingerprint"] == dataset.fingerprint()
+    with pytest.raises(Exception, match="holdout"):
+        build_index(DatasetConfig(name="toy", holdout=0.4), tmp_path / "toy-idx")
+
+
 def test_coco_with_depth_keeps_its_file_and_scale(tmp_path):
     root = tmp_path / "coco"
     images = [{"id": 1, "file_name": "a.png", "height": 20, "width": 30, "depth_file": "a_depth.npy",

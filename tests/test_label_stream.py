@@ -1,13 +1,16 @@
-"""Labeling a dataset index through Ray Data (``pipeline.label_service.streaming``) on a local Ray cluster: the same
-labels as the scheduler over the dataset in memory, exactly once across killed, dying and hung workers (Ray Data
-redoes their batches; the ledger turns an image lost too often into a reject), --limit, --strict, retried rejects,
-the pool's actors and metrics on the dashboard, and the real box-prior teacher through the CLI killed, interrupted
-and resumed.
+"""The label service: a dataset index labeled through Ray Data (``pipeline.label_service.streaming``) on a local
+Ray cluster. The labels of the scheduler it replaced (kept as a golden), exactly once across killed, dying and hung
+workers (Ray Data redoes their batches; the ledger turns an image lost too often into a reject), --limit, --strict,
+retried rejects, the pool's actors and metrics on the dashboard, and the real box-prior teacher through the CLI
+killed, interrupted and resumed, from an index and from a configured dataset.
+
+One local cluster is shared by the module (Ray takes 5-20 s to start on 2 cores); the CLI tests point a subprocess
+at it with ``--address``.
 """
 from __future__ import annotations
 
 import collections
-import logging
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +29,7 @@ from pipeline.errors import UserError
 from pipeline.index import IndexSource
 from pipeline.label_service import LabelService
 from pipeline.label_service.ledger import AttemptLedger
-from pipeline.shards import read_manifest, read_rejects
+from pipeline.shards import decode_rle, read_manifest, read_rejects
 
 ray = pytest.importorskip("ray")
 
@@ -75,23 +78,34 @@ def test_the_ledger_counts_losses_splits_a_batch_that_lost_one_and_forgets_finis
 
 
 @pytest.mark.slow
-def test_the_index_path_writes_the_labels_of_the_scheduler_path(cluster, tmp_path):
-    """One worker, so both paths feed its memory bank the images in the same order: identical rows, rejects,
-    manifest metadata (the index carries the dataset's own fingerprint) and counts."""
+def test_the_labels_are_those_of_the_scheduler_path_on_workers_that_never_read_the_annotations(cluster, tmp_path):
+    """One worker, so its memory bank sees the images in index order, as the one worker of the scheduler that
+    labeled the dataset in memory before (removed at 2026-12-05; its rows, rejects and counts on this dataset are
+    tests/data/scheduler_labels.json): identical rows, correspondences included, rejects and counts."""
     dataset, source = dataset_and_index(tmp_path, n=13, corrupt=(3,), missing=(5,), sparse_ids=True)
     assert source.fingerprint() == dataset.fingerprint()
-    labeler = labelkit.BoxLabelerFactory(fail_on=("im007",))
-    old = service(tmp_path / "old", dataset, labeler, workers=1).run()
+    (Path(dataset.root) / "index.json").unlink()             # the annotations: workers read the index rows only
+    golden = json.loads((REPO / "tests" / "data" / "scheduler_labels.json").read_text())
     events = []
-    new = service(tmp_path / "new", source, labeler, workers=1).run(events.append)
-    assert sorted_rows(tmp_path / "new") == sorted_rows(tmp_path / "old")
-    assert read_rejects(tmp_path / "new") == read_rejects(tmp_path / "old")
-    assert read_manifest(tmp_path / "new")["meta"] == read_manifest(tmp_path / "old")["meta"]
-    for key in ("images_total", "images_labeled", "instances", "rejects", "dataset_rejects", "images_skipped"):
-        assert getattr(new, key) == getattr(old, key), key
-    assert (new.images_labeled, new.rejects) == (10, 3)
+    summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(fail_on=("im007",)),
+                      workers=1).run(events.append)
+    assert sorted_rows(tmp_path / "out") == golden["rows"]
+    root = str(Path(dataset.root))
+    assert [{**r, "reason": r["reason"].replace(root, "{root}")} for r in read_rejects(tmp_path / "out")] == \
+        golden["rejects"]
+    assert {k: getattr(summary, k) for k in golden["counts"]} == golden["counts"]
+    assert "3 rejected, 1 rejected by the dataset loader" in summary.line()
     assert sum(e["images"] + e["rejects"] for e in events) == 13
-    assert [s["index"] for s in new.worker_stats] == [0]
+    # The worker keeps the instance ids of the images its bank references (one per class here), not a dataset.
+    assert [s["index"] for s in summary.worker_stats] == [0]
+    assert 1 <= summary.worker_stats[0]["known_images"] <= 2, summary.worker_stats
+    # Correspondences are the documented struct list, partners named by their dataset instance id.
+    rows = sorted_rows(tmp_path / "out")
+    category = {(r["image_id"], r["instance_id"]): r["category_id"] for r in rows}
+    corr = [(r, c) for r in rows for c in r["correspondences"]]
+    assert corr and set(corr[0][1]) == {"partner_image_id", "partner_instance_id", "grid", "src", "dst", "weight"}
+    for r, c in corr:
+        assert category[c["partner_image_id"], c["partner_instance_id"]] == r["category_id"]
 
 
 @pytest.mark.slow
@@ -102,7 +116,8 @@ def test_pool_actors_and_metrics_are_on_the_dashboard_and_a_rerun_writes_nothing
     def progress(event):
         seen.update(pool_pids())
 
-    names = {"boxmask_label_images", "boxmask_label_instances"}
+    names = {"boxmask_label_images", "boxmask_label_instances", "boxmask_label_image_seconds", "boxmask_label_batch",
+             "boxmask_label_bank_fill"}
     before = {k: metric_sum(v) for k, v in scrape_metrics(names, lambda found: True).items()}  # earlier tests'
     summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(delay=0.2)).run(progress)
     assert seen                                              # the state API (and dashboard) lists the pool
@@ -170,7 +185,7 @@ def test_an_image_that_kills_its_worker_is_rejected_as_lost_and_its_batch_mates_
     dataset, source = dataset_and_index(tmp_path, n=8)
     events = []
     summary = service(tmp_path / "out", source, labelkit.BoxLabelerFactory(die_on=("im003",)), batch_images=4,
-                      max_restarts=5, max_attempts=2).run(events.append)
+                      max_attempts=2).run(events.append)
     assert_exactly_once(tmp_path / "out", dataset, rejected=("im003",))
     assert [r for r in read_rejects(tmp_path / "out") if r["stage"] == "label"] == [
         {"image_id": "im003", "file": "img-003.png", "stage": "label",
@@ -269,11 +284,39 @@ def test_the_cli_killed_then_interrupted_then_resumed_labels_the_toy_index_like_
     listed = collections.Counter(i for s in read_manifest(out)["shards"] for i in s["image_ids"])
     assert len(listed) == N_TOY and set(listed.values()) == {1}
 
-    # The same images labeled from the dataset in memory, by one worker as the index path with one: same rows.
+    # --dataset writes the dataset's index into the shard directory and labels it: by one worker, the rows of
+    # --index with one.
     for path, flag in ((tmp_path / "by-index", ["--index", str(index)]), (tmp_path / "by-dataset",
                                                                           ["--dataset", "toy"])):
         cmd = [*cli, "label", *flag, "--out", str(path), "--address", cluster, "--workers", "1", *TOY]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted_rows(tmp_path / "by-index") == sorted_rows(tmp_path / "by-dataset")
-    assert len(sorted_rows(out)) == len(sorted_rows(tmp_path / "by-dataset"))
+    rows = sorted_rows(tmp_path / "by-dataset")
+    assert sorted_rows(tmp_path / "by-index") == rows and len(sorted_rows(out)) == len(rows)
+    assert (tmp_path / "by-dataset" / "_index" / "_index.json").exists()
+
+    from pipeline.datasets.cityscapes import CityscapesDataset
+
+    manifest = read_manifest(tmp_path / "by-dataset")
+    assert manifest["meta"]["dataset"] == "toy" and Path(manifest["meta"]["data_root"]).parent == tmp_path / "cache"
+    dataset = CityscapesDataset(manifest["meta"]["data_root"], "train")
+    assert {(r["image_id"], r["instance_id"]) for r in rows} == {(s.image_id, int(k)) for s in dataset
+                                                                 for k in s.instance_ids}
+    assert {r["teacher"] for r in rows} == {"box-prior"} and {r["round"] for r in rows} == {0}
+    by_id = {s.image_id: s for s in dataset}
+    for r in rows:
+        mask = decode_rle(r["mask_rle"], r["height"], r["width"])
+        x1, y1, x2, y2 = by_id[r["image_id"]].boxes[r["instance_id"]]
+        outside = np.ones_like(mask)
+        outside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = False
+        assert not (mask & outside).any()                # teacher masks stay inside their box
+        assert 0.0 <= r["score"] <= 1.0
+
+
+def test_label_help_documents_retry_rejects(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--retry-rejects" in text and "dataset-level rejects stay" in text

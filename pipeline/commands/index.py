@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tqdm import tqdm
-
-from ..datasets import build_index
+from ..datasets import build_index_with_bar
 from .common import add_config_args, add_dataset_args, at_least_one, config_from_args
 
 
@@ -39,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     at_least_one("--part-images", args.part_images)
     start = time.perf_counter()
-    with tqdm(desc=f"index {cfg.dataset.name}", unit="img", disable=None, leave=False, dynamic_ncols=True) as bar:
-        def progress(images: int, rejects: int) -> None:
-            bar.n = images
-            bar.set_postfix(rejects=rejects, refresh=False)
-            bar.update(0)
-        meta = build_index(cfg.dataset, args.out, args.part_images, progress=progress)
+    meta = build_index_with_bar(cfg.dataset, args.out, args.part_images)
     print(f"indexed {meta['images']} images ({meta['boxes']} boxes, {len(meta['categories'])} classes) into "
           f"{len(meta['parts'])} parts in {time.perf_counter() - start:.1f} s; {meta['rejects']} rejected items "
           f"listed in {args.out}/_rejects.jsonl")

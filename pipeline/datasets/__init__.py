@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from ..config import DatasetConfig
 from ..errors import ConfigError, InputError
 from ..index import IndexRow, IndexWriter, SortedRuns
 from .base import Category, Dataset, Reject, Sample
 from .cityscapes import CityscapesDataset
-from .coco import CocoDataset, CocoStream
+from .coco import HOLDOUT_SPLIT, CocoDataset, CocoStream, is_held_out
 from .openimages import openimages_index_rows, read_classes
 from .toy import ensure_toy
 
 __all__ = ["Category", "Dataset", "Reject", "Sample", "CityscapesDataset", "CocoDataset", "build_dataset",
-           "build_index", "dataset_root", "dataset_splits"]
+           "build_index", "build_index_with_bar", "dataset_root", "dataset_splits"]
 
 OPENIMAGES = "openimages"
 CITYSCAPES_ENV = "CITYSCAPES_DATASET"
@@ -67,12 +68,16 @@ def dataset_splits(cfg: DatasetConfig) -> list[str]:
     return [s for s in CITYSCAPES_SPLITS if (root / "leftImg8bit" / s).is_dir()]
 
 
-def build_dataset(cfg: DatasetConfig) -> Dataset:
-    """The dataset named by ``cfg.name`` for split ``cfg.split`` (lenient unless ``cfg.strict``)."""
+def _check_holdout(cfg: DatasetConfig) -> None:
     if not 0.0 <= cfg.holdout < 1.0:
         raise ConfigError("dataset.holdout", f"must be a fraction in [0, 1), got {cfg.holdout}")
     if cfg.holdout and cfg.name != "coco":
         raise ConfigError("dataset.holdout", f"splits COCO-format files only; {cfg.name} has its own val split")
+
+
+def build_dataset(cfg: DatasetConfig) -> Dataset:
+    """The dataset named by ``cfg.name`` for split ``cfg.split`` (lenient unless ``cfg.strict``)."""
+    _check_holdout(cfg)
     if cfg.name == OPENIMAGES:
         raise ConfigError("dataset.name", "openimages is read through its dataset index: build it with "
                                           "'pipeline index' (labeling and training from an index come next)")
@@ -86,9 +91,11 @@ def build_dataset(cfg: DatasetConfig) -> Dataset:
 def build_index(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 10000, buckets: int = 64,
                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Write the dataset index of ``cfg`` (`pipeline.index`) into ``out``, streaming: the images of split
-    ``cfg.split`` (Cityscapes layout), every image of a COCO file, or every image of an OpenImages boxes CSV. Bad
-    items go to the index's rejects (``cfg.strict``: the first one raises and no index is written). ``progress``
-    is called with (images, rejects) so far. Returns the index metadata (``_index.json``)."""
+    ``cfg.split`` (Cityscapes layout), every image of a COCO file (with ``cfg.holdout``, the images of split
+    ``cfg.split`` as ``CocoDataset`` splits them), or every image of an OpenImages boxes CSV. Bad items go to the
+    index's rejects (``cfg.strict``: the first one raises and no index is written). ``progress`` is called with
+    (images, rejects) so far. Returns the index metadata (``_index.json``)."""
+    _check_holdout(cfg)
     root = dataset_root(cfg)
     out = Path(out)
     scratch = out / ".scratch"
@@ -124,6 +131,8 @@ def build_index(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 1
         if cfg.name == "coco":
             categories = stream.categories
         for row in runs.merged():
+            if cfg.holdout and is_held_out(row.image_id, cfg.holdout) != (cfg.split == HOLDOUT_SPLIT):
+                continue
             writer.add(row)
             if progress is not None:
                 progress(writer.indexed, writer.rejects)
@@ -135,3 +144,13 @@ def build_index(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 1
     finally:
         runs.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def build_index_with_bar(cfg: DatasetConfig, out: str | os.PathLike, part_images: int = 10000) -> dict:
+    """``build_index`` with a progress bar of the images indexed and items rejected (on a terminal only)."""
+    with tqdm(desc=f"index {cfg.name}", unit="img", disable=None, leave=False, dynamic_ncols=True) as bar:
+        def progress(images: int, rejects: int) -> None:
+            bar.n = images
+            bar.set_postfix(rejects=rejects, refresh=False)
+            bar.update(0)
+        return build_index(cfg, out, part_images, progress=progress)

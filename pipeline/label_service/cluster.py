@@ -1,5 +1,5 @@
-"""The Ray cluster the label workers run on: connecting (or starting one with its dashboard), the workers'
-actor names, and how many workers and what GPU share each the cluster fits."""
+"""The Ray cluster the label workers run on: connecting (or starting one with its dashboard), and how many
+workers and what GPU share each the cluster fits."""
 from __future__ import annotations
 
 import math
@@ -10,10 +10,6 @@ from ..config import RunConfig
 from ..errors import UserError
 
 NAMESPACE = "pipeline"
-
-
-def actor_name(index: int) -> str:
-    return f"label-worker-{index}"
 
 
 def init_ray(run_cfg: RunConfig, address: Optional[str] = None) -> str:

@@ -1,5 +1,5 @@
-"""One labeling run into a shard directory: ``LabelService`` starts the workers, runs the ``Scheduler`` with a
-``ShardSink`` that streams results into a ``ShardWriter``, and stops the workers. Exactly once across
+"""One labeling run into a shard directory: ``LabelService`` runs the Ray Data pipeline of a dataset index
+(``streaming``) and a ``ShardSink`` streams its results into a ``ShardWriter``. Exactly once across
 interruptions: the writer drops a result for an image already finished, and a re-run skips finished images."""
 from __future__ import annotations
 
@@ -15,13 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import LabelConfig
-from ..datasets.base import Dataset, Sample
 from ..errors import UserError, one_line
 from ..index import IndexSource
 from ..shards import ShardMeta, ShardWriter, check_resumable
-from .cluster import NAMESPACE, actor_name, check_fits, resolve_gpus_per_worker, resolve_workers
-from .scheduler import Scheduler
-from .worker import LabelWorker
+from .cluster import check_fits, resolve_gpus_per_worker, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +34,7 @@ class LabelSummary:
     rejects: int = 0                  # images rejected by this run ("load" and "label" stages)
     dataset_rejects: int = 0          # items the dataset loader rejected ("dataset" stage; every run)
     images_retried: int = 0           # earlier rejects retried by this run (--retry-rejects)
-    batches_timed_out: int = 0        # batches re-issued after label.batch_timeout_s
+    batches_timed_out: int = 0        # batches redone after label.batch_timeout_s
     shards: int = 0                   # shards written by this run
     seconds: float = 0.0
     labeling_seconds: float = 0.0     # from all workers ready to the last result (no startup)
@@ -53,9 +50,9 @@ class LabelSummary:
 
 
 class ShardSink:
-    """The ``ResultSink`` of a run: rows and rejects into ``writer``, counts into ``summary``, and after each
-    batch (and each lost image) ``progress({"images", "instances", "rejects", "worker"})``. With ``strict`` the
-    first image the teacher or the loader rejects stops the run."""
+    """Where a run's results go: rows and rejects into ``writer``, counts into ``summary``, and after each result
+    ``progress({"images", "instances", "rejects", "worker"})``. With ``strict`` the first image the teacher or
+    the loader rejects stops the run."""
 
     def __init__(self, writer: ShardWriter, summary: LabelSummary, progress: Optional[Progress] = None,
                  strict: bool = False):
@@ -64,10 +61,7 @@ class ShardSink:
         self.progress = progress
         self.strict = strict
 
-    def finished(self, image_id: str) -> bool:
-        return self.writer.has(image_id)
-
-    def add(self, results: list[dict], worker: int, keep_rejects: bool = True) -> None:
+    def add(self, results: list[dict], worker: int) -> None:
         images = instances = rejects = 0
         for res in results:
             image_id = res["image_id"]
@@ -75,18 +69,13 @@ class ShardSink:
                 if self.writer.add(image_id, res["table"], res.get("empty")):
                     images += 1
                     instances += res["table"].num_rows
-            elif keep_rejects and not self.writer.has(image_id):
+            elif not self.writer.has(image_id):
                 self.writer.reject(image_id, res["file"], res["reason"], res["stage"])
                 rejects += 1
                 if self.strict:
                     raise UserError(res["file"] or image_id, f"{res['reason']} (--strict stops at the first "
                                                               f"bad input)")
         self._count(images, instances, rejects, worker)
-
-    def lost(self, sample: Sample, attempts: int, why: str, worker: int) -> None:
-        self.writer.reject(sample.image_id, sample.file_name,
-                           f"lost {attempts} times while labeling it (last time: {why})", "label")
-        self._count(0, 0, 1, worker)
 
     def _count(self, images: int, instances: int, rejects: int, worker: int) -> None:
         self.summary.images_labeled += images
@@ -97,17 +86,17 @@ class ShardSink:
 
 
 class LabelService:
-    """Driver of one labeling run into ``out_dir`` (call ``init_ray`` first).
+    """Driver of one labeling run of a dataset index into ``out_dir`` (call ``init_ray`` first). The driver holds
+    no dataset: the images stream from the index's parts through the label workers.
 
-    ``dataset`` is read in the driver only; its samples travel to the workers in the batches.
     ``retry_rejects``: images an earlier run rejected at the "load" or "label" stage are labeled again
     (their reject lines are dropped; a new failure is recorded again).
     """
 
-    def __init__(self, label_cfg: LabelConfig, out_dir: str | os.PathLike, dataset: Dataset,
+    def __init__(self, label_cfg: LabelConfig, out_dir: str | os.PathLike, dataset: IndexSource,
                  teacher_factory: Callable[[str], Any], teacher_id: str, config_digest: str, round_: int = 0,
                  device: str = "auto", overwrite: bool = False, limit: Optional[int] = None,
-                 strict: bool = False, dataset_name: Optional[str] = None, retry_rejects: bool = False):
+                 strict: bool = False, retry_rejects: bool = False):
         self.cfg = label_cfg
         self.out_dir = Path(out_dir)
         self.dataset = dataset
@@ -121,10 +110,9 @@ class LabelService:
         self.retry_rejects = retry_rejects
         self.category_names = {int(c.id): c.name for c in dataset.categories}
         self.meta = ShardMeta(
-            dataset=dataset_name or dataset.name, split=dataset.split, data_root=str(Path(dataset.root).resolve()),
+            dataset=dataset.name, split=dataset.split, data_root=str(Path(dataset.root).resolve()),
             classes=[{"id": int(c.id), "name": c.name} for c in dataset.categories],
             config_digest=config_digest, teacher=teacher_id, round=round_)
-        self.workers: list = []
         self.gpus_per_worker = 0.0
 
     def check_out_dir(self) -> None:
@@ -132,88 +120,9 @@ class LabelService:
         if not self.overwrite:
             check_resumable(self.out_dir, self.meta)
 
-    # -- actors
-    def _start_workers(self) -> list:
-        import ray
-
-        n = self._pool()
-        remote = ray.remote(LabelWorker)
-        actors = []
-        for i in range(n):
-            actors.append(self._create_actor(remote, i))
-        self.workers = actors
-        try:
-            infos = ray.get([a.ready.remote() for a in actors])
-        except ray.exceptions.RayActorError as exc:
-            raise UserError("label worker", f"failed to start: {one_line(exc, last=True)}") from None
-        for info in infos:
-            log.info("%s: pid %d on %s (%g CPUs, %g GPUs)", actor_name(info["index"]), info["pid"],
-                     info["device"], self.cfg.cpus_per_worker, self.gpus_per_worker)
-        return actors
-
-    def _create_actor(self, remote, i: int):
-        options = dict(name=actor_name(i), namespace=NAMESPACE, num_cpus=self.cfg.cpus_per_worker,
-                       num_gpus=self.gpus_per_worker, max_restarts=self.cfg.max_restarts,
-                       max_task_retries=self.cfg.max_task_retries)
-        deadline = time.monotonic() + 15.0
-        while True:
-            try:
-                return remote.options(**options).remote(
-                    i, self.category_names, self.teacher_factory, self.round, self.teacher_id,
-                    self.device, max(1, int(self.cfg.cpus_per_worker)))
-            except ValueError as exc:
-                # The name of a worker from a run that just ended is released asynchronously.
-                if "already taken" not in str(exc) or time.monotonic() > deadline:
-                    raise UserError(actor_name(i), f"actor name taken in namespace {NAMESPACE!r}: is another "
-                                                   f"label run using this Ray cluster?") from None
-                time.sleep(0.5)
-
-    def _stop_workers(self, hung: set[int] = frozenset()) -> list[dict]:
-        """Kill the workers; returns the stats of those that answer (``hung`` ones are not asked: their
-        answer would queue behind the batch they are stuck in)."""
-        import ray
-
-        stats = []
-        if self.workers:
-            refs = [a.stats.remote() for i, a in enumerate(self.workers) if i not in hung]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
-            for ref in ready:
-                try:
-                    stats.append(ray.get(ref))
-                except ray.exceptions.RayError:
-                    pass
-        for a in self.workers:
-            ray.kill(a, no_restart=True)
-        self.workers = []
-        return sorted(stats, key=lambda s: s["index"])
-
-    def _run_samples(self, samples: list[Sample], writer: ShardWriter, summary: LabelSummary,
-                     progress: Optional[Progress], on_start: Optional[Callable[[int, int], None]]) -> None:
-        """The run of a dataset in memory: the ``Scheduler`` hands its samples to the workers."""
-        todo = [s for s in samples if s.image_id not in writer.done]
-        summary.images_skipped = len(samples) - len(todo)
-        if on_start is not None:
-            on_start(len(todo), summary.images_skipped)
-        if not todo:
-            return
-        self._start_workers()
-        hung: set[int] = set()
-        try:
-            t_ready = time.monotonic()
-            scheduler = Scheduler(self.workers, self.cfg, todo, ShardSink(writer, summary, progress, self.strict))
-            try:
-                scheduler.run()
-            finally:
-                hung = scheduler.hung()
-                summary.batches_timed_out = scheduler.batches_timed_out
-            summary.labeling_seconds = time.monotonic() - t_ready
-            writer.flush()
-        finally:
-            summary.worker_stats = self._stop_workers(hung)
-
     def _run_index(self, writer: ShardWriter, summary: LabelSummary, progress: Optional[Progress],
                    on_start: Optional[Callable[[int, int], None]]) -> None:
-        """The run of an index source: a Ray Data pipeline (``streaming``) into ``writer``."""
+        """The Ray Data pipeline (``streaming``) of the images still to do, into ``writer``."""
         import ray
 
         from .ledger import AttemptLedger
@@ -281,18 +190,9 @@ class LabelService:
         to ``todo``; the callback may inspect or even kill workers: the run survives it)."""
         t0 = time.monotonic()
         summary = LabelSummary()
-        if isinstance(self.dataset, IndexSource):
-            samples = []
-            summary.images_total = self.dataset.images if self.limit is None else min(self.limit,
-                                                                                      self.dataset.images)
-            retry = self.retry_rejects and (True if self.limit is None else
-                                            {i for ids in self.dataset.image_ids(self.limit) for i in ids.to_pylist()})
-        else:
-            samples = list(self.dataset)
-            if self.limit is not None:
-                samples = samples[: self.limit]
-            summary.images_total = len(samples)
-            retry = {s.image_id for s in samples} if self.retry_rejects else False
+        summary.images_total = self.dataset.images if self.limit is None else min(self.limit, self.dataset.images)
+        retry = self.retry_rejects and (True if self.limit is None else
+                                        {i for ids in self.dataset.image_ids(self.limit) for i in ids.to_pylist()})
         with ShardWriter(self.out_dir, self.meta, self.cfg.shard_rows, overwrite=self.overwrite,
                          retry_rejects=retry) as writer:
             if writer.removed:
@@ -305,10 +205,7 @@ class LabelService:
                 writer.reject(None, rej.where, rej.problem, "dataset")
             summary.dataset_rejects = len(dataset_rejects)
             shards_before = len(writer.entries)
-            if isinstance(self.dataset, IndexSource):
-                self._run_index(writer, summary, progress, on_start)
-            else:
-                self._run_samples(samples, writer, summary, progress, on_start)
+            self._run_index(writer, summary, progress, on_start)
             summary.shards = len(writer.entries) - shards_before
         summary.seconds = time.monotonic() - t0
         summary.driver_peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

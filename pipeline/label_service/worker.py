@@ -1,7 +1,7 @@
-"""The label worker: a Ray actor holding one teacher (with its memory bank), labeling the batches of samples the
-scheduler sends it. A worker holds no dataset: samples arrive with each batch and their pixels are read here. It
-keeps the instance ids of the images its teacher's memory bank holds objects of (the teacher names partners by
-position among their image's boxes; the rows need the dataset's instance ids)."""
+"""The label worker: one teacher (with its memory bank), labeling the batches of samples a Ray Data actor
+(``streaming.LabelBatches``) gives it. A worker holds no dataset: samples arrive with each batch and their pixels
+are read here. It keeps the instance ids of the images its teacher's memory bank holds objects of (the teacher
+names partners by position among their image's boxes; the rows need the dataset's instance ids)."""
 from __future__ import annotations
 
 import logging
@@ -59,9 +59,8 @@ def _bank_image_ids(teacher) -> Optional[set[str]]:
 
 class LabelWorker:
     """A label worker: one teacher (with its memory bank), Ray metrics, and the instance ids of the images
-    its bank holds objects of. Samples arrive with each batch; the worker holds no dataset.
-
-    Used as a Ray actor (``ray.remote(LabelWorker)``); the factory is called once per (re)start.
+    its bank holds objects of. Samples arrive with each batch; the worker holds no dataset. Built in a Ray actor
+    (``streaming.LabelBatches``), so the factory is called once per (re)start.
     """
 
     def __init__(self, index: int, category_names: dict[int, str], teacher_factory: Callable[[str], Any],
@@ -95,22 +94,15 @@ class LabelWorker:
         for m in (self.m_images, self.m_instances, self.m_latency, self.m_batch, self.m_bank):
             m.set_default_tags(tags)
 
-    def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "device": self.device}
-
     def label_batch(self, batch_id: int, samples: list[Sample]) -> list[dict]:
         """Label the samples; one result per image: ``{"image_id", "table"}`` for labeled images (plus
         ``"empty"`` describing an image without instances) or ``{"image_id", "file", "reason", "stage"}``
-        for rejects. A batch the driver cancelled (it timed out) stops before its next image."""
-        import ray
-
+        for rejects."""
         self.m_batch.set(batch_id)
         t_batch, c_batch = time.monotonic(), time.process_time()
         out = []
         group = max(1, int(getattr(getattr(self.teacher, "config", None), "network_batch", 1)))
         for start in range(0, len(samples), group):
-            if ray.get_runtime_context().is_canceled():
-                break
             out.extend(self._label_group(samples[start:start + group]))
         in_bank = _bank_image_ids(self.teacher)
         if in_bank is not None:
