@@ -8,6 +8,9 @@ Three yardsticks:
   by pycocotools' ``COCOeval`` (iouType "segm"), crowd / ignore regions handled as COCO does;
 * ``cityscapes_table``: a ``CocoMaskResult`` in the layout of AsyInst's Table 2.
 
+``evaluate_shards`` streams: one shard at a time is scored into running sums (``IoUSums``), with bounded
+galleries (``Extremes``) and a bounded sample for the score's rank correlation (``Reservoir``).
+
 Labeling and training code must never import this module (``tests/test_no_mask_leak.py`` checks it).
 
 The "box as mask" baseline every labeler must beat fills every pixel a box touches
@@ -19,8 +22,9 @@ import contextlib
 import io
 import math
 import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -199,34 +203,47 @@ class PseudoLabelResult:
         return out
 
 
-def _stats(ious: Iterable[float]) -> IoUStats:
-    values = list(ious)
-    return IoUStats(len(values), float(np.mean(values)) if values else float("nan"))
+class IoUSums:
+    """Running sums of per-instance IoUs, overall, per class and per size bucket: a ``PseudoLabelResult`` without
+    its instances, in memory that does not grow with the dataset."""
+
+    def __init__(self):
+        self.count: dict = defaultdict(int)      # "all", ("class", category id) or ("size", bucket) -> instances
+        self.total: dict = defaultdict(float)    # the same keys -> sum of IoUs
+        self.missing = 0
+
+    def add(self, record: InstanceIoU) -> None:
+        for key in ("all", ("class", record.category_id), ("size", _bucket(record.area))):
+            self.count[key] += 1
+            self.total[key] += record.iou
+        self.missing += not record.predicted
+
+    def stats(self, key) -> IoUStats:
+        n = self.count.get(key, 0)
+        return IoUStats(n, self.total[key] / n if n else float("nan"))
+
+    def result(self, dataset: Dataset, min_box_side: float, excluded: int, no_gt_mask: int,
+               instances: Sequence[InstanceIoU] = ()) -> PseudoLabelResult:
+        """The figures: classes in the dataset's category order, then unknown category ids in id order."""
+        seen = sorted(k[1] for k in self.count if isinstance(k, tuple) and k[0] == "class")
+        known = [c.id for c in dataset.categories]
+        ids = [c for c in known if c in seen] + sorted(set(seen) - set(known))
+        return PseudoLabelResult(
+            min_box_side=float(min_box_side),
+            overall=self.stats("all"),
+            per_class={dataset.category_name(c): self.stats(("class", c)) for c in ids},
+            per_size={name: self.stats(("size", name)) for name, _, _ in SIZE_BUCKETS},
+            missing=self.missing, excluded=excluded, no_gt_mask=no_gt_mask, instances=list(instances))
 
 
 def summarize_ious(records: Sequence[InstanceIoU], dataset: Dataset, min_box_side: float = 0.0,
                    no_gt_mask: int = 0) -> PseudoLabelResult:
     """Aggregate per-instance IoUs, keeping instances whose box sides are both >= ``min_box_side``."""
     kept = [r for r in records if min(r.box_width, r.box_height) >= min_box_side]
-    per_class = {}
-    for cat in dataset.categories:
-        ious = [r.iou for r in kept if r.category_id == cat.id]
-        if ious:
-            per_class[cat.name] = _stats(ious)
-    known = {c.id for c in dataset.categories}
-    for cid in sorted({r.category_id for r in kept} - known):
-        per_class[dataset.category_name(cid)] = _stats(r.iou for r in kept if r.category_id == cid)
-    per_size = {name: _stats(r.iou for r in kept if _bucket(r.area) == name) for name, _, _ in SIZE_BUCKETS}
-    return PseudoLabelResult(
-        min_box_side=float(min_box_side),
-        overall=_stats(r.iou for r in kept),
-        per_class=per_class,
-        per_size=per_size,
-        missing=sum(not r.predicted for r in kept),
-        excluded=len(records) - len(kept),
-        no_gt_mask=no_gt_mask,
-        instances=kept,
-    )
+    sums = IoUSums()
+    for r in kept:
+        sums.add(r)
+    return sums.result(dataset, min_box_side, len(records) - len(kept), no_gt_mask, kept)
 
 
 class PseudoLabelEvaluator:
@@ -236,18 +253,26 @@ class PseudoLabelEvaluator:
     (a mapping ``{instance_id: mask}``) or aligned with ``sample.instance_ids`` (a sequence); a mask is an
     (H, W) bool array, a COCO RLE dict, an RLE counts string (the shard's ``mask_rle``) or an object with a
     ``mask`` attribute. Ground-truth instances without a prediction score IoU 0 and are counted as missing;
-    instances without a ground-truth mask are left out and counted as ``no_gt_mask``.
+    instances without a ground-truth mask are left out and counted as ``no_gt_mask``. After ``process``,
+    ``processed`` holds the image's ``InstanceIoU`` records.
+
+    ``keep_instances=False`` keeps running sums only (for ``min_box_side``): memory stays flat over any number of
+    images, the result has no ``instances`` and ``evaluate`` takes no other side.
     """
 
-    def __init__(self, dataset: Dataset, min_box_side: float = 0.0):
+    def __init__(self, dataset: Dataset, min_box_side: float = 0.0, keep_instances: bool = True):
         self.dataset = dataset
         self.min_box_side = float(min_box_side)
+        self.keep_instances = keep_instances
         self.reset()
 
     def reset(self) -> None:
         self._records: list[InstanceIoU] = []
+        self._sums = IoUSums()
+        self._excluded = 0
         self._seen: set[str] = set()
         self._no_gt = 0
+        self.processed: list[InstanceIoU] = []
 
     def process(self, sample_or_image_id: Sample | str, predictions: Mapping[int, Any] | Sequence[Any]
                 ) -> np.ndarray:
@@ -274,58 +299,150 @@ class PseudoLabelEvaluator:
             pred = np.stack([_decode_one(by_id[ids[k]], h, w, f"image {sample.image_id} instance {ids[k]}")
                              for k in have])
             ious[have] = paired_mask_iou(pred, np.stack([gt[ids[k]] for k in have]))
+        self.processed = []
         for k, iid in enumerate(ids):
             if iid not in gt:
                 self._no_gt += 1
                 continue
             x1, y1, x2, y2 = (float(v) for v in sample.boxes[k])
-            self._records.append(InstanceIoU(
+            record = InstanceIoU(
                 image_id=sample.image_id, instance_id=iid, category_id=int(sample.classes[k]),
                 area=int(gt[iid].sum()), box_width=x2 - x1, box_height=y2 - y1,
-                iou=float(ious[k]), predicted=iid in by_id and by_id[iid] is not None))
+                iou=float(ious[k]), predicted=iid in by_id and by_id[iid] is not None)
+            self.processed.append(record)
+            if self.keep_instances:
+                self._records.append(record)
+            elif min(record.box_width, record.box_height) >= self.min_box_side:
+                self._sums.add(record)
+            else:
+                self._excluded += 1
         self._seen.add(sample.image_id)
         return ious
 
     def evaluate(self, min_box_side: float | None = None) -> PseudoLabelResult:
         side = self.min_box_side if min_box_side is None else float(min_box_side)
-        return summarize_ious(self._records, self.dataset, side, no_gt_mask=self._no_gt)
+        if self.keep_instances:
+            return summarize_ious(self._records, self.dataset, side, no_gt_mask=self._no_gt)
+        if side != self.min_box_side:
+            raise ValueError(f"this evaluator kept sums for min_box_side {self.min_box_side:g} only, not {side:g} "
+                             f"(keep_instances=False)")
+        return self._sums.result(self.dataset, side, self._excluded, self._no_gt)
+
+
+class Extremes:
+    """The ``count`` lowest and highest items of a stream by a key, in memory bounded by ``count``."""
+
+    def __init__(self, count: int, key: Callable[[Any], Any]):
+        self.count = max(0, int(count))
+        self.key = key
+        self._low: list = []
+        self._high: list = []
+
+    def add(self, item: Any) -> None:
+        if not self.count:
+            return
+        self._low.append(item)
+        self._high.append(item)
+        if len(self._low) > 4 * self.count + 1024:
+            self._prune()
+
+    def _prune(self) -> None:
+        self._low = sorted(self._low, key=self.key)[:self.count]
+        self._high = sorted(self._high, key=self.key, reverse=True)[:self.count]
+
+    def lowest(self) -> list:
+        self._prune()
+        return list(self._low)
+
+    def highest(self) -> list:
+        self._prune()
+        return list(self._high)
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` items of a stream (algorithm R, seeded): every item while the stream
+    is no longer than ``size``."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = int(size)
+        self.items: list = []
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, item: Any) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+            return
+        j = int(self._rng.integers(self.seen))
+        if j < self.size:
+            self.items[j] = item
+
+
+# Pairs of (score, IoU) the score's rank correlation is computed over: exact up to this many predicted instances,
+# a uniform sample of them beyond (its standard error is then about 1 / sqrt(this)).
+SPEARMAN_SAMPLE = 200_000
 
 
 @dataclass
 class ShardQuality:
     """Pseudo labels of a shard directory against ground truth (``evaluate_shards``)."""
 
-    labels: PseudoLabelResult         # the shards' masks (an instance without a row scores IoU 0)
+    labels: PseudoLabelResult         # the shards' masks (an instance without a row scores IoU 0); no instances
     box_as_mask: PseudoLabelResult    # the filled boxes, the baseline every labeler must beat
     score_spearman: float             # rank correlation of the rows' score with their IoU (nan under 3 rows)
-    scores: dict[tuple[str, int], float]  # (image_id, instance_id) -> the row's score
+    spearman_pairs: int               # the (score, IoU) pairs it was computed over (a sample beyond SPEARMAN_SAMPLE)
+    best: list[tuple[InstanceIoU, float]]   # the ``gallery`` highest-IoU predicted instances with their scores
+    worst: list[tuple[InstanceIoU, float]]  # and the lowest, ordered by (IoU, image id, instance id)
 
     def to_dict(self) -> dict:
         return {"labels": self.labels.to_dict(), "box_as_mask": self.box_as_mask.to_dict(),
                 "score_spearman": self.score_spearman}
 
 
-def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side: float = 0.0) -> ShardQuality:
-    """Every image of ``dataset`` against the finished shards of ``shard_dir`` (read one shard at a time)."""
+def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side: float = 0.0,
+                    gallery: int = 0) -> ShardQuality:
+    """Every image of ``dataset`` against the finished shards of ``shard_dir``, streaming: one shard at a time is
+    read and scored into running sums, and then the images no shard holds (their instances score 0). Memory holds
+    one shard, the ids of the images scored, the ``gallery`` best and worst instances and at most
+    ``SPEARMAN_SAMPLE`` (score, IoU) pairs; never the masks of more than one shard."""
     from scipy.stats import spearmanr
 
     from .shards import iter_shard_tables
 
-    masks: dict[str, dict[int, str]] = {}
-    scores: dict[tuple[str, int], float] = {}
-    for table in iter_shard_tables(shard_dir, columns=["image_id", "instance_id", "mask_rle", "score"]):
-        for image_id, iid, rle, score in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            masks.setdefault(image_id, {})[int(iid)] = rle
-            scores[(image_id, int(iid))] = float(score)
-    labels, boxes = PseudoLabelEvaluator(dataset, min_box_side), PseudoLabelEvaluator(dataset, min_box_side)
-    for sample in dataset:
-        labels.process(sample, masks.get(sample.image_id, {}))
+    labels = PseudoLabelEvaluator(dataset, min_box_side, keep_instances=False)
+    boxes = PseudoLabelEvaluator(dataset, min_box_side, keep_instances=False)
+    known = set(dataset.image_ids())
+    rank = Reservoir(SPEARMAN_SAMPLE)
+    extremes = Extremes(gallery, key=lambda item: (item[0].iou, item[0].image_id, item[0].instance_id))
+
+    def score(sample: Sample, rows: dict[int, tuple[str, float]]) -> None:
+        labels.process(sample, {iid: rle for iid, (rle, _) in rows.items()})
         boxes.process(sample, box_mask_predictions(sample))
-    result = labels.evaluate()
-    pairs = [(scores[(r.image_id, r.instance_id)], r.iou) for r in result.instances if r.predicted]
+        for r in labels.processed:
+            if r.predicted and min(r.box_width, r.box_height) >= min_box_side:
+                rank.add((rows[r.instance_id][1], r.iou))
+                extremes.add((r, rows[r.instance_id][1]))
+
+    scored: set[str] = set()
+    for table in iter_shard_tables(shard_dir, columns=["image_id", "instance_id", "mask_rle", "score"]):
+        per_image: dict[str, dict[int, tuple[str, float]]] = {}
+        for image_id, iid, rle, value in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            per_image.setdefault(image_id, {})[int(iid)] = (rle, float(value))
+        for image_id, rows in per_image.items():
+            if image_id not in known:
+                continue
+            if image_id in scored:
+                raise ValueError(f"{shard_dir}: image {image_id} has rows in more than one shard")
+            scored.add(image_id)
+            score(dataset.get(image_id), rows)
+    for sample in dataset:
+        if sample.image_id not in scored:
+            score(sample, {})
+    pairs = rank.items
     varied = len(pairs) > 2 and all(len(set(v)) > 1 for v in zip(*pairs))  # else the rank correlation is undefined
     rho = float(spearmanr(*zip(*pairs)).statistic) if varied else float("nan")
-    return ShardQuality(result, boxes.evaluate(), rho, scores)
+    return ShardQuality(labels.evaluate(), boxes.evaluate(), rho, len(pairs), extremes.highest(), extremes.lowest())
 
 
 def box_mask_predictions(sample: Sample) -> dict[int, np.ndarray]:

@@ -148,14 +148,12 @@ def _finish(ax, title: str, ylabel: str) -> None:
 
 def gallery(dataset: Dataset, shard_dir: str | os.PathLike, quality: ShardQuality, count: int,
             worst: bool) -> np.ndarray | None:
-    """A contact sheet of the ``count`` best (or worst) pseudo labels by IoU, each captioned with its IoU, score,
-    class and image; None when there is nothing to draw. (H, W, 3) uint8 RGB."""
-    ranked = sorted((r for r in quality.labels.instances if r.predicted), key=lambda r: (r.iou, r.image_id,
-                                                                                         r.instance_id))
-    chosen = ranked[:count] if worst else ranked[::-1][:count]
+    """A contact sheet of the ``count`` best (or worst) pseudo labels by IoU (of those ``quality`` kept), each
+    captioned with its IoU, score, class and image; None when there is nothing to draw. (H, W, 3) uint8 RGB."""
+    chosen = (quality.worst if worst else quality.best)[:count]
     if not chosen:
         return None
-    wanted = {(r.image_id, r.instance_id) for r in chosen}
+    wanted = {(r.image_id, r.instance_id) for r, _ in chosen}
     rows: dict[tuple[str, int], dict] = {}
     for table in iter_shard_tables(shard_dir, columns=["image_id", "instance_id", "box", "mask_rle", "height",
                                                        "width"]):
@@ -164,11 +162,11 @@ def gallery(dataset: Dataset, shard_dir: str | os.PathLike, quality: ShardQualit
             if key in wanted:
                 rows[key] = row
     tiles = []
-    for r in chosen:
+    for r, score in chosen:
         row = rows[(r.image_id, r.instance_id)]
         image = dataset.get(r.image_id).load_image()
         mask = decode_rle(row["mask_rle"], row["height"], row["width"])
-        caption = f"IoU {r.iou:.2f} s {quality.scores[(r.image_id, r.instance_id)]:.2f} " \
+        caption = f"IoU {r.iou:.2f} s {score:.2f} " \
                   f"{dataset.category_name(r.category_id)} {r.image_id}"
         tiles.append(label_tile(image, mask, np.asarray(row["box"]), caption))
     return contact_sheet(tiles)

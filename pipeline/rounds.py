@@ -266,7 +266,7 @@ class RoundRunner:
     def _evaluate(self, r: int) -> dict:
         cfg = copy.deepcopy(self.cfg)
         dataset = build_dataset(cfg.dataset)
-        quality = evaluate_shards(dataset, self.folder.labels(r), cfg.evaluation.min_box_side)
+        quality = evaluate_shards(dataset, self.folder.labels(r), cfg.evaluation.min_box_side, cfg.evaluation.gallery)
         for kind in ("best", "worst"):
             sheet = gallery(dataset, self.folder.labels(r), quality, cfg.evaluation.gallery, worst=kind == "worst")
             if sheet is not None:

@@ -144,7 +144,8 @@ def toy_dataset(tmp_path_factory):
 
 
 def write_shards(out: Path, dataset, masks_of) -> dict:
-    """Shards with ``masks_of(sample) -> {instance_id: mask}`` and a score per row; returns the scores."""
+    """Shards with ``masks_of(sample) -> {instance_id: mask}`` (None: the image is in no shard; an instance not in
+    the dict has no row) and a score per row; returns the scores."""
     meta = ShardMeta(dataset="toy", split="train", data_root=str(dataset.root),
                      classes=[{"id": c.id, "name": c.name} for c in dataset.categories], config_digest="t",
                      teacher="test", round=0)
@@ -152,14 +153,18 @@ def write_shards(out: Path, dataset, masks_of) -> dict:
     rng = np.random.default_rng(0)
     with ShardWriter(out, meta, shard_rows=3) as writer:
         for s in dataset:
-            rows = []
+            rows, masks = [], masks_of(s)
+            if masks is None:
+                continue
             for iid, box, cls in zip(s.instance_ids, s.boxes, s.classes):
+                if int(iid) not in masks:
+                    continue
                 score = float(rng.random())
                 scores[(s.image_id, int(iid))] = score
                 rows.append({"image_id": s.image_id, "file_name": s.file_name, "height": s.height,
                              "width": s.width, "instance_id": int(iid), "category_id": int(cls),
                              "category": dataset.category_name(int(cls)), "box": [float(v) for v in box],
-                             "mask_rle": encode_rle(masks_of(s)[int(iid)]), "score": score, "round": 0,
+                             "mask_rle": encode_rle(masks[int(iid)]), "score": score, "round": 0,
                              "teacher": "test", "correspondences": []})
             writer.add(s.image_id, rows_to_table(rows))
     return scores
@@ -193,6 +198,86 @@ def test_shard_quality_matches_a_brute_force_iou_and_spearman(toy_dataset, tmp_p
                  lambda s: gt_masks(toy_dataset, s) if s.image_id != first.image_id else boxes(s))
     some = evaluate_shards(toy_dataset, tmp_path / "some")
     assert some.labels.missing == 0 and some.labels.overall.mean_iou < 1.0
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """A nested dict of figures as {dotted key: value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_shard_quality_streams_the_figures_of_every_instance_kept_in_memory(toy_dataset, tmp_path, monkeypatch):
+    """Running sums over one shard at a time give the figures of the per-instance evaluator that keeps every
+    record, the bounded galleries its sorted extremes, and the Spearman its rank correlation (exact up to
+    SPEARMAN_SAMPLE pairs, a sample beyond). Images in no shard, and instances without a row, score 0."""
+    import pipeline.evaluation as evaluation
+    from pipeline.evaluation import PseudoLabelEvaluator, box_mask_predictions
+
+    samples = list(toy_dataset)
+    rng = np.random.default_rng(5)
+
+    def noisy(s):
+        if s.image_id == samples[1].image_id:
+            return None                                            # in no shard
+        out = {}
+        for k, (iid, mask) in enumerate(gt_masks(toy_dataset, s).items()):
+            if k % 4 == 3:
+                continue                                           # no row
+            out[iid] = mask ^ (rng.random(mask.shape) < 0.02 * (k % 5))
+        return out
+
+    predictions = {s.image_id: noisy(s) for s in samples}
+    scores = write_shards(tmp_path / "noisy", toy_dataset, lambda s: predictions[s.image_id])
+    quality = evaluate_shards(toy_dataset, tmp_path / "noisy", min_box_side=8, gallery=3)
+    labels, boxes = PseudoLabelEvaluator(toy_dataset, 8), PseudoLabelEvaluator(toy_dataset, 8)
+    for s in samples:
+        labels.process(s, predictions[s.image_id] or {})
+        boxes.process(s, box_mask_predictions(s))
+    want, want_boxes = labels.evaluate(), boxes.evaluate()
+    assert flat(quality.labels.to_dict()) == pytest.approx(flat(want.to_dict()), nan_ok=True)
+    assert flat(quality.box_as_mask.to_dict()) == pytest.approx(flat(want_boxes.to_dict()), nan_ok=True)
+    assert not quality.labels.instances
+    assert want.missing > 0 and want.excluded > 0 and quality.labels.missing == want.missing
+    predicted = sorted((r for r in want.instances if r.predicted), key=lambda r: (r.iou, r.image_id, r.instance_id))
+    assert [r for r, _ in quality.worst] == predicted[:3] and [r for r, _ in quality.best] == predicted[::-1][:3]
+    assert all(score == pytest.approx(scores[(r.image_id, r.instance_id)], rel=1e-6)    # float32 in the shard
+               for r, score in quality.worst + quality.best)
+    pairs = [(scores[(r.image_id, r.instance_id)], r.iou) for r in predicted]
+    assert quality.spearman_pairs == len(pairs)
+    assert quality.score_spearman == pytest.approx(spearmanr(*zip(*pairs)).statistic)
+    # Beyond SPEARMAN_SAMPLE pairs, a sample of that many.
+    monkeypatch.setattr(evaluation, "SPEARMAN_SAMPLE", 6)
+    sampled = evaluate_shards(toy_dataset, tmp_path / "noisy", min_box_side=8)
+    assert sampled.spearman_pairs == 6 < len(pairs) and -1.0 <= sampled.score_spearman <= 1.0
+    assert flat(sampled.labels.to_dict()) == pytest.approx(flat(quality.labels.to_dict()), nan_ok=True)
+    assert not sampled.best
+    # The sums-only evaluator takes no other box side than its own.
+    with pytest.raises(ValueError, match="min_box_side 0 only"):
+        PseudoLabelEvaluator(toy_dataset, keep_instances=False).evaluate(8)
+
+
+def test_a_reservoir_keeps_every_item_up_to_its_size_and_a_uniform_sample_beyond():
+    from pipeline.evaluation import Extremes, Reservoir
+
+    small = Reservoir(10)
+    for k in range(7):
+        small.add(k)
+    assert small.items == list(range(7)) and small.seen == 7
+    counts = np.zeros(100)
+    for seed in range(400):
+        r = Reservoir(10, seed=seed)
+        for k in range(100):
+            r.add(k)
+        assert len(r.items) == 10 and len(set(r.items)) == 10
+        counts[r.items] += 1
+    assert counts.min() > 15 and counts.max() < 70          # each item kept 40 times in 400 on average
+    ex = Extremes(3, key=lambda v: v)
+    values = list(np.random.default_rng(0).permutation(5000))
+    for v in values:
+        ex.add(v)
+    assert ex.lowest() == [0, 1, 2] and ex.highest() == [4999, 4998, 4997]
 
 
 def metrics_of(round_: int, iou: float, ap: float | None) -> dict:

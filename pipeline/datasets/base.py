@@ -150,10 +150,13 @@ class Dataset:
         return [s.image_id for s in self._samples]
 
     def get(self, image_id: str) -> Sample:
-        for s in self._samples:
-            if s.image_id == image_id:
-                return s
-        raise KeyError(image_id)
+        built, by_id = getattr(self, "_by_id", (-1, {}))
+        if built != len(self._samples):        # (re)built once the loader is done adding samples
+            by_id = {}
+            for s in self._samples:
+                by_id.setdefault(s.image_id, s)
+            self._by_id = (len(self._samples), by_id)
+        return by_id[image_id]
 
     def category_name(self, category_id: int) -> str:
         for c in self.categories:

@@ -207,6 +207,20 @@ def _datasource_v1():
         ctx.use_datasource_v2, ctx.enable_progress_bars = saved
 
 
+def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console at warnings: its plan, its read estimates and its notice that the progress bars are off
+    (the run has its own) came on every run."""
+    logger = logging.getLogger("ray.data")
+    logger.setLevel(logging.WARNING)
+    for handler in logger.handlers:
+        if _not_progress_bar_notice not in handler.filters:
+            handler.addFilter(_not_progress_bar_notice)
+
+
 def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], worker_args: dict, workers: int,
                    batch_images: int, max_inflight: int, cpus_per_worker: float, gpus_per_worker: float):
     """The Ray Data dataset of one run's results (``BATCH_SCHEMA`` blocks, ``decode_results`` reads them): the
@@ -221,8 +235,9 @@ def label_pipeline(source: IndexSource, done: pa.Array, limit: Optional[int], wo
     finished images take no CPU (the label workers may hold every one), one part at a time in index order.
     """
     import ray
+    import ray.data   # its first import sets up its loggers: after it, to keep them
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)   # its plan and progress lines, on every run
+    quiet_ray_data()
     with _datasource_v1():
         ds = ray.data.read_parquet([os.fspath(p) for p in source.parts], columns=list(INDEX_SCHEMA.names),
                                    num_cpus=0, concurrency=1)
