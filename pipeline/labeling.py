@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Optional
 
 from tqdm import tqdm
@@ -45,6 +46,18 @@ def prepare_label(cfg: Config, out: str | os.PathLike, checkpoint: Optional[str]
     ``index``: a dataset index (``pipeline index``) to label instead of ``cfg.dataset``, whose index is otherwise
     written into ``out`` first (module docstring); the driver reads no annotations past that."""
     network, teacher_id = load_checkpoint(checkpoint) if checkpoint else (None, BOX_PRIOR)
+    created = not os.path.exists(out)
+    try:
+        return _prepare(cfg, out, network, checkpoint, teacher_id, round_, limit, overwrite, retry_rejects, index)
+    except BaseException:
+        if created:     # a refused input leaves nothing behind, not even the index written for it
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(cfg: Config, out: str | os.PathLike, network, checkpoint: Optional[str], teacher_id: str, round_: int,
+             limit: Optional[int], overwrite: bool, retry_rejects: bool,
+             index: Optional[str | os.PathLike]) -> LabelService:
     if index is None:
         # The workers read the images by paths relative to the index's root: it must not depend on their
         # working directory.
