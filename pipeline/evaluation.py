@@ -412,7 +412,6 @@ def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side
 
     labels = PseudoLabelEvaluator(dataset, min_box_side, keep_instances=False)
     boxes = PseudoLabelEvaluator(dataset, min_box_side, keep_instances=False)
-    known = set(dataset.image_ids())
     rank = Reservoir(SPEARMAN_SAMPLE)
     extremes = Extremes(gallery, key=lambda item: (item[0].iou, item[0].image_id, item[0].instance_id))
 
@@ -430,12 +429,14 @@ def evaluate_shards(dataset: Dataset, shard_dir: str | os.PathLike, min_box_side
         for image_id, iid, rle, value in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             per_image.setdefault(image_id, {})[int(iid)] = (rle, float(value))
         for image_id, rows in per_image.items():
-            if image_id not in known:
-                continue
+            try:
+                sample = dataset.get(image_id)
+            except KeyError:
+                continue                    # not an image of the dataset (rows of another split, say)
             if image_id in scored:
                 raise ValueError(f"{shard_dir}: image {image_id} has rows in more than one shard")
             scored.add(image_id)
-            score(dataset.get(image_id), rows)
+            score(sample, rows)
     for sample in dataset:
         if sample.image_id not in scored:
             score(sample, {})

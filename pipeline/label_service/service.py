@@ -37,7 +37,7 @@ class LabelSummary:
     batches_timed_out: int = 0        # batches redone after label.batch_timeout_s
     shards: int = 0                   # shards written by this run
     seconds: float = 0.0
-    labeling_seconds: float = 0.0     # from all workers ready to the last result (no startup)
+    labeling_seconds: float = 0.0     # from the start of the Ray Data pipeline to its last result
     worker_stats: list[dict] = field(default_factory=list)
     driver_peak_rss_mib: float = 0.0
 
