@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -37,19 +38,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_interrupted() -> NoReturn:
-    """Leave Ray, flush what was said, and end the process with 130 without finalizing the interpreter.
+    """Flush what was said, stop the Ray processes this command started, and end with 130 without finalizing.
 
-    Interrupted while Ray Train starts or stops, threads that Ray, gRPC or torch started in this process can still
-    call into Python during finalization, and the process then aborts (SIGABRT, "the GIL is released") instead of
-    exiting with 130; leaving Ray first was not enough (seen on CI between two stages). Everything a run keeps is
-    already on disk by then, so skipping finalization loses nothing."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    Neither ``ray.shutdown()`` nor interpreter finalization is safe here. Interrupted while Ray Train starts or
+    stops, threads that Ray, gRPC or torch started can call into Python during finalization, and the process aborts
+    (SIGABRT, seen on CI). After ``ray.shutdown()``, a thread of Ray Data's that still touches the core worker makes
+    Ray end the process itself with status 1 ("The core worker has already been shutdown", seen on CI). So the
+    driver leaves by ``os._exit``: a cluster it joined (``--address``) sees the driver gone and ends its actors, and
+    the processes of a local cluster it started are sent SIGTERM first, so that the raylet stops its workers and
+    agents. Everything a run keeps is already on disk by then, so skipping finalization loses nothing."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    _terminate_local_ray()
     os._exit(130)
+
+
+def _terminate_local_ray() -> None:
+    """SIGTERM, without waiting, to every process this one started, at any depth: the GCS, raylet, dashboard, agents
+    and workers of a local Ray node (nothing of a cluster that was joined with ``--address``). All of them are
+    signalled at once, from one snapshot of the process tree, because an agent whose raylet is gone first lingers
+    for a minute or more and can hold the ports a resumed run needs."""
+    children: dict[int, list[int]] = {}
+    try:
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue            # the process ended while we looked
+                children.setdefault(ppid, []).append(int(entry.name))
+    except OSError:
+        return                          # no /proc: not Linux; the node's own fate sharing is all there is
+    todo, found = [os.getpid()], []
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

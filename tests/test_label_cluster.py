@@ -1,5 +1,10 @@
-"""How many label workers, and what GPU share each, a Ray cluster fits (pure functions: no cluster started)."""
+"""How many label workers, and what GPU share each, a Ray cluster fits (pure functions: no cluster started), and
+how an interrupted command leaves the processes it started."""
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -44,3 +49,40 @@ def test_workers_that_do_not_fit_are_refused_naming_the_shortfall():
         check_fits(4, {"CPU": 2.0}, 1.0, 0.0)
     with pytest.raises(UserError, match=r"2 workers x 1 GPUs need 2 GPUs, the Ray cluster has 0: .*gpus_per_worker"):
         check_fits(2, {"CPU": 4.0}, 1.0, 1.0)
+
+
+def test_an_interrupted_command_ends_with_130_and_takes_the_processes_it_started_with_it(tmp_path):
+    # The stand-in for a local Ray node: a child that starts a grandchild, as the raylet starts its agents. Both
+    # must be gone once the command has left; an agent orphaned by its raylet lingered for minutes before.
+    pids = tmp_path / "pids"
+    script = f"""
+import subprocess, sys, time
+from pipeline.cli import _exit_interrupted
+child = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys, time; g = subprocess.Popen(['sleep', '300']); "
+    "open({str(pids)!r}, 'w').write(str(g.pid)); time.sleep(300)"])
+while True:
+    try:
+        grandchild = open({str(pids)!r}).read()
+        break
+    except FileNotFoundError:
+        time.sleep(0.05)
+print(child.pid, grandchild, flush=True)
+_exit_interrupted()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    started = [int(p) for p in done.stdout.split()]
+    assert len(started) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"    # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in started)
