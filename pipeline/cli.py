@@ -50,11 +50,11 @@ def _exit_interrupted() -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    _terminate_local_ray()
+    terminate_started_processes()
     os._exit(130)
 
 
-def _terminate_local_ray() -> None:
+def terminate_started_processes() -> None:
     """SIGTERM, without waiting, to every process this one started, at any depth: the GCS, raylet, dashboard, agents
     and workers of a local Ray node (nothing of a cluster that was joined with ``--address``). All of them are
     signalled at once, from one snapshot of the process tree, because an agent whose raylet is gone first lingers

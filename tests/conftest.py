@@ -23,13 +23,14 @@ def pytest_unconfigure(config):
     # iterator) and torch threads from hundreds of tests. CI once saw it end with a segmentation fault during
     # interpreter finalization, after every test had passed and the summary was printed: the cause the CLI's
     # _exit_interrupted names. The outcome is decided and reported by now (this hook runs last), so the process
-    # leaves Ray and ends with pytest's exit status without finalizing.
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    # ends with pytest's exit status without finalizing, and, as the CLI does, without ray.shutdown(), after which a
+    # leftover Ray Data thread can make Ray end the process with 1 itself; a Ray node a test left up goes with it.
+    from pipeline.cli import terminate_started_processes
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    terminate_started_processes()
     os._exit(int(getattr(config, "_boxmask_exitstatus", 0)))
 
 
